@@ -1,0 +1,45 @@
+"""Torch device and precision choices.
+
+Owns: turning the ``device``/``dtype``/``tf32`` settings into torch objects and flags. Nothing
+here touches the GPU at import; CUDA is only queried when a function is called.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` is CUDA when available, else CPU; an explicit CUDA device without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but torch sees no CUDA device")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on CUDA and float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be auto or one of {', '.join(_DTYPES)}, not {name!r}")
+    return _DTYPES[name]
+
+
+def configure_tf32(enabled: bool) -> None:
+    """Allow (or forbid) TF32 in CUDA matmuls and cuDNN convolutions.
+
+    The flags are process-wide in torch; setting them on a CPU-only machine is harmless, and
+    keeps the configuration observable in tests.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    log.debug("TF32 %s (matmul and cuDNN)", "enabled" if enabled else "disabled")

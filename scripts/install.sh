@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create ./.venv and install the pinned dependencies. With --test, also the test tools and the
+# system packages the browser tests use (Debian's chromium; needs root or sudo, skipped otherwise).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pip() { .venv/bin/python -m pip install --disable-pip-version-check -q "$@"; }
+pip -r requirements.txt
+if [ "${1:-}" = "--test" ]; then
+    pip -r requirements-test.txt
+    # resemblyzer's declared deps (webrtcvad sdist, typing) break on current setuptools;
+    # webrtcvad-wheels in requirements-test.txt provides the same module.
+    pip --no-deps resemblyzer==0.1.4
+    if ! command -v chromium >/dev/null 2>&1; then
+        SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+        if $SUDO true 2>/dev/null; then
+            $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
+        else
+            echo "note: chromium is not installed and no root: the browser test will be skipped" >&2
+        fi
+    fi
+fi

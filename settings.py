@@ -1,0 +1,165 @@
+"""One configuration object for the whole studio.
+
+Owns: every tunable (paths, cache limits, devices, ONNX Runtime threads, server, limits) with
+its default, and how it is read from command-line flags and ``STUDIO_*`` environment variables.
+Does not own: acting on those values (each module receives the ``Settings`` it needs).
+
+Precedence: CLI flag > environment variable > default. Each field ``foo_bar`` is read from
+``--foo-bar`` and ``STUDIO_FOO_BAR``. Booleans accept 1/0, true/false, yes/no, on/off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+ENV_PREFIX = "STUDIO_"
+ENGINE_CHOICES = ("auto", "step-audio", "preview")
+EXECUTION_MODES = ("parallel", "sequential")
+
+# Folder names inside model_root, as the upstream release lays them out.
+TOKENIZER_DIRNAME = "Step-Audio-Tokenizer"
+EDITX_DIRNAME = "Step-Audio-EditX"
+FUNASR_SUBDIR = "dengcunqin/speech_paraformer-large_asr_nat-zh-cantonese-en-16k-vocab8501-online"
+
+
+def _default_ort_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the studio. Build it with :func:`load_settings`."""
+
+    # --- server
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (the Docker image uses 0.0.0.0)"})
+    port: int = field(default=7860, metadata={"help": "HTTP port for the UI and the API"})
+    api_key: str = field(default="", metadata={"help": "when set, /v1 requires 'Authorization: Bearer <key>'"})
+    ui_requires_key: bool = field(default=False, metadata={"help": "also protect the Gradio UI's API with api_key"})
+    concurrency_limit: int = field(default=2, metadata={"help": "Gradio jobs that may run at once on the engine"})
+    queue_size: int = field(default=32, metadata={"help": "Gradio queue length before requests are refused"})
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+
+    # --- models
+    engine: str = field(default="auto", metadata={"help": "auto | step-audio | preview"})
+    model_root: Path = field(default=Path("models"), metadata={"help": "folder holding Step-Audio-Tokenizer/ and Step-Audio-EditX/"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16"})
+    tf32: bool = field(default=True, metadata={"help": "allow TF32 matmul/cuDNN on CUDA"})
+    trust_remote_code: bool = field(default=True, metadata={"help": "run the LLM's modeling code from your local model folder"})
+    flow_steps: int = field(default=10, metadata={"help": "Euler steps of the flow-matching decoder (5 is faster)"})
+
+    # --- ONNX Runtime
+    ort_intra_op_threads: int = field(default_factory=_default_ort_threads, metadata={"help": "threads inside one ONNX op (default min(4, cores))"})
+    ort_inter_op_threads: int = field(default=1, metadata={"help": "threads across independent ONNX ops"})
+    ort_execution_mode: str = field(default="parallel", metadata={"help": "parallel | sequential"})
+    ort_tensorrt: bool = field(default=False, metadata={"help": "try the TensorRT execution provider first"})
+
+    # --- prompt cache
+    cache_dir: Path = field(default=Path("cache"), metadata={"help": "persistent prompt cache folder"})
+    cache_max_entries: int = field(default=20000, metadata={"help": "cache capacity in entries (disk)"})
+    cache_max_bytes: int = field(default=2 * 1024**3, metadata={"help": "cache capacity in bytes (disk)"})
+    cache_memory_entries: int = field(default=256, metadata={"help": "hot entries kept in RAM"})
+
+    # --- request limits
+    max_text_chars: int = field(default=1000, metadata={"help": "longest target text"})
+    max_prompt_seconds: float = field(default=30.0, metadata={"help": "longest prompt clip"})
+    max_upload_bytes: int = field(default=20 * 1024**2, metadata={"help": "largest uploaded file"})
+
+    # --- batching
+    batch_window_ms: float = field(default=15.0, metadata={"help": "how long a clone waits for others to batch with"})
+    max_batch_size: int = field(default=4, metadata={"help": "most requests generated together"})
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINE_CHOICES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINE_CHOICES)}, not {self.engine!r}")
+        if self.ort_execution_mode not in EXECUTION_MODES:
+            raise ValueError(f"ort_execution_mode must be one of {', '.join(EXECUTION_MODES)}, not {self.ort_execution_mode!r}")
+        for name in ("port", "concurrency_limit", "cache_max_entries", "cache_max_bytes", "max_text_chars",
+                     "ort_intra_op_threads", "ort_inter_op_threads", "flow_steps", "max_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.model_root / TOKENIZER_DIRNAME
+
+    @property
+    def editx_dir(self) -> Path:
+        return self.model_root / EDITX_DIRNAME
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    return type(default)
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _convert(f: dataclasses.Field, text: str) -> Any:
+    kind = _field_type(f)
+    if kind is bool:
+        return _parse_bool(text)
+    if issubclass(kind, Path):
+        return Path(text)
+    return kind(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI: one flag per :class:`Settings` field (defaults are filled in later)."""
+    parser = argparse.ArgumentParser(
+        prog="app.py", description="Step-Audio-EditX voice-cloning studio",
+        epilog=f"Every flag can also be set with an environment variable {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}CACHE_DIR).")
+    for f in dataclasses.fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if _field_type(f) is bool:
+            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
+    return parser
+
+
+def load_settings(argv: Sequence[str] | None = (), env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from defaults, then ``STUDIO_*`` variables in ``env``, then flags in ``argv``.
+
+    Raises:
+        ValueError: a value does not parse or is out of range (the message names the setting).
+    """
+    env = os.environ if env is None else env
+    args = build_parser().parse_args(list(argv or []))
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        env_name = ENV_PREFIX + f.name.upper()
+        cli_value = getattr(args, f.name)
+        try:
+            if cli_value is not None:
+                values[f.name] = cli_value if isinstance(cli_value, bool) else _convert(f, cli_value)
+            elif env_name in env:
+                values[f.name] = _convert(f, env[env_name])
+        except ValueError as exc:
+            raise ValueError(f"bad value for {f.name} ({env_name} / --{f.name.replace('_', '-')}): {exc}") from None
+    return Settings(**values)
+
+
+def settings_table() -> list[tuple[str, str, str, str]]:
+    """(flag, env var, default, help) for each setting; the docs' configuration table comes from this."""
+    rows = []
+    for f in dataclasses.fields(Settings):
+        default = f.default if f.default is not dataclasses.MISSING else "min(4, cores)"
+        rows.append(("--" + f.name.replace("_", "-"), ENV_PREFIX + f.name.upper(), str(default), f.metadata.get("help", "")))
+    return rows
