@@ -171,3 +171,64 @@ def validate_edit(edit_type: str, edit_info: str | None, capabilities: tuple[Edi
     if edit_info in cap.unavailable_options:
         raise InputError(f"{edit_type} option {edit_info!r} is not available in this engine: {cap.note}")
     return edit_info
+
+
+# --------------------------------------------------------------------------- engine choice
+
+# Files without which the real engine cannot start; "a|b" means either name will do.
+REQUIRED_TOKENIZER_FILES = ("linguistic_tokenizer.npy", "speech_tokenizer_v1.onnx")
+REQUIRED_FUNASR_FILES = ("config.yaml", "am.mvn", "model.pt|model.safetensors")
+REQUIRED_EDITX_FILES = ("config.json",)
+REQUIRED_DECODER_FILES = ("cosyvoice.yaml", "flow.pt|flow.safetensors", "hift.pt|hift.safetensors", "campplus.onnx")
+DECODER_SUBDIR = "CosyVoice-300M-25Hz"
+
+
+def missing_model_files(settings) -> list[str]:
+    """Paths (relative to model_root) that the Step-Audio-EditX engine needs and cannot find."""
+    from settings import FUNASR_SUBDIR
+
+    groups = [
+        (settings.tokenizer_dir, REQUIRED_TOKENIZER_FILES),
+        (settings.tokenizer_dir / FUNASR_SUBDIR, REQUIRED_FUNASR_FILES),
+        (settings.editx_dir, REQUIRED_EDITX_FILES),
+        (settings.editx_dir / DECODER_SUBDIR, REQUIRED_DECODER_FILES),
+    ]
+    missing = []
+    for folder, names in groups:
+        for name in names:
+            if not any((folder / option).is_file() for option in name.split("|")):
+                missing.append(str((folder / name.split("|")[0]).relative_to(settings.model_root)))
+    return missing
+
+
+def create_engine(settings) -> Engine:
+    """The engine the settings ask for.
+
+    ``auto`` loads Step-Audio-EditX when its model folders are complete, else the CPU preview
+    engine, and logs why. ``step-audio`` fails loudly (ModelError) if the folders are incomplete;
+    ``preview`` never looks at them.
+    """
+    from errors import ModelError
+    from funasr_cache import PromptCache
+
+    cache = PromptCache.from_settings(settings)
+    choice = settings.engine
+    if choice == "auto":
+        missing = missing_model_files(settings)
+        if missing:
+            log.warning("engine=auto: using the CPU preview engine because %d model file(s) are missing "
+                        "under %s (first: %s). Run scripts/download_models.py to get the real models.",
+                        len(missing), settings.model_root, missing[0])
+            choice = "preview"
+        else:
+            log.info("engine=auto: model folders under %s are complete, loading Step-Audio-EditX", settings.model_root)
+            choice = "step-audio"
+    if choice == "preview":
+        from preview.engine import PreviewEngine
+
+        return PreviewEngine(settings, cache)
+    missing = missing_model_files(settings)
+    if missing:
+        raise ModelError(f"engine=step-audio but these model files are missing under {settings.model_root}: "
+                         + ", ".join(missing))
+    return StepAudioEngine(settings, cache)  # noqa: F821  (defined by the Step-Audio section, issue 7)
