@@ -1,0 +1,106 @@
+"""audio_io: decoding uploads of every common shape, the reference-exact resampler, encoding."""
+
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+from safetensors.numpy import load_file
+
+from audio_io import OUTPUT_FORMATS, Audio, encode_audio, load_audio, peak_limit, resample
+from conftest import FIXTURES
+from errors import InputError
+
+
+def _tone(rate: int, seconds: float = 0.5, freq: float = 440.0) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def test_resampler_reproduces_reference_golden_exactly_within_tolerance():
+    golden = load_file(str(FIXTURES / "tokenizer" / "golden_tokenizer.safetensors"))
+    out = resample(golden["wav_in"][0], 22050, 16000)
+    assert out.shape == golden["wav16k_resampled"][0].shape
+    np.testing.assert_allclose(out, golden["wav16k_resampled"][0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("orig,new", [(8000, 16000), (48000, 16000), (22050, 24000), (16000, 24000)])
+def test_resampler_keeps_a_tone_in_both_directions(orig, new):
+    out = resample(_tone(orig), orig, new)
+    assert len(out) == int(np.ceil(len(_tone(orig)) * new / orig))
+    spectrum = np.abs(np.fft.rfft(out * np.hanning(len(out))))
+    peak_hz = np.argmax(spectrum) * new / len(out)
+    assert abs(peak_hz - 440.0) < 5.0
+    # amplitude preserved away from the edges
+    mid = out[len(out) // 4: -len(out) // 4]
+    assert 0.45 < np.abs(mid).max() < 0.55
+
+
+def test_same_samples_from_wav_and_flac_decode_identically(tmp_path):
+    # Integer samples: libsndfile quantises float input differently for WAV and FLAC.
+    x = (_tone(16000) * 32767).astype(np.int16)
+    sf.write(tmp_path / "a.wav", x, 16000, subtype="PCM_16")
+    sf.write(tmp_path / "b.flac", x, 16000, subtype="PCM_16")
+    a, b = load_audio(tmp_path / "a.wav"), load_audio((tmp_path / "b.flac").read_bytes())
+    assert a.sample_rate == b.sample_rate == 16000
+    np.testing.assert_array_equal(a.samples, b.samples)
+
+
+def test_stereo_24bit_48k_is_mixed_to_mono(tmp_path):
+    left, right = _tone(48000), np.zeros(24000, np.float32)
+    sf.write(tmp_path / "s.wav", np.stack([left, right], 1), 48000, subtype="PCM_24")
+    audio = load_audio(tmp_path / "s.wav")
+    assert audio.sample_rate == 48000 and audio.samples.ndim == 1
+    np.testing.assert_allclose(audio.samples, left / 2, atol=1e-6)
+
+
+def test_gradio_int16_tuple_is_scaled_to_float():
+    pcm = (np.array([0, 16384, -32768, 32767], np.int16))
+    audio = load_audio((8000, pcm))
+    np.testing.assert_allclose(audio.samples, [0, 0.5, -1.0, 32767 / 32768])
+
+
+@pytest.mark.parametrize("payload,message", [
+    (b"this is not audio at all", "could not decode"),
+    (b"", "could not decode"),
+])
+def test_bad_uploads_give_specific_errors(payload, message):
+    with pytest.raises(InputError, match=message):
+        load_audio(payload)
+
+
+def test_empty_nan_and_overlong_clips_are_rejected(tmp_path):
+    sf.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
+    with pytest.raises(InputError, match="empty"):
+        load_audio(tmp_path / "empty.wav")
+    with pytest.raises(InputError, match="NaN"):
+        load_audio(Audio(np.array([0.0, np.nan], np.float32), 16000))
+    with pytest.raises(InputError, match="limit is 0.25 s"):
+        load_audio(Audio(_tone(16000), 16000), max_seconds=0.25)
+    with pytest.raises(InputError, match="not found"):
+        load_audio(tmp_path / "missing.wav")
+
+
+def test_peak_limit_only_scales_down():
+    x = np.array([0.1, -0.9], np.float32)
+    np.testing.assert_allclose(peak_limit(x, 0.6), [0.1 / 0.9 * 0.6, -0.6], rtol=1e-6)
+    np.testing.assert_array_equal(peak_limit(x, 0.95), x)
+
+
+@pytest.mark.parametrize("fmt", OUTPUT_FORMATS)
+def test_every_output_format_round_trips(fmt):
+    audio = Audio(_tone(24000, 1.0), 24000)
+    data = encode_audio(audio, fmt)
+    if fmt == "pcm":
+        decoded = np.frombuffer(data, "<i2").astype(np.float32) / 32767
+        rate = 24000
+    else:
+        decoded, rate = sf.read(io.BytesIO(data), dtype="float32")
+    assert rate in (24000, 48000)
+    assert abs(len(decoded) / rate - 1.0) < 0.1
+    assert 0.3 < np.abs(decoded).max() < 0.6
+
+
+def test_unknown_output_format_is_an_input_error():
+    with pytest.raises(InputError, match="unsupported audio format"):
+        encode_audio(Audio(_tone(24000), 24000), "aiff")
