@@ -123,30 +123,42 @@ def peak_limit(samples: np.ndarray, peak: float) -> np.ndarray:
 # --------------------------------------------------------------------------- resampling
 
 @lru_cache(maxsize=32)
-def _sinc_kernel(orig: int, new: int, width_zeros: int = 6, rolloff: float = 0.99) -> tuple[torch.Tensor, int]:
+def _sinc_kernel(orig: int, new: int, width_zeros: int = 6, rolloff: float = 0.99,
+                 float32_kernel: bool = False) -> tuple[torch.Tensor, int]:
     """The ``[new, 1, taps]`` polyphase kernel for reduced rates ``orig -> new`` and its half-width."""
     base = min(orig, new) * rolloff
     width = math.ceil(width_zeros * orig / base)
-    idx = torch.arange(-width, width + orig, dtype=torch.float64)[None, None] / orig
-    # The phase offsets are divided in float32 and the rest is float64, as in the reference's
-    # Resample transform; this keeps us within 1e-6 of its output.
-    t = (torch.arange(0, -new, -1)[:, None, None] / new).to(torch.float64) + idx
+    if float32_kernel:
+        # torchaudio.functional.resample builds the kernel in the waveform's dtype (float32).
+        idx = torch.arange(-width, width + orig, dtype=torch.float32)[None, None] / orig
+        t = torch.arange(0, -new, -1, dtype=torch.float32)[:, None, None] / new + idx
+    else:
+        idx = torch.arange(-width, width + orig, dtype=torch.float64)[None, None] / orig
+        # The phase offsets are divided in float32 and the rest is float64, as in the reference's
+        # Resample transform; this keeps us within 1e-6 of its output.
+        t = (torch.arange(0, -new, -1)[:, None, None] / new).to(torch.float64) + idx
     t = (t * base).clamp(-width_zeros, width_zeros)
     window = torch.cos(t * math.pi / width_zeros / 2) ** 2
     t = t * math.pi
     sinc = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / torch.where(t == 0, torch.ones_like(t), t))
-    kernel = sinc * window * (base / orig)
+    kernel = sinc * (window * (base / orig))
     return kernel.to(torch.float32), width
 
 
-def resample(samples: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
-    """Band-limited resampling of a 1-D float32 signal; output length ``ceil(N * new / orig)``."""
+def resample(samples: np.ndarray, orig_rate: int, new_rate: int, *, float32_kernel: bool = False) -> np.ndarray:
+    """Band-limited resampling of a 1-D float32 signal; output length ``ceil(N * new / orig)``.
+
+    ``float32_kernel=False`` reproduces ``torchaudio.transforms.Resample`` (the tokenizer path);
+    ``True`` reproduces ``torchaudio.functional.resample`` on float32 input (the CosyVoice prompt
+    frontend), whose kernel is computed in float32. They differ by ~1e-7, which matters only for
+    matching the reference's log features in near-silent bins.
+    """
     if orig_rate == new_rate:
         return np.asarray(samples, dtype=np.float32)
     gcd = math.gcd(int(orig_rate), int(new_rate))
     orig, new = orig_rate // gcd, new_rate // gcd
-    kernel, width = _sinc_kernel(orig, new)
-    x = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
+    kernel, width = _sinc_kernel(orig, new, float32_kernel=float32_kernel)
+    x = torch.from_numpy(np.require(samples, np.float32, ("C", "W")))  # Audio.samples are read-only
     length = x.shape[-1]
     padded = torch.nn.functional.pad(x[None, None], (width, width + orig))
     with torch.no_grad():

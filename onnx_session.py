@@ -55,9 +55,26 @@ def choose_providers(options: OnnxOptions) -> list[str]:
     return [p for p in wanted if p in available] or ["CPUExecutionProvider"]
 
 
+def _preload_cuda_libraries() -> None:
+    """Let onnxruntime-gpu find the CUDA/cuDNN libraries that the pip wheels (torch's) installed.
+
+    Without this, ORT only finds them when torch happened to load them first, and otherwise
+    silently runs on CPU.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # a missing library is reported by the provider check below
+        log.debug("onnxruntime.preload_dlls failed: %s", exc)
+
+
 def create_session(path: Path, options: OnnxOptions) -> ort.InferenceSession:
     """A tuned session for the model at ``path``; logs when a requested GPU provider did not load."""
     providers = choose_providers(options)
+    if "CUDAExecutionProvider" in providers:
+        _preload_cuda_libraries()
     session = ort.InferenceSession(str(path), sess_options=session_options(options), providers=providers)
     used = session.get_providers()
     if providers[0] != "CPUExecutionProvider" and used[0] == "CPUExecutionProvider":

@@ -74,13 +74,19 @@ class Settings:
     batch_window_ms: float = field(default=15.0, metadata={"help": "how long a clone waits for others to batch with"})
     max_batch_size: int = field(default=4, metadata={"help": "most requests generated together"})
 
+    # --- LLM generation
+    llm_max_new_tokens: int = field(default=0, metadata={"help": "cap on LLM tokens per answer (0: only the model's 8192 prompt+answer limit)"})
+    llm_slot_mask: bool = field(default=True, metadata={"help": "let the LLM sample only audio ids that fit the 2:3 vq02/vq06 slot pattern (off: sample freely like the reference, then filter)"})
+    text_chunk_chars: int = field(default=300, metadata={"help": "long target text is generated in chunks of about this many characters, split at sentence ends"})
+
     def __post_init__(self) -> None:
         if self.engine not in ENGINE_CHOICES:
             raise ValueError(f"engine must be one of {', '.join(ENGINE_CHOICES)}, not {self.engine!r}")
         if self.ort_execution_mode not in EXECUTION_MODES:
             raise ValueError(f"ort_execution_mode must be one of {', '.join(EXECUTION_MODES)}, not {self.ort_execution_mode!r}")
         for name in ("port", "concurrency_limit", "cache_max_entries", "cache_max_bytes", "max_text_chars",
-                     "ort_intra_op_threads", "ort_inter_op_threads", "flow_steps", "max_batch_size"):
+                     "ort_intra_op_threads", "ort_inter_op_threads", "flow_steps", "max_batch_size",
+                     "text_chunk_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
 

@@ -123,6 +123,12 @@ class Engine(abc.ABC):
     def prepare_prompt(self, prompt_audio: AudioSource) -> PromptReport:
         """Do (or fetch from the cache) all prompt work for a clip, e.g. when a voice is saved."""
 
+    def prompt_namespaces(self) -> Mapping[str, str]:
+        """kind -> cache namespace of each prompt entry ``prepare_prompt`` stores, without computing
+        anything (a voice bundle's entries are imported only where these match). Engines should
+        override; the default ``{}`` means "unknown" and imports then recompute."""
+        return {}
+
     @property
     @abc.abstractmethod
     def cache(self):
@@ -232,3 +238,227 @@ def create_engine(settings) -> Engine:
         raise ModelError(f"engine=step-audio but these model files are missing under {settings.model_root}: "
                          + ", ".join(missing))
     return StepAudioEngine(settings, cache)  # noqa: F821  (defined by the Step-Audio section, issue 7)
+
+
+# --------------------------------------------------------------------------- Step-Audio-EditX (issue 7)
+
+CROSSFADE_MS = 30.0          # seam between long-text chunks
+_TYPES_NEEDING_AUDIO_TEXT = ("emotion", "style", "speed", "paralinguistic")
+
+
+class StepAudioEngine(Engine):
+    """Step-Audio-EditX: tokenizer + LLM + CosyVoice decoder, cache-first prompts, batched LLM calls.
+
+    Thread-safe: requests keep their state in locals; the tokenizer, decoder and cache are
+    thread-safe; every LLM call goes through one :class:`llm.batching.BatchScheduler`, which
+    serialises them and batches those that arrive within ``settings.batch_window_ms``.
+
+    Parameters:
+        settings: model paths, device/dtype/tf32, limits, batching, flow steps.
+        cache: the prompt cache shared with the tokenizer.
+
+    Raises:
+        ModelError: a model folder is incomplete or does not load.
+    """
+
+    def __init__(self, settings, cache) -> None:
+        from decoder.model import AudioDecoder
+        from devices import configure_tf32, resolve_device, resolve_dtype
+        from llm.batching import BatchScheduler
+        from llm.generation import generate_batch
+        from llm.loader import load_llm
+        from llm.sampling import SamplingConfig
+        from onnx_session import OnnxOptions
+        from prompt_bundle import PromptBundler, features_namespace
+        from tokenizer import StepAudioTokenizer
+
+        self.settings = settings
+        self._cache = cache
+        try:
+            self.device = resolve_device(settings.device)
+            self.dtype = resolve_dtype(settings.dtype, self.device)
+        except ValueError as exc:
+            from errors import ModelError
+            raise ModelError(str(exc)) from None
+        configure_tf32(settings.tf32)
+        decoder_dir = settings.editx_dir / DECODER_SUBDIR
+        self.tokenizer = StepAudioTokenizer.load(settings.tokenizer_dir, settings, cache, self.device)
+        self.decoder = AudioDecoder.from_dir(decoder_dir, self.device, self.dtype,
+                                             OnnxOptions.from_settings(settings, use_cuda=self.device.type == "cuda"),
+                                             n_steps=settings.flow_steps)
+        self.llm = load_llm(settings.editx_dir, self.device, self.dtype, settings.trust_remote_code)
+        self.sampling = SamplingConfig(top_k=self.llm.top_k, top_p=self.llm.top_p,
+                                       max_new_tokens=settings.llm_max_new_tokens, slot_mask=settings.llm_slot_mask)
+        self.bundler = PromptBundler(self.tokenizer, self.decoder.frontend, cache, features_namespace(decoder_dir))
+        self.scheduler = BatchScheduler(lambda batch: generate_batch(self.llm, batch, self.sampling),
+                                        settings.batch_window_ms / 1000.0, settings.max_batch_size)
+        self._capabilities = tuple(EditCapability(t, opts) for t, opts in EDIT_TYPES.items())
+
+    # -------------------------------------------------------------- interface
+
+    def describe(self) -> EngineInfo:
+        dtype = str(self.dtype).replace("torch.", "")
+        return EngineInfo(name="Step-Audio-EditX", preview=False, device=f"{self.device} ({dtype})",
+                          detail=f"LLM {self.llm.parameters / 1e6:.0f} M parameters from {self.settings.editx_dir}; "
+                                 f"CosyVoice decoder, {self.decoder.n_steps} flow steps")
+
+    def capabilities(self) -> tuple[EditCapability, ...]:
+        return self._capabilities
+
+    @property
+    def cache(self):
+        return self._cache
+
+    def prompt_namespaces(self) -> Mapping[str, str]:
+        return self.bundler.namespaces
+
+    def ready(self) -> tuple[bool, str]:
+        import torch
+
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            return False, f"{self.device} is not available"
+        return True, f"ok ({self.device})"
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+    def prepare_prompt(self, prompt_audio: AudioSource) -> PromptReport:
+        from timings import Timer
+
+        timer = Timer()
+        audio, digest = self._decode(prompt_audio, timer)
+        _, hits = self.bundler.bundle(audio, digest, timer)
+        kinds = frozenset(self.bundler.namespaces)
+        return PromptReport(digest=digest, hits=hits, misses=kinds - hits, timings=timer.finish(),
+                            namespaces=self.bundler.namespaces)
+
+    def clone(self, prompt_audio: AudioSource, prompt_text: str, target_text: str, *, seed: int | None = None,
+              options: CloneOptions = CloneOptions(), progress: ProgressFn = no_progress) -> Result:
+        from llm.longform import split_text
+        from llm.prompts import clone_prompt_ids, clone_speaker_id
+        from timings import Timer
+
+        limit = self.settings.max_text_chars
+        prompt_text = validate_text(prompt_text, "the prompt text (what the prompt clip says)", limit)
+        target_text = validate_text(target_text, "the target text", limit)
+        seed, timer = new_seed(seed), Timer()
+        progress(0.0, "preparing the prompt clip")
+        audio, digest = self._decode(prompt_audio, timer)
+        bundle, _ = self.bundler.bundle(audio, digest, timer)
+        chunks = split_text(target_text, self.settings.text_chunk_chars)
+        with timer.stage("prompt_build"):
+            speaker = clone_speaker_id(prompt_text, audio.samples)
+            prompts = [clone_prompt_ids(self.llm.encode, speaker, prompt_text, bundle.tokens.audio_string, chunk)
+                       for chunk in chunks]
+        return self._generate("clone", prompts, bundle, seed, options, progress, timer, target_text)
+
+    def edit(self, audio: AudioSource, audio_text: str, edit_type: str, edit_info: str | None = None,
+             text: str | None = None, *, seed: int | None = None, options: CloneOptions = CloneOptions(),
+             progress: ProgressFn = no_progress) -> Result:
+        from llm.prompts import edit_instruction, edit_prompt_ids
+        from timings import Timer
+
+        edit_info = validate_edit(edit_type, edit_info, self._capabilities)
+        limit = self.settings.max_text_chars
+        if edit_type in _TYPES_NEEDING_AUDIO_TEXT:
+            audio_text = validate_text(audio_text, f"the audio's text (needed for {edit_type} edits)", limit)
+        elif audio_text and len(audio_text) > limit:
+            validate_text(audio_text, "the audio's text", limit)
+        if edit_type == "paralinguistic":
+            text = validate_text(text, "the new text with tags such as [Laughter] (needed for paralinguistic edits)",
+                                 limit)
+        seed, timer = new_seed(seed), Timer()
+        progress(0.0, "preparing the input clip")
+        clip, digest = self._decode(audio, timer)
+        bundle, _ = self.bundler.bundle(clip, digest, timer)
+        with timer.stage("prompt_build"):
+            instruction = edit_instruction(edit_type, edit_info, audio_text, text)
+            prompts = [edit_prompt_ids(self.llm.encode, instruction, bundle.tokens.audio_string)]
+        spoken = text if edit_type == "paralinguistic" else (audio_text or "")
+        return self._generate(f"edit:{edit_type}", prompts, bundle, seed, options, progress, timer, spoken)
+
+    # -------------------------------------------------------------- steps
+
+    def _decode(self, source: AudioSource, timer) -> tuple[Audio, str]:
+        from audio_io import load_audio
+        from funasr_cache import audio_digest
+
+        with timer.stage("decode_audio"):
+            audio = load_audio(source, max_seconds=self.settings.max_prompt_seconds)
+        with timer.stage("hash"):
+            digest = audio_digest(audio.samples, audio.sample_rate)
+        return audio, digest
+
+    def _generate(self, kind: str, prompts: list[list[int]], bundle, seed: int, options: CloneOptions,
+                  progress: ProgressFn, timer, text: str) -> Result:
+        """Generate one answer per prompt (chunks batch together), decode each, join; the Result."""
+        import time
+
+        from errors import InputError
+        from llm.generation import GenerationRequest
+        from llm.longform import crossfade_join
+        from llm.prompts import AUDIO_ID_OFFSET
+        from llm.sampling import audio_answer
+
+        for ids in prompts:
+            if len(ids) >= self.sampling.max_length - 5:
+                raise InputError(f"the prompt clip and text make {len(ids)} LLM tokens; the model's limit is "
+                                 f"{self.sampling.max_length} including the answer. Use a shorter clip or text.")
+        n = len(prompts)
+        chunk_seeds = [(seed + i) % 2**31 for i in range(n)]
+        futures = [self.scheduler.submit(GenerationRequest(tuple(ids), s)) for ids, s in zip(prompts, chunk_seeds)]
+        pieces, all_ids, batches, generated, waited_ms = [], [], {}, 0, 0.0
+        for stage in ("llm_queue", "llm_prefill", "llm_decode"):   # log them in pipeline order
+            timer.record(stage, 0.0)
+        for i, (future, chunk_seed) in enumerate(zip(futures, chunk_seeds)):
+            wait_start = time.perf_counter()
+            out = future.result()
+            waited_ms += (time.perf_counter() - wait_start) * 1000.0
+            batches[out.batch_id] = out
+            generated += len(out.answer)
+            ids = audio_answer(out.answer, self.llm.eos_ids)
+            with timer.stage("token2wav"):
+                wav, rate = self.decoder.token2wav([t - AUDIO_ID_OFFSET for t in ids], bundle.tokens.mixed,
+                                                   bundle.features.mel, bundle.features.embedding,
+                                                   seed=chunk_seed, n_steps=options.flow_steps)
+            pieces.append(wav)
+            all_ids += ids
+            progress((i + 1) / n, f"chunk {i + 1}/{n}" if n > 1 else "generated")
+        prefill = sum(b.prefill_ms for b in batches.values())
+        decode = sum(b.decode_ms for b in batches.values())
+        # Time spent waiting for the LLM beyond its own work: the batching window and other batches.
+        timer.record("llm_queue", max(0.0, waited_ms - prefill - decode))
+        timer.record("llm_prefill", prefill)
+        timer.record("llm_decode", decode)
+        timer.set_counter("llm_tokens", generated)
+        timer.set_counter("tokens_per_s", generated / (decode / 1000.0) if decode > 0 else 0.0)
+        timer.set_counter("batch_size", max(b.batch_size for b in batches.values()))
+        timer.set_counter("chunks", n)
+        with timer.stage("join"):
+            samples = crossfade_join(pieces, rate, CROSSFADE_MS)
+        result_audio = Audio(samples, rate)
+        timings = timer.finish(audio_seconds=result_audio.duration)
+        _log_request(kind, timings, bundle.digest)
+        return Result(audio=result_audio, text=text, timings=timings, seed=seed, tokens=tuple(all_ids),
+                      prompt_digest=bundle.digest)
+
+
+def _log_request(kind: str, t: StageTimings, digest: str) -> None:
+    """One summary block per request, then the greppable ``timing`` line."""
+    req = secrets.token_hex(2)
+    ms = t.stages_ms
+    prompt_ms = sum(v for k, v in ms.items() if k.startswith(("tokenize_", "prompt_mel", "speaker_embedding",
+                                                               "cache_")))
+    hit = "cache hit" if "cache_lookup" in t.cached else "computed"
+    c = t.counters
+    log.info("%s req=%s\nTotal time: %.3f s (%.2f s of audio, RTF %.3f)\n"
+             " - Get engine (decode + hash): %.1f ms\n"
+             " - Prompt bundle %s (%s): %.1f ms\n"
+             " - %s: prompt build %.1f ms, LLM queue %.1f ms, prefill %.1f ms, decode %.1f ms "
+             "(%d tokens, %.1f tokens/s, batch %d, %d chunk(s)), token2wav %.1f ms",
+             kind, req, t.total_ms / 1000.0, c.get("audio_s", 0.0), t.rtf,
+             ms.get("decode_audio", 0.0) + ms.get("hash", 0.0), digest[:12], hit, prompt_ms,
+             kind.capitalize(), ms.get("prompt_build", 0.0), ms.get("llm_queue", 0.0), ms.get("llm_prefill", 0.0),
+             ms.get("llm_decode", 0.0), int(c.get("llm_tokens", 0)), c.get("tokens_per_s", 0.0),
+             int(c.get("batch_size", 0)), int(c.get("chunks", 0)), ms.get("token2wav", 0.0))
+    log.info("%s", t.log_line(kind.split(":")[0], req))

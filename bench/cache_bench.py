@@ -1,0 +1,183 @@
+"""Benchmark of the prompt cache (funasr_cache): key hashing, hash + lookup, put/get, index build, eviction.
+
+Run from the repository root:  .venv/bin/python bench/cache_bench.py [--sizes 1000 10000 100000] [--dir DIR]
+
+Clip: 10 s of 48 kHz float32 noise (480,000 samples, 1.92 MB). Entries look like the real ones:
+"tokens" holds vq02 (167 ids, 16.7 Hz) and vq06 (250 ids, 25 Hz) in the JSON; "prompt_features"
+adds an 80 x 500 float32 mel and a 192-d speaker embedding in the safetensors sidecar.
+
+Baseline (same process, same clip): the seed's key, BLAKE2b over ``str(rate)`` + ``samples.tobytes()``
+(a 1.92 MB copy first). Index build writes entry files straight into the real layout (no fsync, so
+that 100k entries take seconds, not minutes) and times ``PromptCache(root)``: a directory scan.
+Timings are per operation, in ms: count, median, p90, p99, max (no means).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import funasr_cache as fc  # noqa: E402
+from funasr_cache import PromptCache, audio_digest  # noqa: E402
+
+NS = fc.make_namespace("Step-Audio-Tokenizer", "0123456789abcdef", 1)
+
+
+def summary(ms: list[float]) -> dict:
+    a = np.asarray(ms)
+    return {"n": len(a), "median": float(np.median(a)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "max": float(a.max())}
+
+
+def timed(fn, n: int, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - start) * 1e3)
+    return out
+
+
+def row(name: str, ms: list[float], baseline: dict | None = None) -> str:
+    s = summary(ms)
+    ratio = f"{baseline['median'] / s['median']:.2f}x" if baseline else ""
+    return f"| {name} | {s['n']} | {s['median']:.3f} | {s['p90']:.3f} | {s['p99']:.3f} | {s['max']:.3f} | {ratio} |"
+
+
+def seed_digest(samples: np.ndarray, rate: int) -> str:
+    h = hashlib.blake2b(digest_size=32)
+    h.update(str(int(rate)).encode())
+    h.update(np.ascontiguousarray(samples, dtype="<f4").tobytes())
+    return h.hexdigest()
+
+
+def key(i: int) -> str:
+    return hashlib.sha256(f"bench-{i}".encode()).hexdigest()
+
+
+def token_payload(rng) -> dict:
+    return {"vq02": rng.integers(0, 1024, 167).tolist(), "vq06": rng.integers(0, 4096, 250).tolist()}
+
+
+def feature_arrays(rng) -> dict:
+    return {"mel": rng.standard_normal((80, 500)).astype(np.float32),
+            "spk": rng.standard_normal(192).astype(np.float32)}
+
+
+def write_fake_entries(root: Path, n: int) -> None:
+    """n valid token entries in the real layout, written without fsync (bench set-up only)."""
+    root.mkdir(parents=True)
+    folder = root / PromptCache(root)._folder("tokens", NS, "0" * 64)  # the real folder name for this namespace
+    folder.mkdir()
+    (folder / "namespace.json").write_text(json.dumps({"kind": "tokens", "namespace": NS}))
+    payload = {"vq02": list(range(167)), "vq06": list(range(250))}
+    for i in range(n):
+        digest = key(i)
+        shard = folder / digest[:2]
+        shard.mkdir(exist_ok=True)
+        doc = {"format": 1, "kind": "tokens", "namespace": NS, "digest": digest, "payload": payload,
+               "cost_s": 0.5, "created_at": time.time(), "arrays": None}
+        (shard / f"{digest}.json").write_text(json.dumps(doc, sort_keys=True))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
+    parser.add_argument("--dir", type=Path, default=None, help="where to build caches (default: a temp dir)")
+    parser.add_argument("--n", type=int, default=200, help="repetitions per timing")
+    args = parser.parse_args()
+    import torch  # only to report its version, as every benchmark here does
+
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "funasr_cache.py"], capture_output=True, text=True,
+                           cwd=ROOT).stdout.strip()
+    print(f"git {sha}{' (funasr_cache.py modified)' if dirty else ''}  device: cpu ({platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores)  torch {torch.__version__}  dtype: float32 samples  python {platform.python_version()}")
+    base = Path(tempfile.mkdtemp(dir=args.dir))
+    print(f"cache folders under {base} (filesystem of {base.resolve()})\n")
+    rng = np.random.default_rng(0)
+    clip = rng.standard_normal(480_000).astype(np.float32)
+    n = args.n
+    header = "| operation | count | median ms | p90 ms | p99 ms | max ms | speed vs baseline |\n|---|---|---|---|---|---|---|"
+
+    print("## Key hashing, 10 s of 48 kHz audio\n\n" + header)
+    seed_ms = timed(lambda: seed_digest(clip, 48000), n)
+    seed = summary(seed_ms)
+    blake = timed(lambda: hashlib.blake2b(memoryview(clip).cast("B"), digest_size=32).hexdigest(), n)
+    sha256 = timed(lambda: hashlib.sha256(memoryview(clip).cast("B")).hexdigest(), n)
+    ours = timed(lambda: audio_digest(clip, 48000), n)
+    print(row("baseline: seed key (BLAKE2b of a tobytes() copy)", seed_ms, seed))
+    print(row("BLAKE2b-256, no copy", blake, seed))
+    print(row("SHA-256, no copy", sha256, seed))
+    print(row("audio_digest (SHA-256, no copy)", ours, seed))
+
+    print("\n## Hash + lookup, and put / get (one entry at a time)\n\n" + header)
+    cache = PromptCache(base / "main", memory_entries=256)
+    cold = PromptCache(base / "main", memory_entries=0)
+    digest = audio_digest(clip, 48000)
+    cache.put("tokens", NS, digest, token_payload(rng), 0.5)
+    cache.put("prompt_features", NS, digest, token_payload(rng), 0.5, feature_arrays(rng))
+    print(row("audio_digest + get, RAM hit (tokens)", timed(lambda: cache.get("tokens", NS, audio_digest(clip, 48000)), n), seed))
+    print(row("audio_digest + get, disk hit (tokens)", timed(lambda: cold.get("tokens", NS, audio_digest(clip, 48000)), n), seed))
+    print(row("audio_digest + get, disk hit (prompt_features, 160 kB sidecar)",
+              timed(lambda: cold.get("prompt_features", NS, audio_digest(clip, 48000)), n), seed))
+    print(row("audio_digest + get, miss", timed(lambda: cold.get("tokens", "other", audio_digest(clip, 48000)), n), seed))
+    print(row("get, RAM hit (tokens)", timed(lambda: cache.get("tokens", NS, digest), n)))
+    print(row("get, disk hit (tokens)", timed(lambda: cold.get("tokens", NS, digest), n)))
+    counter = iter(range(10**9))
+    payload, arrays = token_payload(rng), feature_arrays(rng)
+    puts_tok = timed(lambda: cache.put("tokens", NS, key(next(counter)), payload, 0.5), min(n, 100))
+    puts_feat = timed(lambda: cache.put("prompt_features", NS, key(next(counter)), payload, 0.5, arrays), min(n, 100))
+    print(row("put (tokens; 2 fsyncs incl. stats)", puts_tok))
+    print(row("put (prompt_features, 160 kB sidecar)", puts_feat))
+
+    print("\n## Eviction: put into a full cache (each put evicts the LRU entry) vs a non-full one\n\n" + header)
+    roomy = PromptCache(base / "roomy", max_entries=10**6)
+    full = PromptCache(base / "full", max_entries=100)
+    for i in range(100):
+        full.put("tokens", NS, key(10**6 + i), payload, 0.5)
+    roomy_ms = timed(lambda: roomy.put("tokens", NS, key(next(counter)), payload, 0.5), min(n, 100))
+    not_full = summary(roomy_ms)
+    evicting = timed(lambda: full.put("tokens", NS, key(next(counter)), payload, 0.5), min(n, 100))
+    print(row("baseline: put, no eviction", roomy_ms, not_full))
+    print(row("put + evict 1", evicting, not_full))
+    assert len(full) == 100 and full.stats()["evictions"] >= min(n, 100)
+
+    print("\n## Index build at start-up (directory scan, no payload read)\n")
+    print("| entries | build runs | median s | max s | other process re-reads the journal, s | RSS of index, MB |\n|---|---|---|---|---|---|")
+    for size in args.sizes:
+        root = base / f"index{size}"
+        write_fake_entries(root, size)
+        runs = []
+        for _ in range(3):
+            start = time.perf_counter()
+            first = PromptCache(root, max_entries=10**7, max_bytes=10**12)
+            runs.append(time.perf_counter() - start)
+        PromptCache(root, max_entries=10**7, max_bytes=10**12)  # rewrites the journal: `first` must re-read it
+        start = time.perf_counter()
+        assert len(first) == size
+        reread = time.perf_counter() - start
+        per_entry = sys.getsizeof(first._index) + size * (72 + 56 + 60)  # dict + _Meta + key tuple, roughly
+        print(f"| {size} | {len(runs)} | {np.median(runs):.3f} | {max(runs):.3f} | {reread:.3f} | {per_entry / 1e6:.1f} |")
+        shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Benchmark: HiFT vocoder and prompt frontend at the shipped size, on CPU by default.
+
+HiFT is built with the shipped hyper-parameters (20.8 M parameters, seeded random weights) and
+times ``HiFTGenerator.inference`` for 3 s and 10 s of 24 kHz audio in three variants, measured
+in the same process and interleaved so that load from other jobs hits them alike:
+  * baseline: weight norm recomputed inside every conv call (what the reference does);
+  * cached:   our default, ``parametrize.cached()`` computes each normalised weight once per call;
+  * folded:   weight norm removed after loading (weights fixed), for comparison.
+The frontend (peak limit, 24 kHz mel, fbank + tiny CAM++ stand-in) is timed on 5 s and 20 s
+clips at 22.05 kHz (the real CAM++ is larger; only the feature part is representative).
+Reports count / median / p90 / p99 / max in ms, the real-time factor and speed ratios.
+
+    .venv/bin/python bench/vocoder_bench.py [--repeats 7] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.utils import parametrize
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import decoder.vocoder as vocoder  # noqa: E402
+from audio_io import Audio, load_audio  # noqa: E402
+from decoder.frontend import MelConfig, PromptFrontend  # noqa: E402
+from decoder.vocoder import HiFTConfig, HiFTGenerator  # noqa: E402
+from onnx_session import OnnxOptions  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def stats(ms: list[float]) -> str:
+    a = np.asarray(ms)
+    return (f"n={len(a)} median={np.median(a):.1f} p90={np.percentile(a, 90):.1f} "
+            f"p99={np.percentile(a, 99):.1f} max={a.max():.1f}")
+
+
+def folded_copy(model: HiFTGenerator) -> HiFTGenerator:
+    clone = HiFTGenerator(model.cfg).eval()
+    clone.load_state_dict(model.state_dict())
+    for module in clone.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    return clone
+
+
+def run_variant(name: str, model: HiFTGenerator, mel: torch.Tensor) -> float:
+    # The baseline disables the per-call weight cache, so every conv call renormalises its weight.
+    ctx = contextlib.nullcontext
+    original = vocoder.parametrize.cached
+    if name == "baseline":
+        vocoder.parametrize.cached = ctx
+    try:
+        start = time.perf_counter()
+        model.inference(mel, generator=torch.Generator().manual_seed(0))
+        return (time.perf_counter() - start) * 1000
+    finally:
+        vocoder.parametrize.cached = original
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    print(f"git {sha or '?'} | {platform.processor() or platform.machine()} | torch {torch.__version__} | "
+          f"threads {torch.get_num_threads()} | device cpu | dtype float32")
+
+    torch.manual_seed(0)
+    model = HiFTGenerator(HiFTConfig()).eval()
+    print(f"HiFT parameters: {sum(p.numel() for p in model.parameters()):,}")
+    variants = {"baseline": model, "cached": model, "folded": folded_copy(model)}
+    for seconds in (3, 10):
+        mel = torch.randn(1, 80, seconds * 50, generator=torch.Generator().manual_seed(1)) - 5
+        for name, m in variants.items():  # warm-up, not counted
+            run_variant(name, m, mel)
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(args.repeats):
+            for name, m in variants.items():
+                times[name].append(run_variant(name, m, mel))
+        base = np.median(times["baseline"])
+        print(f"\nHiFT, {seconds} s of audio ({seconds * 50} mel frames):")
+        for name, ms in times.items():
+            med = np.median(ms)
+            print(f"  {name:8s} {stats(ms)} ms | RTF {med / 1000 / seconds:.3f} | speed x{base / med:.2f} vs baseline")
+
+    frontend = PromptFrontend(MelConfig(), FIXTURES / "decoder" / "campplus.onnx", OnnxOptions())
+    clip = load_audio(FIXTURES / "prompt_22k.wav")
+    for seconds in (5, 20):
+        samples = np.resize(clip.samples, int(seconds * clip.sample_rate))
+        audio = Audio(samples, clip.sample_rate)
+        frontend.features(audio)  # warm-up
+        ms = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            frontend.features(audio)
+            ms.append((time.perf_counter() - start) * 1000)
+        print(f"\nfrontend features, {seconds} s clip at {clip.sample_rate} Hz: {stats(ms)} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Step-Audio-EditX's audio decoder (CosyVoice-300M-25Hz): mixed audio tokens -> 24 kHz speech.
+
+Modules, one job each:
+    config.py     read ``cosyvoice.yaml`` as data (no code execution) into ``DecoderConfig``
+    encoder.py    upsampling conformer encoder (25 Hz tokens -> 50 Hz features)
+    estimator.py  DiT velocity estimator of the flow-matching decoder
+    flow.py       token embedding, speaker projection, Euler CFM solver with guidance
+    vocoder.py    HiFT vocoder (mel -> waveform) with its F0 predictor and sine source
+    frontend.py   prompt features: 24 kHz mel and CAM++ speaker embedding
+    model.py      ``AudioDecoder``: loads the folder strictly, ``prompt_features``, ``token2wav``
+
+Importing the package loads nothing heavy; use ``from decoder.model import AudioDecoder``.
+"""
+
+__all__ = ["AudioDecoder"]
+
+
+def __getattr__(name: str):
+    # Lazy, so that ``import decoder.config`` does not pull in torch modules it does not need.
+    if name == "AudioDecoder":
+        from decoder.model import AudioDecoder
+
+        return AudioDecoder
+    raise AttributeError(f"module 'decoder' has no attribute {name!r}")

@@ -1,0 +1,171 @@
+"""The flow-matching velocity estimator: a DiT with adaLN-Zero, causal conv and q/k-norm ("DiT-v5").
+
+Owns: ``DiT`` and its parts (timestep embedder, blocks with attention, causal convolution and
+MLP, final layer), with parameter names equal to the upstream checkpoint's
+(``decoder.estimator.*`` keys of ``flow.pt``). Full (non-causal) attention over the whole
+utterance, as the non-streaming reference runs it.
+Does not own: the ODE solver and classifier-free guidance (``decoder/flow.py``), the streaming
+chunk path and its KV/conv caches (not implemented: the reference's 2 GB buffers are never made).
+
+Shape legend:
+    B  batch (2 during guidance: conditional + unconditional rows)
+    C  80 mel channels;  Cin = 4·C = 320 input channels (x | mu | speaker | cond)
+    T  50 Hz mel frames;  D hidden size (512 shipped);  H heads x Dh head_dim
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from decoder.config import DiTConfig
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> sinusoidal features of 1000·t (256) -> MLP -> [B, D]."""
+
+    frequency_size = 256
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(self.frequency_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t [B] (any float dtype; the sinusoids are computed in float32) -> [B, D] in the MLP's dtype."""
+        half = self.frequency_size // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = (t.float() * 1000.0)[:, None] * freqs[None]
+        features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with per-head LayerNorm on q and k."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        inner = num_heads * head_dim
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(dim, inner)
+        self.to_v = nn.Linear(dim, inner)
+        self.q_norm = nn.LayerNorm(head_dim)
+        self.k_norm = nn.LayerNorm(head_dim)
+        self.proj = nn.Linear(inner, dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)     # [B, H, T, Dh]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] -> [B, T, D]; no mask: the non-streaming decoder has no padded frames."""
+        b, t, _ = x.shape
+        q = self.q_norm(self._heads(self.to_q(x)))
+        k = self.k_norm(self._heads(self.to_k(x)))
+        v = self._heads(self.to_v(x))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class CausalConvBlock(nn.Module):
+    """Causal Conv1d(k3) -> LayerNorm -> Mish -> causal Conv1d(k3), on [B, T, D].
+
+    The parameters live under ``block.1``, ``block.3`` and ``block.6`` because upstream built this
+    as an ``nn.Sequential`` with parameter-free transposes at the other indices.
+    """
+
+    kernel_size = 3
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.block = nn.ModuleDict({
+            "1": nn.Conv1d(channels, channels, self.kernel_size),
+            "3": nn.LayerNorm(channels),
+            "6": nn.Conv1d(channels, channels, self.kernel_size),
+        })
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = (self.kernel_size - 1, 0)
+        y = self.block["1"](F.pad(x.transpose(1, 2), pad)).transpose(1, 2)
+        y = F.mish(self.block["3"](y))
+        return self.block["6"](F.pad(y.transpose(1, 2), pad)).transpose(1, 2)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: attention, then causal conv, then MLP, each shifted/scaled/gated by t."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        self.attn = Attention(d, cfg.num_heads, cfg.head_dim)
+        self.conv = CausalConvBlock(d)
+        self.mlp = MLP(d, int(d * cfg.mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 9 * d))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D], c [B, 1, D] -> [B, T, D]"""
+        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
+         shift_conv, scale_conv, gate_conv) = self.adaLN_modulation(c).chunk(9, dim=-1)
+        d = (x.size(-1),)
+        x = x + gate_msa * self.attn(_modulate(F.layer_norm(x, d, eps=1e-6), shift_msa, scale_msa))
+        x = x + gate_conv * self.conv(_modulate(F.layer_norm(x, d, eps=1e-6), shift_conv, scale_conv))
+        return x + gate_mlp * self.mlp(_modulate(F.layer_norm(x, d, eps=1e-6), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, out_channels: int) -> None:
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.linear = nn.Linear(hidden_size, out_channels)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(_modulate(F.layer_norm(x, (x.size(-1),), eps=1e-6), shift, scale))
+
+
+class DiT(nn.Module):
+    """Velocity field v(x, t | mu, speaker, cond): [B, C, T] inputs -> [B, C, T]."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.out_channels = cfg.out_channels
+        self.t_embedder = TimestepEmbedder(cfg.hidden_size)
+        self.in_proj = nn.Linear(cfg.in_channels, cfg.hidden_size)
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg.hidden_size, cfg.out_channels)
+
+    def forward(self, x: torch.Tensor, mu: torch.Tensor, t: torch.Tensor, spks: torch.Tensor,
+                cond: torch.Tensor) -> torch.Tensor:
+        """
+        Parameters:
+            x: [B, C, T] current sample;  mu: [B, C, T] encoder output;  t: [B] times in [0, 1]
+            spks: [B, C] projected speaker embedding;  cond: [B, C, T] prompt mel (zeros after it)
+        Returns:
+            [B, C, T] velocity.
+        """
+        c = self.t_embedder(t).unsqueeze(1)                                       # [B, 1, D]
+        spk = spks.unsqueeze(-1).expand(-1, -1, x.size(-1))
+        h = self.in_proj(torch.cat([x, mu, spk, cond], dim=1).transpose(1, 2))   # [B, T, D]
+        for block in self.blocks:
+            h = block(h, c)
+        return self.final_layer(h, c).transpose(1, 2)

@@ -1,0 +1,209 @@
+"""Sampling rules for the Step-Audio-EditX LLM, and what is kept of its answer.
+
+Owns: the reference's repetition-aware processor, the optional 2:3 slot mask, the per-row seeded
+sampler that makes batched sampling reproducible, the sampling configuration, and the output
+filter (audio ids only, vq02/vq06 slot pattern, whole 5-token groups).
+Does not own: running the model (``llm.generation``).
+
+Shapes: ``input_ids`` [B, L] int64 (left-padded), ``scores`` [B, V] float32 with V >= 70656.
+
+Processor order per step, as the reference (transformers 4.53) applies it: repetition ban,
+then (ours) slot mask, temperature, top-k, top-p, then one draw per row from that row's own
+``torch.Generator``. The draw is turned into a one-hot score row so that the library's greedy
+step picks exactly the sampled id; the global RNG is never used.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from errors import ModelError
+from llm.prompts import AUDIO_ID_END, AUDIO_ID_OFFSET, VQ02_CODES
+
+log = logging.getLogger(__name__)
+
+GROUP = 5        # ids per 120 ms: 2 x vq02 then 3 x vq06
+VQ02_SLOTS = 2
+_VQ02_END = AUDIO_ID_OFFSET + VQ02_CODES  # 66560: first vq06 id
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the LLM samples. Defaults are the reference's (transformers defaults for top-k/top-p)."""
+
+    temperature: float = 0.7
+    top_k: int = 50               # 0 disables
+    top_p: float = 1.0            # 1.0 disables
+    max_length: int = 8192        # prompt + answer
+    max_new_tokens: int = 0       # extra cap per answer; 0: only max_length
+    repetition_window: int = 10
+    slot_mask: bool = True        # only sample ids that fit the 2:3 slot pattern (EOS always allowed)
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, not {self.temperature}")
+        if self.top_k < 0 or not 0 < self.top_p <= 1 or self.max_length < 2 or self.max_new_tokens < 0:
+            raise ValueError(f"bad sampling config: {self}")
+
+    def budget(self, prompt_len: int) -> int:
+        """How many ids an answer to a prompt of ``prompt_len`` ids may have."""
+        room = self.max_length - prompt_len
+        return min(room, self.max_new_tokens) if self.max_new_tokens else room
+
+
+def repetition_ban(input_ids: torch.Tensor, scores: torch.Tensor, window: int = 10,
+                   lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference's ``RepetitionAwareLogitsProcessor``, row by row.
+
+    A row whose last id occurs at least twice among its last ``window`` ids (itself included)
+    gets that id banned (score -inf) for the next step. Rows with fewer than ``window`` real ids
+    (``lengths``, default: all columns are real) are left alone. Modifies ``scores`` in place.
+    """
+    if input_ids.shape[1] < window:
+        return scores
+    tail = input_ids[:, -window:]
+    last = tail[:, -1:]
+    repeated = (tail == last).sum(dim=1) >= 2  # count/window > 0.1 with window 10
+    if lengths is not None:
+        repeated &= lengths >= window
+    rows = repeated.nonzero().flatten()
+    if len(rows):
+        scores[rows, last[rows, 0]] = float("-inf")
+    return scores
+
+
+def slot_allowed(step: int, vocab: int, eos_ids: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Bool mask [V] of the ids allowed at answer position ``step`` (vq02 slots 0-1, vq06 slots 2-4)."""
+    allowed = torch.zeros(vocab, dtype=torch.bool, device=device)
+    if step % GROUP < VQ02_SLOTS:
+        allowed[AUDIO_ID_OFFSET:_VQ02_END] = True
+    else:
+        allowed[_VQ02_END:AUDIO_ID_END] = True
+    allowed[list(eos_ids)] = True
+    return allowed
+
+
+def top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Keep the ``top_k`` best scores (ties kept) and the smallest set reaching ``top_p`` mass."""
+    if top_k and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= (1 - top_p)
+        drop_sorted[..., -1:] = False
+        scores = scores.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return scores
+
+
+class SeededSampler:
+    """A logits processor that samples one id per row with that row's generator.
+
+    Parameters:
+        config: the sampling rules.
+        seeds: one seed per row.
+        prompt_lens: real (unpadded) prompt length per row.
+        eos_id: the id that ends an answer; forced once a row has used its budget.
+        eos_ids: every id that counts as end of answer (allowed through the slot mask).
+
+    Returns (per call) scores that are 0 at the sampled id and -inf elsewhere. Also records when
+    the first step ran (end of prefill) and how many steps ran.
+    """
+
+    def __init__(self, config: SamplingConfig, seeds: Sequence[int], prompt_lens: Sequence[int],
+                 eos_id: int, eos_ids: Sequence[int], device: torch.device) -> None:
+        self.config = config
+        self.eos_id = eos_id
+        self.eos_ids = tuple(eos_ids)
+        self.prompt_lens = torch.tensor(list(prompt_lens), dtype=torch.long, device=device)
+        self.budgets = [config.budget(n) for n in prompt_lens]
+        self.generators = []
+        for seed in seeds:
+            # CPU generators keep draws identical across devices' batch layouts; the draw is tiny.
+            g = torch.Generator(device="cpu")
+            g.manual_seed(int(seed))
+            self.generators.append(g)
+        self.steps = 0
+        self.first_step_at: float | None = None
+        self.last_step_at: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        now = time.perf_counter()
+        if self.first_step_at is None:
+            self.first_step_at = now
+        self.last_step_at = now
+        step = self.steps
+        self.steps += 1
+        scores = repetition_ban(input_ids, scores, self.config.repetition_window, self.prompt_lens + step)
+        if self.config.slot_mask:
+            allowed = slot_allowed(step, scores.shape[-1], self.eos_ids, scores.device)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        scores = scores / self.config.temperature
+        scores = top_k_top_p(scores, self.config.top_k, self.config.top_p)
+        probs = scores.float().softmax(dim=-1).cpu()
+        chosen = []
+        for row, g in enumerate(self.generators):
+            if step >= self.budgets[row]:
+                chosen.append(self.eos_id)
+            elif not torch.isfinite(probs[row]).all():
+                chosen.append(self.eos_id)  # every id banned: end the answer rather than crash
+            else:
+                # Draw among the few ids top-k/top-p left (a draw over the whole vocabulary costs ~3 ms).
+                candidates = probs[row].nonzero().flatten()
+                pick = torch.multinomial(probs[row, candidates], 1, generator=g)
+                chosen.append(int(candidates[pick]))
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(len(chosen), device=scores.device), torch.tensor(chosen, device=scores.device)] = 0.0
+        return out
+
+
+def answer_ids(generated: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
+    """The answer up to (not including) the first end-of-answer id."""
+    stops = set(eos_ids)
+    out = []
+    for t in generated:
+        if int(t) in stops:
+            break
+        out.append(int(t))
+    return out
+
+
+def filter_audio_ids(ids: Sequence[int]) -> tuple[list[int], int]:
+    """Keep the ids that form whole ``[vq02, vq02, vq06, vq06, vq06]`` groups.
+
+    Non-audio ids and audio ids of the wrong kind for the next slot are dropped; a trailing
+    partial group is dropped (at most 96 ms). Returns (kept LLM ids, number dropped).
+    """
+    kept: list[int] = []
+    for t in ids:
+        t = int(t)
+        if not AUDIO_ID_OFFSET <= t < AUDIO_ID_END:
+            continue
+        wants_vq02 = len(kept) % GROUP < VQ02_SLOTS
+        if wants_vq02 == (t < _VQ02_END):
+            kept.append(t)
+    whole = len(kept) - len(kept) % GROUP
+    return kept[:whole], len(ids) - whole
+
+
+def audio_answer(generated: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
+    """The LLM audio ids (65536..70655) of one answer, filtered.
+
+    Raises:
+        ModelError: the answer holds no whole group of audio ids.
+    """
+    answer = answer_ids(generated, eos_ids)
+    kept, dropped = filter_audio_ids(answer)
+    if dropped:
+        log.warning("LLM answer: dropped %d of %d ids that were not audio or broke the 2:3 slot pattern",
+                    dropped, len(answer))
+    if not kept:
+        raise ModelError(f"the LLM answered without audio ({len(answer)} ids, none forming a whole "
+                         "group of audio tokens); try another seed or check the model folder")
+    return kept

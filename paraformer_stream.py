@@ -1,0 +1,275 @@
+"""The streaming Paraformer encoder behind Step-Audio's vq02 tokens, driven through public funasr.
+
+Owns: finding the files of the FunASR model folder (``configuration.json`` / ``config.yaml`` /
+weights / ``am.mvn`` / token list), building the model with ``funasr.AutoModel`` from that local
+folder (offline, no hub, no remote code), loading its weights strictly from ``model.safetensors``
+or ``model.pt`` (``torch.load(weights_only=True)``), and running the reference's streaming
+encoder loop over a whole 16 kHz clip.
+Does not own: audio preprocessing, k-means assignment, caching (see ``tokenizer.py``).
+
+Shape legend:
+    N   samples at 16 kHz
+    T   LFR frames, one per 60 ms (16.67 Hz)
+    F   LFR feature size (80 mel bins x lfr_m 7 = 560)
+    D   encoder output size (512 for the real model)
+
+Streaming loop (pipeline.md §1.2): chunk_size [0, 4, 5], i.e. a stride of 4 LFR frames =
+3840 samples = 240 ms; encoder look-back 4 chunks; ``len // 3840 + 1`` chunks with only the last
+marked final; of each chunk's encoder output only the new frames (the last ``lens`` frames) are
+kept. Edge cases follow the reference's ``infer_encoder``: an empty final chunk ends the loop, and
+a final chunk under 480 samples whose fbank fails is skipped.
+
+Deliberate deviations from the reference: the frontend's ``dither`` is forced to 0.0 (the
+reference's funasr default of 1.0 makes tokens random from run to run); the model's decoder,
+predictor and CTC head are dropped after the strict load, since only the encoder runs; the
+in-memory WAV round trip the reference does before FunASR is skipped (it is lossless).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import random
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import yaml
+
+from errors import ModelError
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = (0, 4, 5)            # [left context, stride, right context] in LFR frames
+ENCODER_LOOK_BACK = 4             # chunks of K/V cache each SANM layer keeps
+DECODER_LOOK_BACK = 1             # unused by the encoder; passed as the reference does
+CHUNK_STRIDE = CHUNK_SIZE[1] * 960  # 3840 samples = 240 ms at 16 kHz
+MIN_FINAL_CHUNK = 480             # 30 ms: a shorter final chunk may be skipped
+UNUSED_HEADS = ("decoder", "predictor", "ctc")
+
+
+@dataclass(frozen=True)
+class ParaformerFiles:
+    """The files of one FunASR model folder that the encoder depends on."""
+
+    folder: Path
+    config: Path
+    weights: Path
+    cmvn: Path
+    tokens: Path
+
+    def all(self) -> tuple[Path, ...]:
+        return (self.config, self.weights, self.cmvn, self.tokens)
+
+
+@dataclass(frozen=True)
+class StreamOutput:
+    """Encoder output of one clip.
+
+    ``enc_out`` is ``[T, D]`` float32 on the model's device; ``chunk_lengths`` the new LFR frames
+    of each chunk; ``chunk_inputs`` the ``[T, F]`` encoder inputs (fbank -> LFR -> CMVN) on the CPU
+    when they were asked for, else None.
+    """
+
+    enc_out: torch.Tensor
+    chunk_lengths: tuple[int, ...]
+    chunk_inputs: torch.Tensor | None = None
+
+
+def locate_files(folder: Path) -> ParaformerFiles:
+    """Resolve the model files of ``folder``, using its ``configuration.json`` when present.
+
+    Raises:
+        ModelError: the folder or one of its files is missing (the message names it).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"FunASR model folder not found: {folder}")
+    names = {"config": "config.yaml", "init_param": "model.pt", "cmvn": "am.mvn", "tokens": None}
+    meta_path = folder / "configuration.json"
+    if meta_path.is_file():
+        try:
+            metas = json.loads(meta_path.read_text(encoding="utf-8")).get("file_path_metas", {})
+        except (ValueError, AttributeError) as exc:
+            raise ModelError(f"{meta_path} is not valid JSON: {exc}") from None
+        names["config"] = metas.get("config", names["config"])
+        names["init_param"] = metas.get("init_param", names["init_param"])
+        names["cmvn"] = (metas.get("frontend_conf") or {}).get("cmvn_file", names["cmvn"])
+        names["tokens"] = (metas.get("tokenizer_conf") or {}).get("token_list")
+
+    def need(name: str) -> Path:
+        path = folder / name
+        if not path.is_file():
+            raise ModelError(f"the FunASR model folder {folder} lacks {name}")
+        return path
+
+    # safetensors first: it loads without unpickling anything and is faster.
+    weights = [folder / "model.safetensors", folder / names["init_param"], folder / "model.pt"]
+    found = next((p for p in weights if p.is_file()), None)
+    if found is None:
+        raise ModelError(f"the FunASR model folder {folder} lacks model.safetensors or {names['init_param']}")
+    token_names = [names["tokens"]] if names["tokens"] else ["tokens.json", "tokens.txt"]
+    token_file = next((folder / n for n in token_names if (folder / n).is_file()), None)
+    if token_file is None:
+        raise ModelError(f"the FunASR model folder {folder} lacks {' or '.join(token_names)}")
+    return ParaformerFiles(folder, need(names["config"]), found, need(names["cmvn"]), token_file)
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file or a ``torch.save``d state dict (no arbitrary unpickling).
+
+    Raises:
+        ModelError: the file cannot be read or holds no state dict.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any reader failure means an unusable file
+        raise ModelError(f"could not read model weights {path.name}: {exc}") from None
+    for wrapper in ("state_dict", "model_state_dict", "model"):  # training checkpoints nest it
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path.name} does not hold a state dict of tensors")
+    return state
+
+
+@contextlib.contextmanager
+def _quiet_and_seed_neutral() -> Iterator[None]:
+    """Keep funasr's import/build prints out of stdout and its global reseeding out of our RNGs.
+
+    ``AutoModel`` calls ``set_all_random_seed(0)`` and initialises weights from the global torch
+    RNG; the caller's random state must not depend on whether a model was loaded.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    out = io.StringIO()
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), contextlib.redirect_stdout(out):
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+    if out.getvalue().strip():
+        log.debug("funasr said: %s", out.getvalue().strip().replace("\n", " | "))
+
+
+class ParaformerStream:
+    """A loaded FunASR streaming Paraformer; :meth:`encode` is thread-safe (one clip at a time)."""
+
+    def __init__(self, model: torch.nn.Module, kwargs: dict, files: ParaformerFiles, device: torch.device) -> None:
+        self.model = model
+        self.frontend = kwargs["frontend"]
+        self.files = files
+        self.device = device
+        self.output_size = int(kwargs["encoder_conf"]["output_size"])
+        self._cache_conf = {"encoder_conf": kwargs["encoder_conf"], "frontend_conf": kwargs["frontend_conf"]}
+        # The streaming cache is per call, but the frontend and model are shared: serialise.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, folder: Path, device: str | torch.device = "cpu") -> "ParaformerStream":
+        """Build the model of ``folder`` with ``funasr.AutoModel`` and load its weights strictly.
+
+        Raises:
+            ModelError: missing files, a config funasr cannot build, or weights that do not match.
+        """
+        files = locate_files(folder)
+        device = torch.device(device)
+        try:
+            conf = yaml.safe_load(files.config.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ModelError(f"{files.config} is not valid YAML: {exc}") from None
+        if not isinstance(conf, dict) or "model" not in conf or "encoder_conf" not in conf:
+            raise ModelError(f"{files.config} does not describe a FunASR model (no model/encoder_conf)")
+        conf.setdefault("model_conf", {})  # present => AutoModel skips its hub/download resolution
+        conf["tokenizer_conf"] = {**(conf.get("tokenizer_conf") or {}), "token_list": str(files.tokens)}
+        conf["frontend_conf"] = {**(conf.get("frontend_conf") or {}), "cmvn_file": str(files.cmvn), "dither": 0.0}
+        with _quiet_and_seed_neutral():
+            try:
+                from funasr import AutoModel
+                auto = AutoModel(**conf, model_path=str(files.folder), device=str(device), disable_update=True,
+                                 disable_pbar=True, trust_remote_code=False, init_param=None,
+                                 ncpu=torch.get_num_threads(),  # AutoModel would reset the process's threads
+                                 log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
+            except Exception as exc:  # noqa: BLE001 - funasr raises many kinds; the user needs one
+                raise ModelError(f"funasr could not build the model in {files.folder}: {exc}") from None
+        model = auto.model
+        _strict_load(model, load_state_dict_file(files.weights), files.weights.name)
+        for head in UNUSED_HEADS:
+            if getattr(model, head, None) is not None:
+                setattr(model, head, None)
+        model.to(device).eval()
+        log.info("Paraformer encoder %s loaded from %s (%s) on %s", type(model).__name__, files.folder.name,
+                 files.weights.name, device)
+        return cls(model, auto.kwargs, files, device)
+
+    def encode(self, wav: np.ndarray, keep_inputs: bool = False) -> StreamOutput:
+        """Run the streaming encoder over a whole clip.
+
+        Parameters:
+            wav: ``[N]`` float32 at 16 kHz, already preprocessed (peak 0.999, trimmed).
+            keep_inputs: also return the per-chunk encoder inputs (for parity checks).
+        Returns:
+            :class:`StreamOutput` with ``enc_out`` ``[T, D]``.
+        Raises:
+            ModelError: a non-final chunk failed in the frontend, or nothing was encoded.
+        """
+        from funasr.utils.load_utils import extract_fbank
+
+        samples = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
+        n_chunks = len(samples) // CHUNK_STRIDE + 1
+        outs, lengths, inputs = [], [], []
+        with self._lock, torch.inference_mode():
+            cache: dict = {}
+            self.model.init_cache(cache, chunk_size=list(CHUNK_SIZE), encoder_chunk_look_back=ENCODER_LOOK_BACK,
+                                  decoder_chunk_look_back=DECODER_LOOK_BACK, **self._cache_conf)
+            for i in range(n_chunks):
+                final = i == n_chunks - 1
+                chunk = samples[i * CHUNK_STRIDE:(i + 1) * CHUNK_STRIDE]
+                if final and len(chunk) == 0:
+                    break
+                try:
+                    speech, lens = extract_fbank([chunk], data_type="sound", frontend=self.frontend,
+                                                 cache=cache["frontend"], is_final=final)
+                except Exception as exc:  # noqa: BLE001
+                    if final and len(chunk) < MIN_FINAL_CHUNK:
+                        log.debug("skipped a %d-sample final chunk the frontend could not frame", len(chunk))
+                        break
+                    raise ModelError(f"the Paraformer frontend failed on chunk {i}: {exc}") from None
+                if final and len(speech) == 0:
+                    break
+                new = int(lens[0])
+                enc, _ = self.model.encode_chunk(speech.to(self.device), lens.to(self.device), cache=cache,
+                                                 is_final=final)
+                outs.append(enc[0, -new:] if new else enc[0])  # -0 would keep everything; so does the reference
+                lengths.append(new)
+                if keep_inputs:
+                    inputs.append(speech[0].cpu())
+        if not outs:
+            raise ModelError("the Paraformer encoder produced no frames")
+        return StreamOutput(torch.cat(outs, 0).float(), tuple(lengths),
+                            torch.cat(inputs, 0) if keep_inputs else None)
+
+
+def _strict_load(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    """``load_state_dict(strict=True)`` with a readable message naming the mismatched keys."""
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ModelError(f"{name} does not match the model in config.yaml: {len(missing)} missing keys "
+                         f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # shape mismatches
+        raise ModelError(f"{name} does not match the model in config.yaml: {exc}") from None

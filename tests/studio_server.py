@@ -1,0 +1,79 @@
+"""Test helper: run the real studio app (UI + API) on 127.0.0.1 in a background thread.
+
+Each server gets a free port and its own cache folder; ``stop()`` shuts uvicorn down and closes
+the engine through the app's lifespan.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import soundfile as sf
+import uvicorn
+
+from funasr_cache import PromptCache
+from settings import load_settings
+from web.server import create_app
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Studio:
+    url: str
+    engine: object
+    settings: object
+    app: object
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+def start_studio(root: Path, engine_factory: Callable | None = None, *flags: str) -> Studio:
+    """Start a studio whose cache lives under ``root``; ``engine_factory(settings, cache)`` makes
+    the engine (the preview engine when None); ``flags`` are extra command-line settings."""
+    if engine_factory is None:
+        from preview.engine import PreviewEngine as engine_factory
+    port = free_port()
+    settings = load_settings(["--cache-dir", str(root / "cache"), "--port", str(port), *flags], env={})
+    engine = engine_factory(settings, PromptCache.from_settings(settings))
+    app = create_app(engine, settings, output_dir=root / "outputs")
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, timeout_graceful_shutdown=1,
+                            lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"studio-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the studio server did not start")
+        time.sleep(0.05)
+    return Studio(f"http://127.0.0.1:{port}", engine, settings, app, server, thread)
+
+
+def speech_wav(seconds: float = 1.6, rate: int = 16000, f0: float = 140.0, seed: int = 0) -> bytes:
+    """A voiced, speech-like test clip (harmonics with a slow pitch glide and syllable envelope) as WAV bytes."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    pitch = f0 * (1 + 0.08 * np.sin(2 * np.pi * 0.7 * t))
+    phase = 2 * np.pi * np.cumsum(pitch) / rate
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
+    envelope = 0.5 * (1 - np.cos(2 * np.pi * 3.0 * t)) ** 1.5
+    samples = 0.25 * voiced * envelope / np.abs(voiced).max() + 0.002 * rng.standard_normal(len(t))
+    buffer = io.BytesIO()
+    sf.write(buffer, samples.astype(np.float32), rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()

@@ -1,0 +1,172 @@
+"""The studio page (web.ui, web.ui_handlers) and the entry point (app.py).
+
+Covers: gradio_client round trips against a real server with the preview engine (clone, edit,
+cache_stats, cache_clear and their errors), the history chain and "use as base" through the
+handlers, the banner and edit choices, examples loading, and ``app.py --help`` / import without
+side effects.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+import soundfile as sf
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+import settings as settings_mod
+from studio_server import start_studio
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "en_low.flac"
+EXAMPLE_TEXT = "The quiet harbour woke slowly as the first boats went out."
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    server = start_studio(tmp_path_factory.mktemp("ui"), None)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(studio):
+    return Client(studio.url + "/", verbose=False, download_files=False)
+
+
+def _clone(client, target="Hello from the studio.", seed=5, fmt="wav"):
+    return client.predict(handle_file(str(EXAMPLE)), EXAMPLE_TEXT, target, seed, 10, fmt, api_name="/clone")
+
+
+@pytest.mark.slow
+def test_named_endpoints(client):
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert set(endpoints) == {"/clone", "/edit", "/cache_stats", "/cache_clear"}
+
+
+@pytest.mark.slow
+def test_clone_edit_and_cache_round_trip(client, studio):
+    client.predict(api_name="/cache_clear")
+    audio, timings, summary, history, table, base = _clone(client)
+    assert audio["url"] and audio["orig_name"].endswith(".wav")
+    stages = {row[0]: row[2] for row in timings["data"]}
+    assert stages["prompt_analysis"] == ""  # first use of this prompt: computed
+    assert "seed 5" in summary and "cache hits: none" in summary
+    assert table["data"][0][:2] == [1, "clone"]
+
+    audio2, timings2, summary2, *_ = _clone(client, target="A second sentence.", fmt="mp3")
+    assert audio2["orig_name"].endswith(".mp3")
+    assert {row[0]: row[2] for row in timings2["data"]}["prompt_analysis"] == "hit"
+    stats = client.predict(api_name="/cache_stats")
+    assert stats["hits"] >= 1 and stats["entries"] == 1
+
+    edited, edit_timings, edit_summary, history, table, base = client.predict(
+        "speed", "slower", "", 1, 10, "wav", api_name="/edit")
+    assert [row[1] for row in table["data"]] == ["clone", "clone", "speed: slower (of #2)"]
+    assert "#3 speed: slower" in base
+    assert len(history["choices"]) == 3 and history["value"] == 2
+
+    cleared = client.predict(api_name="/cache_clear")
+    assert cleared["entries"] == 0 and cleared["hits"] == 0
+
+
+@pytest.mark.slow
+def test_errors_are_specific_messages(client, studio, monkeypatch):
+    with pytest.raises(AppError, match="target text is empty"):
+        _clone(client, target="   ")
+    with pytest.raises(AppError, match="Upload or record a prompt clip"):
+        client.predict(None, EXAMPLE_TEXT, "Hi", 1, 10, "wav", api_name="/clone")
+    fresh = Client(studio.url + "/", verbose=False, download_files=False)
+    with pytest.raises(AppError, match="Clone something first"):
+        fresh.predict("vad", None, "", 1, 10, "wav", api_name="/edit")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(studio.engine, "clone", broken)  # fault injection
+    with pytest.raises(AppError) as failure:
+        _clone(client)
+    assert "request id" in str(failure.value) and "secret" not in str(failure.value)
+
+
+# ------------------------------------------------------------------ handlers without a server
+
+@pytest.fixture
+def handlers(tmp_path):
+    from funasr_cache import PromptCache
+    from preview.engine import PreviewEngine
+    from web.ui_handlers import Handlers
+
+    s = settings_mod.load_settings(["--cache-dir", str(tmp_path / "cache")], env={})
+    return Handlers(PreviewEngine(s, PromptCache.from_settings(s)), s, output_dir=tmp_path / "out")
+
+
+def test_history_use_as_base_and_play(handlers):
+    from web.ui_handlers import new_state
+
+    *_, state, _, _, _ = handlers.clone(str(EXAMPLE), EXAMPLE_TEXT, "First take.", 1, 10, "wav", new_state())
+    *_, state, _, _, _ = handlers.edit("vad", None, "", 2, 10, "wav", state)
+    assert [item["op"] for item in state["items"]] == ["clone", "vad (of #1)"]
+    # Go back to the clone and edit it again: the new item says it was made from #1.
+    state, note = handlers.use_as_base(0, state)
+    assert "#1 clone" in note
+    *_, state, _, _, _ = handlers.edit("speed", "faster", "", 3, 10, "flac", state)
+    assert state["items"][-1]["op"] == "speed: faster (of #1)"
+    path = handlers.select(2, state)
+    samples, rate = sf.read(path)
+    first, _ = sf.read(handlers.select(0, state))
+    assert rate == 24000 and path.endswith(".flac") and len(samples) < len(first)
+    assert handlers.select(7, state) is None
+    with pytest.raises(gr.Error):
+        handlers.use_as_base(None, state)
+
+
+def test_edit_choices_flag_unavailable_options(handlers):
+    from web.ui import banner, edit_option_choices, edit_type_choices
+
+    caps = handlers.engine.capabilities()
+    types = dict((value, label) for label, value in edit_type_choices(caps))
+    assert types["paralinguistic"] == "paralinguistic (unavailable)" and types["vad"] == "vad"
+    emotion = next(c for c in caps if c.edit_type == "emotion")
+    labels = dict((value, label) for label, value in edit_option_choices(emotion))
+    for option in emotion.unavailable_options:
+        assert labels[option].endswith("(unavailable)")
+    assert "Preview engine" in banner(handlers.engine)
+
+
+def test_examples_are_listed_with_transcripts():
+    from web.ui import load_examples
+
+    examples = load_examples()
+    assert len(examples) >= 3
+    for path, transcript, target in examples:
+        samples, rate = sf.read(path)
+        assert rate == 16000 and len(samples) / rate > 1.0 and transcript and target
+    total = sum(p.stat().st_size for p in (ROOT / "examples").iterdir())
+    assert total < 300_000
+
+
+def test_app_help_lists_every_flag_and_import_is_inert():
+    out = subprocess.run([sys.executable, str(ROOT / "app.py"), "--help"], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert out.returncode == 0
+    for flag, *_ in settings_mod.settings_table():
+        assert flag in out.stdout
+    probe = ("import sys, logging; import app; "
+             "assert 'gradio' not in sys.modules and 'uvicorn' not in sys.modules and 'torch' not in sys.modules; "
+             "assert not logging.getLogger().handlers")
+    assert subprocess.run([sys.executable, "-c", probe], cwd=ROOT, timeout=60).returncode == 0
+    bad = subprocess.run([sys.executable, str(ROOT / "app.py"), "--port", "zero"], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert bad.returncode == 2 and "port" in bad.stderr
+
+
+def test_handlers_write_playable_files(handlers):
+    from web.ui_handlers import new_state
+
+    path, *_ = handlers.clone(str(EXAMPLE), EXAMPLE_TEXT, "Check the file.", 4, 10, "opus", new_state())
+    samples, rate = sf.read(path)
+    assert path.endswith(".ogg") and rate in (24000, 48000) and np.abs(samples).max() > 0.01

@@ -1,0 +1,239 @@
+"""tts_engine.StepAudioEngine end to end on CPU with tiny random-weight models of the real layout.
+
+Covers clone and every edit type (24 kHz audio whose length follows from the generated tokens:
+5 ids = 120 ms = 2880 samples), the whole-prompt cache (a repeat is served without running the
+tokenizer or the frontend, counted by spies on their model calls), single-flight, iterative edits,
+batching of concurrent requests (same output as unbatched), long-text chunking, seeds, timings,
+and validation errors.
+"""
+
+import dataclasses
+import threading
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from conftest import FIXTURES
+
+from audio_io import Audio
+from edit_options import EDIT_TYPES
+from errors import InputError, ModelError
+from funasr_cache import PromptCache, audio_digest
+from settings import Settings
+
+PROMPT_WAV = FIXTURES / "prompt_22k.wav"
+PROMPT_TEXT = "The quick brown fox jumps over the lazy dog near the river bank."
+SAMPLES_PER_GROUP = 2880   # 5 LLM ids = 3 token frames at 25 Hz = 6 mel frames x 480 samples at 24 kHz
+CHUNK_CHARS = 60
+REQUIRED_STAGES = {"decode_audio", "hash", "cache_lookup", "tokenize_vq02", "tokenize_vq06", "prompt_mel",
+                   "speaker_embedding", "prompt_build", "llm_prefill", "llm_decode", "token2wav"}
+
+
+class Counting:
+    """Wraps a bound method and counts its calls (a spy: the real method still runs)."""
+
+    def __init__(self, owner, name):
+        self.calls, self.inner = 0, getattr(owner, name)
+        setattr(owner, name, self)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    from tiny_models import build_tiny_model_root
+    from tts_engine import StepAudioEngine
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny models; avoids thread thrash on a busy 2-core runner
+    root = build_tiny_model_root(tmp_path_factory.mktemp("root"))
+    settings = Settings(model_root=root, cache_dir=root / "cache", llm_max_new_tokens=30, flow_steps=2,
+                        batch_window_ms=1.0, max_batch_size=4, text_chunk_chars=CHUNK_CHARS)
+    eng = StepAudioEngine(settings, PromptCache.from_settings(settings))
+    eng.spies = {"vq02": Counting(eng.tokenizer, "encode_vq02"), "vq06": Counting(eng.tokenizer, "encode_vq06"),
+                 "mel": Counting(eng.decoder.frontend, "mel"), "emb": Counting(eng.decoder.frontend, "embedding")}
+    yield eng
+    eng.close()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def first_clone(engine):
+    return engine.clone(str(PROMPT_WAV), PROMPT_TEXT, "Hello there, how are you?", seed=3)
+
+
+def _calls(engine):
+    return {k: s.calls for k, s in engine.spies.items()}
+
+
+def _check_audio(result):
+    assert result.audio.sample_rate == 24000
+    assert result.tokens and len(result.tokens) % 5 == 0
+    assert all(65536 <= t < 70656 for t in result.tokens)
+    assert len(result.audio.samples) == len(result.tokens) // 5 * SAMPLES_PER_GROUP
+    assert np.isfinite(result.audio.samples).all() and np.abs(result.audio.samples).max() <= 1.0
+
+
+def _fresh_clip(gain):
+    samples, rate = sf.read(PROMPT_WAV, dtype="float32")
+    return Audio(samples * gain, rate)
+
+
+def test_clone_end_to_end(engine, first_clone):
+    r = first_clone
+    _check_audio(r)
+    assert r.text == "Hello there, how are you?" and r.seed == 3
+    samples, rate = sf.read(PROMPT_WAV, dtype="float32")
+    assert r.prompt_digest == audio_digest(samples, rate)
+    assert REQUIRED_STAGES <= set(r.timings.stages_ms)
+    assert r.timings.counters["llm_tokens"] >= len(r.tokens)
+    assert r.timings.counters["tokens_per_s"] > 0
+    assert r.timings.rtf == pytest.approx(r.timings.total_ms / 1000 / r.audio.duration)
+    assert r.timings.total_ms >= sum(r.timings.stages_ms.values()) * 0.99
+
+
+def test_second_clone_is_served_from_the_cache(engine, first_clone):
+    before, stats_before = _calls(engine), engine.cache.stats()
+    again = engine.clone(str(PROMPT_WAV), PROMPT_TEXT, "Hello there, how are you?", seed=3)
+    assert _calls(engine) == before                      # tokenizer and frontend never ran
+    assert {"tokenize_vq02", "tokenize_vq06", "prompt_mel", "speaker_embedding", "cache_lookup"} <= again.cache_hits
+    assert engine.cache.stats()["hits"] >= stats_before["hits"] + 2   # tokens + prompt_features
+    # Same clip, text and seed: the same tokens and the same waveform.
+    assert again.tokens == first_clone.tokens
+    np.testing.assert_array_equal(again.audio.samples, first_clone.audio.samples)
+    other = engine.clone(str(PROMPT_WAV), PROMPT_TEXT, "Hello there, how are you?", seed=4)
+    assert other.tokens != first_clone.tokens
+
+
+def test_random_seed_is_reported_and_reproduces(engine, first_clone):
+    r = engine.clone(str(PROMPT_WAV), PROMPT_TEXT, "Hello.")
+    assert 0 <= r.seed < 2**31
+    assert engine.clone(str(PROMPT_WAV), PROMPT_TEXT, "Hello.", seed=r.seed).tokens == r.tokens
+
+
+@pytest.mark.parametrize("edit_type", list(EDIT_TYPES))
+def test_every_edit_type(engine, first_clone, edit_type):
+    info = EDIT_TYPES[edit_type][0] if EDIT_TYPES[edit_type] else None
+    text = "Hello [Laughter] there." if edit_type == "paralinguistic" else None
+    r = engine.edit(first_clone.audio, "Hello there, how are you?", edit_type, info, text, seed=5)
+    _check_audio(r)
+    assert r.text == (text or "Hello there, how are you?")
+    assert r.prompt_digest == audio_digest(first_clone.audio.samples, 24000)
+
+
+def test_edit_rounds_chain_and_going_back_is_free(engine, first_clone):
+    round1 = engine.edit(first_clone.audio, "Hello there.", "style", "remove", seed=6)
+    round2 = engine.edit(round1.audio, "Hello there.", "emotion", "remove", seed=7)
+    _check_audio(round2)
+    assert round2.prompt_digest == audio_digest(round1.audio.samples, 24000)
+    before = _calls(engine)
+    back = engine.edit(round1.audio, "Hello there.", "speed", "more faster", seed=8)
+    assert _calls(engine) == before and "prompt_mel" in back.cache_hits
+    report = engine.prepare_prompt(round2.audio)     # not used as a prompt yet: computed now ...
+    assert report.misses == {"tokens", "prompt_features"}
+    report = engine.prepare_prompt(round2.audio)     # ... and cached from then on
+    assert report.hits == {"tokens", "prompt_features"} and not report.misses
+    assert set(report.namespaces) == {"tokens", "prompt_features"} == set(engine.prompt_namespaces())
+
+
+def test_concurrent_requests_with_one_new_clip_encode_it_once(engine):
+    clip = _fresh_clip(0.5)
+    before = _calls(engine)
+    results = [None] * 3
+
+    def run(i):
+        results[i] = engine.clone(clip, PROMPT_TEXT, "Single flight.", seed=i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    after = _calls(engine)
+    assert {k: after[k] - before[k] for k in after} == {"vq02": 1, "vq06": 1, "mel": 1, "emb": 1}
+    assert all(r is not None for r in results)
+
+
+def test_concurrent_clones_are_batched_with_unbatched_output(engine, first_clone):
+    texts = ["One fish.", "Two fish, red fish.", "Blue fish and a much longer line of text."]
+    engine.scheduler.window_s = 1.0
+    try:
+        batched = [None] * 3
+        barrier = threading.Barrier(3)
+
+        def run(i):
+            barrier.wait()
+            batched[i] = engine.clone(str(PROMPT_WAV), PROMPT_TEXT, texts[i], seed=100 + i)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert engine.scheduler.batch_sizes[-1] == 3
+        assert all(r.timings.counters["batch_size"] == 3 for r in batched)
+    finally:
+        engine.scheduler.window_s = 0.0
+    alone = [engine.clone(str(PROMPT_WAV), PROMPT_TEXT, texts[i], seed=100 + i) for i in range(3)]
+    assert engine.scheduler.batch_sizes[-3:] == [1, 1, 1]
+    for b, a in zip(batched, alone):
+        assert b.tokens == a.tokens
+        np.testing.assert_array_equal(b.audio.samples, a.audio.samples)
+
+
+def test_long_text_is_generated_in_chunks_and_cross_faded(engine, first_clone):
+    text = ("This is the first sentence of the text. Here is a second sentence, a little longer. "
+            "And finally a third one to finish the story.")
+    reports = []
+    r = engine.clone(str(PROMPT_WAV), PROMPT_TEXT, text, seed=9, progress=lambda f, d: reports.append((f, d)))
+    assert r.timings.counters["chunks"] == 3
+    assert reports[-3:] == [(1 / 3, "chunk 1/3"), (2 / 3, "chunk 2/3"), (1.0, "chunk 3/3")]
+    fade = 720   # 30 ms at 24 kHz, at each of the two seams
+    assert len(r.audio.samples) == len(r.tokens) // 5 * SAMPLES_PER_GROUP - 2 * fade
+    assert r.text == text
+
+
+def test_an_answer_without_audio_is_a_model_error(engine, first_clone):
+    from llm.sampling import SamplingConfig
+
+    saved = engine.sampling
+    engine.sampling = dataclasses.replace(saved, max_new_tokens=3)   # too short for one 5-id group
+    try:
+        with pytest.raises(ModelError, match="without audio"):
+            engine.clone(str(PROMPT_WAV), PROMPT_TEXT, "Hi.", seed=1)
+    finally:
+        engine.sampling = saved
+    assert isinstance(saved, SamplingConfig)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda e: e.clone(str(PROMPT_WAV), PROMPT_TEXT, "   "), "target text is empty"),
+    (lambda e: e.clone(str(PROMPT_WAV), "", "Hi."), "prompt text .* is empty"),
+    (lambda e: e.clone(str(PROMPT_WAV), PROMPT_TEXT, "a" * 1001), "limit is 1000"),
+    (lambda e: e.clone(b"not audio", PROMPT_TEXT, "Hi."), "could not decode"),
+    (lambda e: e.clone((24000, np.zeros(24000 * 31, np.float32)), PROMPT_TEXT, "Hi."), "limit is 30"),
+    (lambda e: e.edit(str(PROMPT_WAV), "x", "clone"), "unsupported edit type 'clone'.*emotion, style"),
+    (lambda e: e.edit(str(PROMPT_WAV), "x", "emotion"), "needs an option; choose one of happy, angry"),
+    (lambda e: e.edit(str(PROMPT_WAV), "x", "style", "loud"), "unknown style option 'loud'; choose one of serious"),
+    (lambda e: e.edit(str(PROMPT_WAV), "x", "paralinguistic"), "new text with tags .* is empty"),
+    (lambda e: e.edit(str(PROMPT_WAV), "", "emotion", "happy"), "needed for emotion edits"),
+])
+def test_validation_errors_are_clear(engine, call, match):
+    with pytest.raises(InputError, match=match):
+        call(engine)
+
+
+def test_denoise_and_vad_need_no_text(engine, first_clone):
+    _check_audio(engine.edit(first_clone.audio, None, "denoise", seed=2))
+
+
+def test_describe_capabilities_ready(engine):
+    info = engine.describe()
+    assert info.name == "Step-Audio-EditX" and not info.preview and info.device.startswith("cpu")
+    caps = {c.edit_type: c for c in engine.capabilities()}
+    assert set(caps) == set(EDIT_TYPES) and caps["style"].options == EDIT_TYPES["style"]
+    assert all(c.available and not c.unavailable_options for c in caps.values())
+    assert engine.ready() == (True, "ok (cpu)")

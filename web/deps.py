@@ -1,0 +1,222 @@
+"""What every HTTP route shares: dependencies, the error format, request ids, upload limits.
+
+Owns: the overridable dependencies (``get_engine``, ``get_settings``, ``get_voices``,
+``get_metrics``), the optional Bearer key check, the JSON error body and the mapping from studio
+errors to status codes, the request-id / upload-size ASGI middleware, and ``run_engine`` (the one
+place an engine call is timed, counted, logged and has unexpected errors turned into a 500 with
+a request id).
+Does not own: the routes themselves (``web.api``, ``web.api_voices``).
+
+Error body (OpenAI style, so its clients show the message)::
+
+    {"error": {"message": "...", "type": "invalid_request_error", "code": "voice_not_found",
+               "request_id": "3f2a9c01d2e4"}}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+from typing import Callable, TypeVar
+
+from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from errors import CacheError, InputError, ModelError, StudioError
+from settings import Settings
+from tts_engine import Engine, Result
+from web.metrics import Metrics
+from web.voices import VoiceNotFound, VoiceStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class APIError(Exception):
+    """An HTTP error with a JSON body; raised by routes and dependencies."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.headers = status, message, type_, code, headers
+
+
+# ----------------------------------------------------------------------------- dependencies
+
+def get_engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_voices(request: Request) -> VoiceStore:
+    return request.app.state.voices
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def request_id(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id") or secrets.token_hex(6)
+
+
+def require_api_key(request: Request, settings: Settings = Depends(get_settings)) -> None:
+    """When ``settings.api_key`` is set, demand ``Authorization: Bearer <key>``."""
+    if not settings.api_key:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), settings.api_key.encode()):
+        raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                       "authentication_error", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+# ----------------------------------------------------------------------------- errors
+
+def error_response(status: int, message: str, type_: str, code: str | None, rid: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "code": code, "request_id": rid}}
+    return JSONResponse(body, status_code=status, headers={**(headers or {}), "X-Request-Id": rid})
+
+
+def studio_error_status(exc: StudioError) -> tuple[int, str, str]:
+    """(status, type, code) for a studio error."""
+    if isinstance(exc, VoiceNotFound):
+        return 404, "invalid_request_error", "voice_not_found"
+    if isinstance(exc, InputError):
+        return 400, "invalid_request_error", "invalid_input"
+    if isinstance(exc, ModelError):
+        return 500, "model_error", "model_failed"
+    if isinstance(exc, CacheError):
+        return 500, "server_error", "cache_error"
+    return 500, "server_error", None
+
+
+def install_error_handlers(app) -> None:
+    """JSON bodies for every error our routes raise (the mounted Gradio app keeps its own)."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc.status, exc.message, exc.type, exc.code, request_id(request), exc.headers)
+
+    @app.exception_handler(StudioError)
+    async def _studio_error(request: Request, exc: StudioError):
+        status, type_, code = studio_error_status(exc)
+        return error_response(status, str(exc), type_, code, request_id(request))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        # Name the fields and say what is wrong, without echoing pydantic internals or the input.
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path"))
+            problems.append(f"{where or 'request'}: {err.get('msg', 'invalid')}")
+        return error_response(400, "invalid request: " + "; ".join(problems), "invalid_request_error",
+                              "invalid_request", request_id(request))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(exc.status_code, str(exc.detail), "invalid_request_error", code, request_id(request),
+                              getattr(exc, "headers", None))
+
+
+# ----------------------------------------------------------------------------- engine calls
+
+def run_engine(request: Request, endpoint: str, call: Callable[[], T]) -> T:
+    """Run ``call`` (an engine method) with metrics, a timing log line and error translation.
+
+    Studio errors pass through (their handlers answer 4xx/5xx with the message); anything else
+    is logged with its traceback and answered as a 500 naming the request id.
+    """
+    metrics = get_metrics(request)
+    rid = request_id(request)
+    with metrics.track(endpoint):
+        try:
+            result = call()
+        except StudioError:
+            raise
+        except Exception:
+            log.exception("request %s (%s) failed", rid, endpoint)
+            raise APIError(500, f"internal error; the server log has the details (request id {rid})",
+                           "server_error", "internal_error") from None
+    timings = getattr(result, "timings", None)
+    if timings is not None:
+        metrics.observe_timings(endpoint, timings)
+        log.info(timings.log_line(endpoint, rid))
+    return result
+
+
+def result_headers(result: Result, engine: Engine) -> dict[str, str]:
+    """Headers every audio response carries."""
+    return {"X-Timings": result.timings.to_header(), "X-Seed": str(result.seed),
+            "X-Cache-Hits": ",".join(sorted(result.cache_hits)),
+            "X-Engine": engine.describe().name.encode("ascii", "replace").decode()}
+
+
+# ----------------------------------------------------------------------------- middleware
+
+class StudioMiddleware:
+    """Pure ASGI middleware (it must not buffer Gradio's streams): a request id on every HTTP
+    request and response, and a 413 for ``/v1`` bodies whose Content-Length is over the limit."""
+
+    def __init__(self, app, max_body_bytes: int) -> None:
+        self.app = app
+        # Multipart framing adds a little to the file itself.
+        self.max_body_bytes = max_body_bytes + 64 * 1024
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = secrets.token_hex(6)
+        scope.setdefault("state", {})["request_id"] = rid
+        if scope["path"].startswith("/v1/"):
+            length = dict(scope.get("headers") or []).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+                body = json.dumps({"error": {"message": f"request body is {int(length)} bytes; uploads are limited to "
+                                             f"{self.max_body_bytes - 64 * 1024} bytes", "type": "invalid_request_error",
+                                             "code": "payload_too_large", "request_id": rid}}).encode()
+                await send({"type": "http.response.start", "status": 413,
+                            "headers": [(b"content-type", b"application/json"), (b"x-request-id", rid.encode()),
+                                        (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or [])
+                if not any(k.lower() == b"x-request-id" for k, _ in headers):
+                    headers.append((b"x-request-id", rid.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def read_upload(upload, settings: Settings, what: str = "upload") -> bytes:
+    """The bytes of an uploaded file, refusing more than ``settings.max_upload_bytes`` (413)."""
+    limit = settings.max_upload_bytes
+    data = upload.file.read(limit + 1)
+    if len(data) > limit:
+        raise APIError(413, f"the {what} is larger than the limit of {limit} bytes", "invalid_request_error",
+                       "payload_too_large")
+    if not data:
+        raise APIError(400, f"the {what} is empty", "invalid_request_error", "invalid_input")
+    return data
+
+
+def jsonable(value):
+    """``value`` with non-finite floats replaced by None (JSON has no NaN), e.g. cache stats."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

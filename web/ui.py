@@ -1,0 +1,199 @@
+"""The studio page: Gradio Blocks layout and event wiring.
+
+Owns: ``build_demo(engine, settings) -> gr.Blocks`` -- the engine banner, the Clone and Edit
+tabs, the history panel, the bundled examples, the "Prompt cache" accordion, the queue and the
+named API endpoints (``/clone``, ``/edit``, ``/cache_stats``, ``/cache_clear``; helpers are
+private).
+Does not own: what the buttons do (``web.ui_handlers``) or serving (``web.server``).
+
+Every engine event shares ``concurrency_id="engine"`` with ``settings.concurrency_limit``, so
+clones and edits from all sessions queue for the same slots; cache and history events are cheap
+and skip the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import gradio as gr
+
+from settings import Settings
+from tts_engine import EditCapability, Engine
+from web.metrics import Metrics
+from web.ui_handlers import (HISTORY_HEADERS, TIMING_HEADERS, UI_FORMATS, Handlers, base_note, guarded,
+                             new_state)
+
+log = logging.getLogger(__name__)
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+ENGINE_CONCURRENCY_ID = "engine"
+
+
+def banner(engine: Engine) -> str:
+    info = engine.describe()
+    if info.preview:
+        return f"### ⚠️ {info.name} · {info.device}\n**Preview engine, not Step-Audio-EditX.** {info.detail}"
+    return f"### {info.name} · {info.device}\n{info.detail}"
+
+
+def load_examples(folder: Path = EXAMPLES_DIR) -> list[list[str]]:
+    """[[wav path, transcript, target text], ...] from ``examples/examples.json`` (empty if absent)."""
+    index = folder / "examples.json"
+    if not index.is_file():
+        return []
+    try:
+        rows = json.loads(index.read_text())
+        return [[str(folder / r["audio"]), r["transcript"], r["target"]] for r in rows
+                if (folder / r["audio"]).is_file()]
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("examples/examples.json is unusable (%s); the page shows no examples", exc)
+        return []
+
+
+def cache_line(stats: dict | None) -> str:
+    """One line over the cache JSON: hits, misses, hit rate, entries, size, time saved."""
+    if not stats:
+        return ""
+    parts = [f"hits {stats.get('hits', 0)}", f"misses {stats.get('misses', 0)}"]
+    if isinstance(stats.get("hit_rate"), (int, float)):
+        parts.append(f"hit rate {100 * stats['hit_rate']:.0f}%")
+    parts.append(f"entries {stats.get('entries', 0)}")
+    if isinstance(stats.get("bytes"), (int, float)):
+        parts.append(f"{stats['bytes'] / 1024:.1f} KiB")
+    if isinstance(stats.get("seconds_saved"), (int, float)):
+        parts.append(f"saved {stats['seconds_saved']:.1f} s")
+    return " · ".join(parts)
+
+
+def edit_type_choices(caps: tuple[EditCapability, ...]) -> list[tuple[str, str]]:
+    return [(c.edit_type if c.available else f"{c.edit_type} (unavailable)", c.edit_type) for c in caps]
+
+
+def edit_option_choices(cap: EditCapability | None) -> list[tuple[str, str]]:
+    if cap is None:
+        return []
+    return [(f"{o} (unavailable)" if o in cap.unavailable_options or not cap.available else o, o) for o in cap.options]
+
+
+def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = None,
+               output_dir: Path | None = None) -> gr.Blocks:
+    """The studio page for ``engine``.
+
+    Parameters:
+        engine: the loaded engine (shared by all sessions).
+        settings: queue sizes, default flow steps, limits.
+        metrics: where UI requests are counted (the server's; a private one when None).
+        output_dir: where generated files are written (a fresh temp folder when None).
+    """
+    h = Handlers(engine, settings, metrics, output_dir)
+    caps = engine.capabilities()
+    by_type = {c.edit_type: c for c in caps}
+    first = next((c for c in caps if c.available), caps[0] if caps else None)
+    engine_events = dict(concurrency_limit=settings.concurrency_limit, concurrency_id=ENGINE_CONCURRENCY_ID)
+    quick = dict(queue=False, api_visibility="private")
+
+    with gr.Blocks(title="Step-Audio-EditX studio", delete_cache=(3600, 24 * 3600)) as demo:
+        state = gr.State(new_state())
+        gr.Markdown(banner(engine), elem_id="engine_banner")
+
+        with gr.Tabs():
+            with gr.Tab("Clone", id="clone_tab"):
+                with gr.Row():
+                    with gr.Column():
+                        prompt_audio = gr.Audio(label="Prompt clip (the voice to clone)", type="filepath",
+                                                sources=["upload", "microphone"], elem_id="prompt_audio")
+                        prompt_text = gr.Textbox(label="Prompt transcript (what the clip says)", lines=2,
+                                                 elem_id="prompt_text")
+                        target_text = gr.Textbox(label="Text to speak", lines=3, elem_id="target_text",
+                                                 max_length=settings.max_text_chars)
+                        with gr.Row():
+                            seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0, elem_id="seed")
+                            dice = gr.Button("Random seed", size="sm", elem_id="seed_dice")
+                        with gr.Accordion("Advanced", open=False):
+                            flow_steps = gr.Slider(1, 50, value=settings.flow_steps, step=1,
+                                                   label="Flow-matching steps (fewer is faster)")
+                            fmt = gr.Radio(list(UI_FORMATS), value="wav", label="Output format")
+                        clone_btn = gr.Button("Clone", variant="primary", elem_id="clone_btn")
+                    with gr.Column():
+                        out_audio = gr.Audio(label="Result", type="filepath", interactive=False,
+                                             buttons=["download"], elem_id="output_audio")
+                        out_summary = gr.Markdown(elem_id="clone_summary")
+                        out_timings = gr.Dataframe(headers=TIMING_HEADERS, label="Stage timings", interactive=False,
+                                                   elem_id="clone_timings")
+                examples = load_examples()
+                if examples:
+                    gr.Examples(examples=examples, inputs=[prompt_audio, prompt_text, target_text],
+                                label="Example prompts (synthetic eSpeak NG voices, see examples/README.md)")
+
+            with gr.Tab("Edit", id="edit_tab"):
+                edit_base = gr.Markdown(base_note(new_state()), elem_id="edit_base")
+                with gr.Row():
+                    edit_type = gr.Dropdown(edit_type_choices(caps), value=first.edit_type if first else None,
+                                            label="Edit", elem_id="edit_type")
+                    edit_info = gr.Dropdown(edit_option_choices(first), value=(first.options[0] if first and first.options else None),
+                                            label="Option", elem_id="edit_info",
+                                            # API callers may pick any type's option; the engine validates it.
+                                            allow_custom_value=True)
+                edit_note = gr.Markdown(first.note if first else "")
+                para_text = gr.Textbox(label="New text with tags, e.g. “That was [Laughter] fun”", visible=False,
+                                       elem_id="para_text")
+                edit_btn = gr.Button("Apply edit", variant="primary", elem_id="edit_btn")
+                edit_audio = gr.Audio(label="Edited result", type="filepath", interactive=False,
+                                      buttons=["download"], elem_id="edit_audio")
+                edit_summary = gr.Markdown()
+                edit_timings = gr.Dataframe(headers=TIMING_HEADERS, label="Stage timings", interactive=False)
+
+        with gr.Accordion("History (clone → edit → edit)", open=True, elem_id="history"):
+            history_table = gr.Dataframe(headers=HISTORY_HEADERS, interactive=False, elem_id="history_table")
+            with gr.Row():
+                history_pick = gr.Dropdown([], label="Result", elem_id="history_pick")
+                use_base = gr.Button("Use as edit base", elem_id="use_base")
+            history_audio = gr.Audio(label="Chosen result", type="filepath", interactive=False,
+                                     buttons=["download"], elem_id="history_audio")
+
+        with gr.Accordion("Prompt cache", open=False, elem_id="cache_accordion"):
+            cache_summary = gr.Markdown(elem_id="cache_summary")
+            cache_json = gr.JSON(label="Cache statistics", elem_id="cache_json")
+            with gr.Row():
+                refresh = gr.Button("Refresh", size="sm", elem_id="cache_refresh")
+                clear = gr.Button("Clear…", size="sm", variant="stop", elem_id="cache_clear")
+            with gr.Row(visible=False) as confirm_row:
+                gr.Markdown("Remove every cached prompt entry? Stored voices stay; entries are recomputed on use.")
+                confirm = gr.Button("Yes, clear the cache", variant="stop", size="sm", elem_id="cache_confirm")
+                cancel = gr.Button("Cancel", size="sm", elem_id="cache_cancel")
+
+        # --------------------------------------------------------------- events
+        # The public cache endpoints are wired first so that they own the names cache_stats/cache_clear.
+        refresh.click(guarded(h.cache_stats), outputs=cache_json, api_name="cache_stats", queue=False)
+        result_outputs = [state, history_pick, history_table, edit_base]
+        dice.click(lambda: random.randrange(2**31), outputs=seed, **quick)
+        clone_btn.click(guarded(h.clone), [prompt_audio, prompt_text, target_text, seed, flow_steps, fmt, state],
+                        [out_audio, out_timings, out_summary, *result_outputs], api_name="clone",
+                        **engine_events).then(h.cache_stats, outputs=cache_json, **quick)
+        edit_btn.click(guarded(h.edit), [edit_type, edit_info, para_text, seed, flow_steps, fmt, state],
+                       [edit_audio, edit_timings, edit_summary, *result_outputs], api_name="edit",
+                       **engine_events).then(h.cache_stats, outputs=cache_json, **quick)
+
+        def on_edit_type(kind: str):
+            cap = by_type.get(kind)
+            options = edit_option_choices(cap)
+            return (gr.update(choices=options, value=options[0][1] if options else None, visible=bool(options)),
+                    cap.note if cap else "", gr.update(visible=kind == "paralinguistic"))
+
+        edit_type.change(on_edit_type, edit_type, [edit_info, edit_note, para_text], **quick)
+        history_pick.change(guarded(h.select), [history_pick, state], history_audio, **quick)
+        use_base.click(guarded(h.use_as_base), [history_pick, state], [state, edit_base], **quick)
+
+        clear.click(lambda: gr.update(visible=True), outputs=confirm_row, **quick)
+        cancel.click(lambda: gr.update(visible=False), outputs=confirm_row, **quick)
+        confirm.click(guarded(h.cache_clear), outputs=cache_json, api_name="cache_clear",
+                      queue=False).then(lambda: gr.update(visible=False), outputs=confirm_row, **quick)
+        cache_json.change(cache_line, cache_json, cache_summary, **quick)
+        demo.load(h.cache_stats, outputs=cache_json, **quick)
+
+    demo.queue(default_concurrency_limit=settings.concurrency_limit, max_size=settings.queue_size)
+    h.metrics.set_queue_depth_source(lambda: len(demo._queue))
+    return demo

@@ -1,0 +1,237 @@
+"""What the studio page's buttons do: clone, edit, history and prompt-cache events.
+
+Owns: turning UI values into engine calls and results into what the page shows (an audio file,
+a stage-timings table, a one-line summary, the history chain), the per-session history state,
+and the UI's error policy: a ``StudioError`` becomes ``gr.Error`` with its message; anything else
+is logged with its traceback and shown as a generic error naming a request id.
+Does not own: the page layout and event wiring (``web.ui``).
+
+Session state (``gr.State``, small and copyable)::
+
+    {"items": [{"n": 1, "op": "clone", "text": "...", "path": "/tmp/.../a.wav", "seed": 7, "ms": 812.3}, ...],
+     "base": 0}      # index of the item the next edit applies to (None: the last one)
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import secrets
+import tempfile
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from audio_io import encode_audio
+from errors import StudioError
+from settings import Settings
+from tts_engine import CloneOptions, Engine, Result
+from web.deps import jsonable
+from web.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+UI_FORMATS = ("wav", "flac", "mp3", "opus")   # what a browser can play (raw pcm cannot)
+_EXTENSIONS = {"wav": "wav", "flac": "flac", "mp3": "mp3", "opus": "ogg"}
+OUTPUT_MAX_AGE_S = 24 * 3600
+TIMING_HEADERS = ["stage", "ms", "cache"]
+HISTORY_HEADERS = ["#", "operation", "text", "seed", "total ms"]
+
+
+def new_state() -> dict:
+    return {"items": [], "base": None}
+
+
+def guarded(fn):
+    """Show studio errors by their message and hide everything else behind a request id."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except StudioError as exc:
+            raise gr.Error(str(exc), title="Cannot do that") from None
+        except Exception:
+            rid = secrets.token_hex(6)
+            log.exception("UI request %s (%s) failed", rid, fn.__name__)
+            raise gr.Error(f"Something went wrong inside the studio (request id {rid}); the server log has "
+                           "the details.", title="Internal error") from None
+
+    return wrapper
+
+
+class Handlers:
+    """The event handlers of one page; shared by every session (state travels in ``gr.State``)."""
+
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics | None = None,
+                 output_dir: Path | None = None) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics or Metrics(engine.cache.stats)
+        self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="studio-out-"))
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ engine events
+
+    def clone(self, prompt_audio: str | None, prompt_text: str, target_text: str, seed: float | None,
+              flow_steps: float | None, fmt: str, state: dict | None, progress=gr.Progress()):
+        """Clone; returns (audio path, timings rows, summary, state, history choices, history rows, base note)."""
+        if not prompt_audio:
+            raise gr.Error("Upload or record a prompt clip first.", title="Missing prompt audio")
+        options = self._options(flow_steps)
+        result = self._run("clone", lambda: self.engine.clone(
+            prompt_audio, prompt_text, target_text, seed=_seed(seed), options=options,
+            progress=_progress_adapter(progress)))
+        return self._publish(result, "clone", fmt, state)
+
+    def edit(self, edit_type: str, edit_info: str | None, new_text: str, seed: float | None,
+             flow_steps: float | None, fmt: str, state: dict | None, progress=gr.Progress()):
+        """Edit the base result (the last one unless another was chosen); same outputs as :meth:`clone`."""
+        state = _copy_state(state)
+        if not state["items"]:
+            raise gr.Error("Clone something first: edits apply to the last result.", title="Nothing to edit")
+        base = state["items"][_base_index(state)]
+        options = self._options(flow_steps)
+        text = new_text if edit_type == "paralinguistic" and new_text and new_text.strip() else None
+        result = self._run(f"edit_{edit_type}", lambda: self.engine.edit(
+            base["path"], base["text"], edit_type, edit_info or None, text, seed=_seed(seed), options=options,
+            progress=_progress_adapter(progress)))
+        label = f"{edit_type}: {edit_info}" if edit_info else edit_type
+        return self._publish(result, f"{label} (of #{base['n']})", fmt, state)
+
+    # ------------------------------------------------------------------ history
+
+    def select(self, index: int | None, state: dict | None):
+        """The chosen history item's audio for the player."""
+        state = _copy_state(state)
+        if index is None or not 0 <= int(index) < len(state["items"]):
+            return None
+        return state["items"][int(index)]["path"]
+
+    def use_as_base(self, index: int | None, state: dict | None):
+        """Make a history item the base of the next edit; returns (state, base note)."""
+        state = _copy_state(state)
+        if index is None or not 0 <= int(index) < len(state["items"]):
+            raise gr.Error("Choose a result from the history first.", title="Nothing chosen")
+        state["base"] = int(index)
+        return state, base_note(state)
+
+    # ------------------------------------------------------------------ cache
+
+    def cache_stats(self) -> dict:
+        return jsonable(self.engine.cache.stats())
+
+    def cache_clear(self) -> dict:
+        self.engine.cache.clear()
+        log.info("prompt cache cleared from the UI")
+        return self.cache_stats()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _options(self, flow_steps: float | None) -> CloneOptions:
+        steps = None if flow_steps in (None, "") else int(flow_steps)
+        return CloneOptions(flow_steps=steps if steps != self.settings.flow_steps else None)
+
+    def _run(self, endpoint: str, call) -> Result:
+        rid = secrets.token_hex(6)
+        with self.metrics.track("ui_" + endpoint):
+            result = call()
+        self.metrics.observe_timings("ui_" + endpoint, result.timings)
+        log.info(result.timings.log_line("ui_" + endpoint, rid))
+        return result
+
+    def _publish(self, result: Result, op: str, fmt: str, state: dict | None):
+        state = _copy_state(state)
+        path = self._write(result, fmt if fmt in UI_FORMATS else "wav")
+        state["items"].append({"n": len(state["items"]) + 1, "op": op, "text": result.text, "path": str(path),
+                               "seed": int(result.seed), "ms": round(result.timings.total_ms, 1)})
+        state["base"] = None  # the next edit applies to this new result
+        choices = history_choices(state)
+        return (str(path), timing_rows(result), summary(result), state,
+                gr.update(choices=choices, value=len(state["items"]) - 1), history_rows(state), base_note(state))
+
+    def _write(self, result: Result, fmt: str) -> Path:
+        self._prune()
+        path = self.output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}.{_EXTENSIONS[fmt]}"
+        path.write_bytes(encode_audio(result.audio, fmt))
+        return path
+
+    def _prune(self) -> None:
+        """Drop output files older than a day (the history of a day-old page is gone anyway)."""
+        cutoff = time.time() - OUTPUT_MAX_AGE_S
+        for old in self.output_dir.iterdir():
+            try:
+                if old.stat().st_mtime < cutoff:
+                    os.remove(old)
+            except OSError:
+                continue
+
+
+# ---------------------------------------------------------------------- pure view helpers
+
+def timing_rows(result: Result) -> list[list]:
+    t = result.timings
+    return [[stage, round(ms, 1), "hit" if stage in t.cached else ""] for stage, ms in t.stages_ms.items()]
+
+
+def summary(result: Result) -> str:
+    t = result.timings
+    parts = [f"**total** {t.total_ms:.0f} ms"]
+    if math.isfinite(t.rtf):
+        parts.append(f"**RTF** {t.rtf:.2f}")
+    parts.append(f"audio {result.audio.duration:.2f} s")
+    parts.append(f"seed {result.seed}")
+    parts.append("cache hits: " + (", ".join(sorted(t.cached)) if t.cached else "none"))
+    return " · ".join(parts)
+
+
+def history_choices(state: dict) -> list[tuple[str, int]]:
+    return [(f"#{item['n']} {item['op']}: {_short(item['text'])}", i) for i, item in enumerate(state["items"])]
+
+
+def history_rows(state: dict) -> list[list]:
+    return [[item["n"], item["op"], _short(item["text"], 60), item["seed"], item["ms"]] for item in state["items"]]
+
+
+def base_note(state: dict) -> str:
+    if not state["items"]:
+        return "Edits apply to the last result. Clone something first."
+    item = state["items"][_base_index(state)]
+    return f"Edits apply to **#{item['n']} {item['op']}**: “{_short(item['text'], 80)}”"
+
+
+def _base_index(state: dict) -> int:
+    base = state.get("base")
+    return base if base is not None and 0 <= base < len(state["items"]) else len(state["items"]) - 1
+
+
+def _copy_state(state: dict | None) -> dict:
+    if not state:
+        return new_state()
+    return {"items": [dict(item) for item in state.get("items", [])], "base": state.get("base")}
+
+
+def _seed(seed: float | None) -> int | None:
+    if seed is None or seed == "" or (isinstance(seed, float) and math.isnan(seed)):
+        return None
+    return int(seed)
+
+
+def _short(text: str, limit: int = 40) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _progress_adapter(progress):
+    def report(fraction: float, description: str) -> None:
+        try:
+            progress(fraction, desc=description)
+        except Exception:  # progress is cosmetic; never fail a request over it
+            log.debug("progress update failed", exc_info=True)
+    return report
+

@@ -1,0 +1,301 @@
+"""Stored voices: a prompt clip plus its transcript, saved once and cloned from many times.
+
+Owns: the voice folder ``<cache_dir>/voices/<id>/`` (``audio.wav`` + ``voice.json``), voice ids,
+and the portable bundle file (a zip) that carries a voice to another server together with the
+prompt-cache entries (tokens, features) computed for it and the namespaces they were computed
+under (which carry the model fingerprints).
+Does not own: computing prompt entries (``Engine.prepare_prompt``) or storing them
+(``funasr_cache.PromptCache``).
+
+Ids are made here (``[a-z0-9-]``, never from a caller's path) and every id a caller gives is
+checked against :data:`VOICE_ID` before it touches the file system.
+
+The audio is stored as 32-bit float WAV at its original rate, so reading it back gives exactly
+the samples that were prepared -- the cache digest (computed over decoded samples) matches and
+later clones hit the cache.
+
+Bundle layout (zip, ``format`` 1)::
+
+    voice.json                 {"format": 1, "name", "transcript", "digest", "engine", "entries": [
+                                 {"kind", "namespace", "digest", "payload", "cost_s", "arrays": [names]}]}
+    audio.wav                  float32 WAV
+    entries/<i>/<name>.npy     the entry's arrays (read with allow_pickle=False)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import secrets
+import shutil
+import threading
+import time
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import soundfile as sf
+
+from audio_io import Audio
+from errors import InputError
+from funasr_cache import audio_digest
+
+log = logging.getLogger(__name__)
+
+VOICE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+BUNDLE_FORMAT = 1
+MAX_BUNDLE_MEMBERS = 256
+MAX_BUNDLE_UNPACKED = 256 * 1024**2  # a 30 s prompt's entries are a few MB; this stops zip bombs
+_MEMBER = re.compile(r"^(voice\.json|audio\.wav|entries/\d{1,3}/[A-Za-z0-9_.-]{1,64}\.npy)$")
+
+
+class VoiceNotFound(InputError):
+    """No stored voice has this id (the HTTP API answers 404)."""
+
+
+@dataclass(frozen=True)
+class Voice:
+    """One stored voice, as ``voice.json`` describes it."""
+
+    id: str
+    name: str
+    transcript: str
+    digest: str                      # funasr_cache.audio_digest of the stored samples
+    sample_rate: int
+    duration_s: float
+    created_at: float
+    namespaces: Mapping[str, str] = field(default_factory=dict)   # kind -> namespace at preparation
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["namespaces"] = dict(self.namespaces)
+        return data
+
+
+@dataclass(frozen=True)
+class BundleEntry:
+    """One prompt-cache entry carried by a bundle."""
+
+    kind: str
+    namespace: str
+    digest: str
+    payload: Mapping
+    arrays: Mapping[str, np.ndarray]
+    cost_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A parsed voice bundle: what :meth:`VoiceStore.read_bundle` returns."""
+
+    name: str
+    transcript: str
+    audio: Audio
+    engine: str
+    entries: tuple[BundleEntry, ...]
+
+
+def check_voice_id(voice_id: str) -> str:
+    """Return ``voice_id`` if it is a well-formed id, else raise :class:`VoiceNotFound`."""
+    if not isinstance(voice_id, str) or not VOICE_ID.match(voice_id):
+        raise VoiceNotFound(f"no voice with id {voice_id!r} (ids are lowercase letters, digits and '-')")
+    return voice_id
+
+
+def _slug(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return slug[:40].strip("-")
+
+
+class VoiceStore:
+    """Voices under one folder. Thread-safe; several processes may share the folder (writes are atomic)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self._lock = threading.Lock()
+
+    def _dir(self, voice_id: str) -> Path:
+        return self.root / check_voice_id(voice_id)
+
+    def new_id(self, name: str = "") -> str:
+        """A fresh id: the name's slug (if any) and a random suffix."""
+        slug = _slug(name)
+        return f"{slug}-{secrets.token_hex(4)}" if slug else f"voice-{secrets.token_hex(6)}"
+
+    def create(self, audio: Audio, transcript: str, name: str = "", namespaces: Mapping[str, str] | None = None,
+               voice_id: str | None = None) -> Voice:
+        """Store a voice and return it.
+
+        Parameters:
+            audio: the prompt clip (any rate; stored losslessly at its rate).
+            transcript: what the clip says.
+            name: display name (defaults to the id).
+            namespaces: kind -> cache namespace the clip was prepared under.
+        """
+        if not transcript or not transcript.strip():
+            raise InputError("the voice's transcript is empty")
+        voice_id = check_voice_id(voice_id or self.new_id(name))
+        voice = Voice(id=voice_id, name=(name or voice_id).strip()[:200], transcript=transcript,
+                      digest=audio_digest(audio.samples, audio.sample_rate), sample_rate=audio.sample_rate,
+                      duration_s=round(audio.duration, 3), created_at=time.time(), namespaces=dict(namespaces or {}))
+        folder = self._dir(voice_id)
+        tmp = self.root / f".tmp-{voice_id}-{secrets.token_hex(4)}"
+        tmp.mkdir(parents=True)
+        try:
+            sf.write(tmp / "audio.wav", audio.samples, audio.sample_rate, format="WAV", subtype="FLOAT")
+            (tmp / "voice.json").write_text(json.dumps(voice.to_json(), sort_keys=True, indent=1))
+            with self._lock:
+                if folder.exists():
+                    raise InputError(f"a voice with id {voice_id!r} already exists")
+                tmp.rename(folder)  # publish atomically: a reader sees all of it or nothing
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("voice %s stored (%.2f s, digest %s)", voice_id, audio.duration, voice.digest[:12])
+        return voice
+
+    def get(self, voice_id: str) -> Voice:
+        path = self._dir(voice_id) / "voice.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise VoiceNotFound(f"no voice with id {voice_id!r}") from None
+        except (OSError, ValueError) as exc:
+            log.warning("voice %s is unreadable: %s", voice_id, exc)
+            raise VoiceNotFound(f"voice {voice_id!r} is damaged and cannot be read") from None
+        return Voice(**data)
+
+    def audio(self, voice_id: str) -> Audio:
+        """The stored clip, sample-exact."""
+        path = self._dir(voice_id) / "audio.wav"
+        try:
+            data, rate = sf.read(path, dtype="float32", always_2d=False)
+        except (OSError, sf.LibsndfileError, RuntimeError) as exc:
+            raise VoiceNotFound(f"voice {voice_id!r} has no readable audio ({exc})") from None
+        return Audio(data, int(rate))
+
+    def list(self) -> list[Voice]:
+        voices = []
+        if not self.root.is_dir():
+            return voices
+        for folder in sorted(self.root.iterdir()):
+            if folder.is_dir() and VOICE_ID.match(folder.name):
+                try:
+                    voices.append(self.get(folder.name))
+                except VoiceNotFound:
+                    continue
+        return sorted(voices, key=lambda v: v.created_at)
+
+    def delete(self, voice_id: str) -> None:
+        folder = self._dir(voice_id)
+        if not (folder / "voice.json").is_file():
+            raise VoiceNotFound(f"no voice with id {voice_id!r}")
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("voice %s deleted", voice_id)
+
+    def known_namespaces(self) -> dict[str, str]:
+        """kind -> namespace, as the most recently stored voice was prepared (empty if none)."""
+        voices = self.list()
+        return dict(voices[-1].namespaces) if voices else {}
+
+    # ------------------------------------------------------------------ bundles
+
+    def export_bundle(self, voice_id: str, entries: list[BundleEntry], engine: str) -> bytes:
+        """The voice as a portable zip holding its audio, transcript and ``entries``."""
+        voice = self.get(voice_id)
+        audio_bytes = (self._dir(voice_id) / "audio.wav").read_bytes()
+        meta = {"format": BUNDLE_FORMAT, "name": voice.name, "transcript": voice.transcript,
+                "digest": voice.digest, "engine": engine, "entries": []}
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("audio.wav", audio_bytes)
+            for index, entry in enumerate(entries):
+                names = []
+                for name, array in entry.arrays.items():
+                    array_buffer = io.BytesIO()
+                    np.save(array_buffer, np.asarray(array), allow_pickle=False)
+                    zf.writestr(f"entries/{index}/{name}.npy", array_buffer.getvalue())
+                    names.append(name)
+                meta["entries"].append({"kind": entry.kind, "namespace": entry.namespace, "digest": entry.digest,
+                                        "payload": dict(entry.payload), "cost_s": entry.cost_s, "arrays": names})
+            zf.writestr("voice.json", json.dumps(meta, sort_keys=True, indent=1))
+        return buffer.getvalue()
+
+    @staticmethod
+    def read_bundle(data: bytes, max_seconds: float | None = None) -> Bundle:
+        """Parse and check a bundle made by :meth:`export_bundle`.
+
+        Entries whose digest does not match the bundle's audio are dropped (they could never be
+        looked up under this audio anyway).
+
+        Raises:
+            InputError: not a zip, unknown format, unexpected members, bad JSON or audio.
+        """
+        try:
+            zf = zipfile.ZipFile(io.BytesIO(data))
+        except zipfile.BadZipFile:
+            raise InputError("the voice bundle is not a zip file (export one with GET /v1/audio/voices/{id}/export)") from None
+        with zf:
+            members = zf.infolist()
+            if len(members) > MAX_BUNDLE_MEMBERS:
+                raise InputError(f"the voice bundle has {len(members)} files; at most {MAX_BUNDLE_MEMBERS} are allowed")
+            if sum(m.file_size for m in members) > MAX_BUNDLE_UNPACKED:
+                raise InputError(f"the voice bundle unpacks to more than {MAX_BUNDLE_UNPACKED // 1024**2} MiB")
+            names = {m.filename for m in members}
+            bad = sorted(n for n in names if not _MEMBER.match(n))
+            if bad:
+                raise InputError(f"the voice bundle holds unexpected files: {', '.join(bad[:5])}")
+            if not {"voice.json", "audio.wav"} <= names:
+                raise InputError("the voice bundle lacks voice.json or audio.wav")
+            try:
+                meta = json.loads(zf.read("voice.json"))
+            except ValueError as exc:
+                raise InputError(f"the voice bundle's voice.json is not valid JSON ({exc})") from None
+            if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
+                raise InputError(f"unsupported voice bundle format {meta.get('format') if isinstance(meta, dict) else None!r}; "
+                                 f"this server reads format {BUNDLE_FORMAT}")
+            try:
+                samples, rate = sf.read(io.BytesIO(zf.read("audio.wav")), dtype="float32", always_2d=True)
+            except (sf.LibsndfileError, RuntimeError) as exc:
+                raise InputError(f"the voice bundle's audio.wav is not readable ({exc})") from None
+            if len(samples) == 0:
+                raise InputError("the voice bundle's audio is empty")
+            audio = Audio(samples.mean(axis=1), int(rate))
+            if max_seconds is not None and audio.duration > max_seconds:
+                raise InputError(f"the voice bundle's audio is {audio.duration:.1f} s long; the limit is {max_seconds:g} s")
+            digest = audio_digest(audio.samples, audio.sample_rate)
+            entries = []
+            for index, raw in enumerate(meta.get("entries") or []):
+                entry = _read_entry(zf, index, raw, names)
+                if entry is None or entry.digest != digest:
+                    log.info("voice bundle entry %d dropped (malformed or for other audio)", index)
+                    continue
+                entries.append(entry)
+            transcript = meta.get("transcript")
+            if not isinstance(transcript, str) or not transcript.strip():
+                raise InputError("the voice bundle has no transcript")
+            return Bundle(name=str(meta.get("name") or "")[:200], transcript=transcript, audio=audio,
+                          engine=str(meta.get("engine") or ""), entries=tuple(entries))
+
+
+def _read_entry(zf: zipfile.ZipFile, index: int, raw, names: set[str]) -> BundleEntry | None:
+    if not isinstance(raw, dict):
+        return None
+    kind, namespace, digest = raw.get("kind"), raw.get("namespace"), raw.get("digest")
+    payload, array_names = raw.get("payload"), raw.get("arrays") or []
+    if not all(isinstance(v, str) and v for v in (kind, namespace, digest)) or not isinstance(payload, dict):
+        return None
+    arrays = {}
+    for name in array_names:
+        member = f"entries/{index}/{name}.npy"
+        if not isinstance(name, str) or member not in names:
+            return None
+        try:
+            arrays[name] = np.load(io.BytesIO(zf.read(member)), allow_pickle=False)
+        except ValueError:
+            return None
+    cost = raw.get("cost_s", 0.0)
+    return BundleEntry(kind, namespace, digest, payload, arrays, float(cost) if isinstance(cost, (int, float)) else 0.0)
