@@ -80,8 +80,8 @@ _FOLDER = re.compile(r"[a-z][a-z0-9_]{0,31}-[0-9a-f]{16}")
 _SHARD = re.compile(r"[0-9a-f]{2}")
 _SIDECAR = re.compile(r"([0-9a-f]{64})\.[0-9a-f]{16}\.safetensors")
 _JOURNAL_LINE = re.compile(  # "+ folder digest recency_ns nbytes sidecar|-" or "- folder digest"
-    rb"^([+-]) ([a-z][a-z0-9_]{0,31}-[0-9a-f]{16}) ([0-9a-f]{64})"
-    rb"(?: ([0-9]{1,20}) ([0-9]{1,15}) ([0-9a-f]{64}\.[0-9a-f]{16}\.safetensors|-))?$", re.M)
+    r"^([+-]) ([a-z][a-z0-9_]{0,31}-[0-9a-f]{16}) ([0-9a-f]{64})"
+    r"(?: ([0-9]{1,20}) ([0-9]{1,15}) ([0-9a-f]{64}\.[0-9a-f]{16}\.safetensors|-))?$", re.M)
 _LOCK_TIMEOUT_S = 10.0
 _GRACE_S = 120.0  # temp files and unnamed sidecars younger than this may belong to a live writer
 _RETRY_DISK_S = 60.0
@@ -589,47 +589,15 @@ class PromptCache:
 
     def _scan(self) -> dict[tuple[str, str], _Meta]:
         """The index from folder metadata (stat only; no entry is opened unless two sidecars compete)."""
-        index, old = {}, time.time() - _GRACE_S
+        shards = []
         for top in os.scandir(self.root):
             if top.name.startswith(".trash-"):
                 shutil.rmtree(top.path, ignore_errors=True)  # left by a clear() that was killed
-            if not (_FOLDER.fullmatch(top.name) and top.is_dir(follow_symlinks=False)):
-                continue
-            for shard in os.scandir(top.path):
-                if not (_SHARD.fullmatch(shard.name) and shard.is_dir(follow_symlinks=False)):
-                    continue
-                jsons, sides = {}, defaultdict(list)
-                for item in os.scandir(shard.path):
-                    try:
-                        st = item.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    name = item.name
-                    if name.endswith(".json") and _DIGEST.fullmatch(name[:-5]):
-                        jsons[name[:-5]] = st
-                    elif m := _SIDECAR.fullmatch(name):
-                        sides[m.group(1)].append((name, st))
-                    elif name.endswith(".tmp") and st.st_mtime < old:
-                        _unlink(item.path)  # from a writer that died
-                for digest, st in jsons.items():
-                    found = sides.pop(digest, [])
-                    named = None
-                    if len(found) == 1:  # the usual case: assume the one sidecar is the entry's
-                        named = found[0][0]
-                    elif found:  # a writer died mid-replace: ask the entry which one it names
-                        named = _named_sidecar(os.path.join(shard.path, digest + ".json"))
-                    extra = 0
-                    for name, sst in found:
-                        if name == named:
-                            extra = sst.st_size
-                        elif sst.st_mtime < old:
-                            _unlink(os.path.join(shard.path, name))
-                    index[(top.name, digest)] = _Meta(st.st_mtime_ns, st.st_size + extra, named)
-                for found in sides.values():  # sidecars of entries that were never committed
-                    for name, sst in found:
-                        if sst.st_mtime < old:
-                            _unlink(os.path.join(shard.path, name))
-        return index
+            elif _FOLDER.fullmatch(top.name) and top.is_dir(follow_symlinks=False):
+                shards += [(top.name, s.path) for s in os.scandir(top.path)
+                           if _SHARD.fullmatch(s.name) and s.is_dir(follow_symlinks=False)]
+        old = time.time() - _GRACE_S
+        return {key: meta for folder, shard in shards for key, meta in _scan_shard(folder, shard, old)}
 
     def _reset_index(self, index: dict[tuple[str, str], _Meta]) -> None:
         self._index, self._bytes = index, sum(m.nbytes for m in index.values())
@@ -661,27 +629,34 @@ class PromptCache:
                 gen = head[2:].strip().decode("ascii", "replace") if head.startswith(b"G ") else ""
                 if not gen:
                     raise ValueError("journal has no header")
-                if gen != self._jgen:  # rewritten by a clear(), a compaction or a new process
-                    self._index, self._bytes, self._heap, self._jlines = {}, 0, [], 0
-                    start = f.tell()
-                else:
-                    start = self._jpos
-                    f.seek(start)
+                full = gen != self._jgen  # rewritten by a clear(), a compaction or a new process
+                start = f.tell() if full else self._jpos
+                f.seek(start)
                 data = f.read()
         except (OSError, ValueError):  # journal lost or torn: the folders are the truth
             self._reset_index(self._scan())
             self._write_snapshot_locked()
             return
         end = data.rfind(b"\n") + 1
-        self._jlines += data.count(b"\n", 0, end)
+        lines = _JOURNAL_LINE.findall(data[:end].decode("ascii", "replace"))
         # Lines that do not match (torn by a killed writer) are skipped; the next start-up scan corrects the index.
-        for op, folder, digest, recency, nbytes, side in _JOURNAL_LINE.findall(data, 0, end):
-            key = (folder.decode(), digest.decode())
-            if op == b"-":
-                self._drop(key)
-            elif recency:
-                self._set(key, _Meta(int(recency), int(nbytes), side.decode() if side != b"-" else None))
+        if full:  # rebuild in one go: no heap pushes or byte sums per line
+            index: dict[tuple[str, str], _Meta] = {}
+            for op, folder, digest, recency, nbytes, side in lines:
+                if op == "-":
+                    index.pop((folder, digest), None)
+                elif recency:
+                    index[(folder, digest)] = _Meta(int(recency), int(nbytes), None if side == "-" else side)
+            self._reset_index(index)
+            self._jlines = 0
+        else:
+            for op, folder, digest, recency, nbytes, side in lines:
+                if op == "-":
+                    self._drop((folder, digest))
+                elif recency:
+                    self._set((folder, digest), _Meta(int(recency), int(nbytes), None if side == "-" else side))
         self._jgen, self._jpos, self._jpartial = gen, start + end, end < len(data)
+        self._jlines += data.count(b"\n", 0, end)
 
     def _append_locked(self, lines: list[str]) -> None:
         data = ("\n" if self._jpartial else "") + "".join(lines)
@@ -798,6 +773,40 @@ class PromptCache:
 
 
 # ---------------------------------------------------------------------- file and JSON helpers
+
+def _scan_shard(folder: str, shard: str, old: float) -> list[tuple[tuple[str, str], _Meta]]:
+    """Index records of one shard folder; removes temp files and orphan sidecars older than ``old``."""
+    jsons, sides = {}, defaultdict(list)
+    for item in os.scandir(shard):
+        name = item.name
+        try:
+            if name.endswith(".json") and _DIGEST.fullmatch(name[:-5]):
+                jsons[name[:-5]] = item.stat(follow_symlinks=False)
+            elif m := _SIDECAR.fullmatch(name):
+                sides[m.group(1)].append((name, item.stat(follow_symlinks=False)))
+            elif name.endswith(".tmp") and item.stat(follow_symlinks=False).st_mtime < old:
+                _unlink(item.path)  # from a writer that died
+        except FileNotFoundError:
+            continue
+    records = []
+    for digest, st in jsons.items():
+        found, named, extra = sides.pop(digest, []), None, 0
+        if len(found) == 1:  # the usual case: the one sidecar is the entry's
+            named = found[0][0]
+        elif found:  # a writer died mid-replace: ask the entry which one it names
+            named = _named_sidecar(os.path.join(shard, digest + ".json"))
+        for name, sst in found:
+            if name == named:
+                extra = sst.st_size
+            elif sst.st_mtime < old:
+                _unlink(os.path.join(shard, name))
+        records.append(((folder, digest), _Meta(st.st_mtime_ns, st.st_size + extra, named)))
+    for found in sides.values():  # sidecars of entries that were never committed
+        for name, sst in found:
+            if sst.st_mtime < old:
+                _unlink(os.path.join(shard, name))
+    return records
+
 
 def _encode(kind: str, namespace: str, digest: str, payload: Mapping, cost_s: float,
             arrays: Mapping[str, np.ndarray] | None) -> tuple[CacheEntry, bytes, bytes, str | None]:

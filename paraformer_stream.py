@@ -145,21 +145,27 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _quiet_and_seed_neutral() -> Iterator[None]:
-    """Keep funasr's import/build prints out of stdout and its global reseeding out of our RNGs.
+def _quiet_and_seed_neutral(device: torch.device) -> Iterator[None]:
+    """Keep funasr's import/build side effects out of the process.
 
-    ``AutoModel`` calls ``set_all_random_seed(0)`` and initialises weights from the global torch
-    RNG; the caller's random state must not depend on whether a model was loaded.
+    Importing funasr prints notices and configures the root logger; ``AutoModel`` calls
+    ``set_all_random_seed(0)`` and initialises weights from the global torch RNG. The caller's
+    random state and logging must not depend on whether a model was loaded.
     """
     py_state, np_state = random.getstate(), np.random.get_state()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # importing funasr installs a root handler at INFO
     out = io.StringIO()
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), contextlib.redirect_stdout(out):
+    cuda_devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices), warnings.catch_warnings(), contextlib.redirect_stdout(out):
         warnings.simplefilter("ignore")
         try:
             yield
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
+            root.handlers[:] = handlers
+            root.setLevel(level)
     if out.getvalue().strip():
         log.debug("funasr said: %s", out.getvalue().strip().replace("\n", " | "))
 
@@ -195,7 +201,7 @@ class ParaformerStream:
         conf.setdefault("model_conf", {})  # present => AutoModel skips its hub/download resolution
         conf["tokenizer_conf"] = {**(conf.get("tokenizer_conf") or {}), "token_list": str(files.tokens)}
         conf["frontend_conf"] = {**(conf.get("frontend_conf") or {}), "cmvn_file": str(files.cmvn), "dither": 0.0}
-        with _quiet_and_seed_neutral():
+        with _quiet_and_seed_neutral(device):
             try:
                 from funasr import AutoModel
                 auto = AutoModel(**conf, model_path=str(files.folder), device=str(device), disable_update=True,

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,18 @@ def timed(fn, n: int, warmup: int = 3) -> list[float]:
         start = time.perf_counter()
         fn()
         out.append((time.perf_counter() - start) * 1e3)
+    return out
+
+
+def timed_interleaved(fns: dict, n: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Like timed(), but the functions take turns, so that load from other jobs hits all alike."""
+    out = {name: [] for name in fns}
+    for i in range(warmup + n):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if i >= warmup:
+                out[name].append((time.perf_counter() - start) * 1e3)
     return out
 
 
@@ -110,34 +123,35 @@ def main() -> None:
     print(f"git {sha}{' (funasr_cache.py modified)' if dirty else ''}  device: cpu ({platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores)  torch {torch.__version__}  dtype: float32 samples  python {platform.python_version()}")
     base = Path(tempfile.mkdtemp(dir=args.dir))
-    print(f"cache folders under {base} (filesystem of {base.resolve()})\n")
+    fs = subprocess.run(["df", "-T", str(base)], capture_output=True, text=True).stdout.splitlines()[-1].split()[1]
+    print(f"cache folders under {base} ({fs}); load average {os.getloadavg()[0]:.1f} at start\n")
     rng = np.random.default_rng(0)
     clip = rng.standard_normal(480_000).astype(np.float32)
     n = args.n
     header = "| operation | count | median ms | p90 ms | p99 ms | max ms | speed vs baseline |\n|---|---|---|---|---|---|---|"
 
-    print("## Key hashing, 10 s of 48 kHz audio\n\n" + header)
-    seed_ms = timed(lambda: seed_digest(clip, 48000), n)
-    seed = summary(seed_ms)
-    blake = timed(lambda: hashlib.blake2b(memoryview(clip).cast("B"), digest_size=32).hexdigest(), n)
-    sha256 = timed(lambda: hashlib.sha256(memoryview(clip).cast("B")).hexdigest(), n)
-    ours = timed(lambda: audio_digest(clip, 48000), n)
-    print(row("baseline: seed key (BLAKE2b of a tobytes() copy)", seed_ms, seed))
-    print(row("BLAKE2b-256, no copy", blake, seed))
-    print(row("SHA-256, no copy", sha256, seed))
-    print(row("audio_digest (SHA-256, no copy)", ours, seed))
-
-    print("\n## Hash + lookup, and put / get (one entry at a time)\n\n" + header)
     cache = PromptCache(base / "main", memory_entries=256)
     cold = PromptCache(base / "main", memory_entries=0)
     digest = audio_digest(clip, 48000)
     cache.put("tokens", NS, digest, token_payload(rng), 0.5)
     cache.put("prompt_features", NS, digest, token_payload(rng), 0.5, feature_arrays(rng))
-    print(row("audio_digest + get, RAM hit (tokens)", timed(lambda: cache.get("tokens", NS, audio_digest(clip, 48000)), n), seed))
-    print(row("audio_digest + get, disk hit (tokens)", timed(lambda: cold.get("tokens", NS, audio_digest(clip, 48000)), n), seed))
-    print(row("audio_digest + get, disk hit (prompt_features, 160 kB sidecar)",
-              timed(lambda: cold.get("prompt_features", NS, audio_digest(clip, 48000)), n), seed))
-    print(row("audio_digest + get, miss", timed(lambda: cold.get("tokens", "other", audio_digest(clip, 48000)), n), seed))
+    runs = timed_interleaved({
+        "baseline: seed key (BLAKE2b of a tobytes() copy)": lambda: seed_digest(clip, 48000),
+        "BLAKE2b-256, no copy": lambda: hashlib.blake2b(memoryview(clip).cast("B"), digest_size=32).hexdigest(),
+        "SHA-256, no copy": lambda: hashlib.sha256(memoryview(clip).cast("B")).hexdigest(),
+        "audio_digest (SHA-256, no copy)": lambda: audio_digest(clip, 48000),
+        "audio_digest + get, RAM hit (tokens)": lambda: cache.get("tokens", NS, audio_digest(clip, 48000)),
+        "audio_digest + get, disk hit (tokens)": lambda: cold.get("tokens", NS, audio_digest(clip, 48000)),
+        "audio_digest + get, disk hit (prompt_features, 160 kB sidecar)":
+            lambda: cold.get("prompt_features", NS, audio_digest(clip, 48000)),
+        "audio_digest + get, miss": lambda: cold.get("tokens", "other", audio_digest(clip, 48000)),
+    }, n)
+    seed = summary(runs["baseline: seed key (BLAKE2b of a tobytes() copy)"])
+    print("## Key hashing and hash + lookup, 10 s of 48 kHz audio (all rows interleaved)\n\n" + header)
+    for name, ms in runs.items():
+        print(row(name, ms, seed))
+
+    print("\n## get and put, one entry at a time\n\n" + header)
     print(row("get, RAM hit (tokens)", timed(lambda: cache.get("tokens", NS, digest), n)))
     print(row("get, disk hit (tokens)", timed(lambda: cold.get("tokens", NS, digest), n)))
     counter = iter(range(10**9))
@@ -160,7 +174,8 @@ def main() -> None:
     assert len(full) == 100 and full.stats()["evictions"] >= min(n, 100)
 
     print("\n## Index build at start-up (directory scan, no payload read)\n")
-    print("| entries | build runs | median s | max s | other process re-reads the journal, s | RSS of index, MB |\n|---|---|---|---|---|---|")
+    print("| entries | build runs | median s | max s | other process re-reads the journal, s | index RAM, bytes/entry |\n"
+          "|---|---|---|---|---|---|")
     for size in args.sizes:
         root = base / f"index{size}"
         write_fake_entries(root, size)
@@ -173,9 +188,15 @@ def main() -> None:
         start = time.perf_counter()
         assert len(first) == size
         reread = time.perf_counter() - start
-        per_entry = sys.getsizeof(first._index) + size * (72 + 56 + 60)  # dict + _Meta + key tuple, roughly
-        print(f"| {size} | {len(runs)} | {np.median(runs):.3f} | {max(runs):.3f} | {reread:.3f} | {per_entry / 1e6:.1f} |")
+        del first
+        tracemalloc.start()
+        held = PromptCache(root, max_entries=10**7, max_bytes=10**12)
+        per_entry = tracemalloc.get_traced_memory()[0] / size
+        tracemalloc.stop()
+        del held
+        print(f"| {size} | {len(runs)} | {np.median(runs):.3f} | {max(runs):.3f} | {reread:.3f} | {per_entry:.0f} |")
         shutil.rmtree(root, ignore_errors=True)
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
     shutil.rmtree(base, ignore_errors=True)
 
 

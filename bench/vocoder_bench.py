@@ -10,7 +10,7 @@ The frontend (peak limit, 24 kHz mel, fbank + tiny CAM++ stand-in) is timed on 5
 clips at 22.05 kHz (the real CAM++ is larger; only the feature part is representative).
 Reports count / median / p90 / p99 / max in ms, the real-time factor and speed ratios.
 
-    .venv/bin/python bench/vocoder_bench.py [--repeats 7] [--threads N]
+    .venv/bin/python bench/vocoder_bench.py [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats 7] [--threads N]
 """
 
 from __future__ import annotations
@@ -54,6 +54,11 @@ def folded_copy(model: HiFTGenerator) -> HiFTGenerator:
     return clone
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_variant(name: str, model: HiFTGenerator, mel: torch.Tensor) -> float:
     # The baseline disables the per-call weight cache, so every conv call renormalises its weight.
     ctx = contextlib.nullcontext
@@ -61,8 +66,10 @@ def run_variant(name: str, model: HiFTGenerator, mel: torch.Tensor) -> float:
     if name == "baseline":
         vocoder.parametrize.cached = ctx
     try:
+        _sync(mel.device)
         start = time.perf_counter()
-        model.inference(mel, generator=torch.Generator().manual_seed(0))
+        model.inference(mel, generator=torch.Generator(mel.device).manual_seed(0))
+        _sync(mel.device)
         return (time.perf_counter() - start) * 1000
     finally:
         vocoder.parametrize.cached = original
@@ -72,19 +79,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     print(f"git {sha or '?'} | {platform.processor() or platform.machine()} | torch {torch.__version__} | "
-          f"threads {torch.get_num_threads()} | device cpu | dtype float32")
+          f"threads {torch.get_num_threads()} | device {args.device} | dtype {args.dtype}")
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(device)}")
 
     torch.manual_seed(0)
     model = HiFTGenerator(HiFTConfig()).eval()
     print(f"HiFT parameters: {sum(p.numel() for p in model.parameters()):,}")
     variants = {"baseline": model, "cached": model, "folded": folded_copy(model)}
+    variants = {name: m.to(device=device, dtype=dtype) for name, m in variants.items()}
     for seconds in (3, 10):
-        mel = torch.randn(1, 80, seconds * 50, generator=torch.Generator().manual_seed(1)) - 5
+        mel = (torch.randn(1, 80, seconds * 50, generator=torch.Generator().manual_seed(1)) - 5).to(device)
         for name, m in variants.items():  # warm-up, not counted
             run_variant(name, m, mel)
         times: dict[str, list[float]] = {name: [] for name in variants}

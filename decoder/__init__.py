@@ -5,7 +5,9 @@ Modules, one job each:
     encoder.py    upsampling conformer encoder (25 Hz tokens -> 50 Hz features)
     estimator.py  DiT velocity estimator of the flow-matching decoder
     flow.py       token embedding, speaker projection, Euler CFM solver with guidance
-    vocoder.py    HiFT vocoder (mel -> waveform) with its F0 predictor and sine source
+    vocoder.py    HiFT vocoder (mel -> waveform) with its F0 predictor
+    source.py     HiFT's harmonic-plus-noise source (and its random draws)
+    checkpoint.py reading .safetensors / .pt (weights_only) state dicts, strict loading
     frontend.py   prompt features: 24 kHz mel and CAM++ speaker embedding
     model.py      ``AudioDecoder``: loads the folder strictly, ``prompt_features``, ``token2wav``
 

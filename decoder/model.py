@@ -114,7 +114,7 @@ def bf16_round(x: torch.Tensor) -> torch.Tensor:
 
     The reference casts the prompt mel and speaker embedding to bfloat16 before decoding
     (``tts.py`` l.165/228) and back to the flow's float32; we keep that rounding so that our
-    output matches it. The loss is about 3 significant digits, inaudible.
+    output matches it. bf16 keeps about 3 significant digits; the difference is inaudible.
     """
     return x.to(torch.bfloat16).to(torch.float32)
 
@@ -151,7 +151,7 @@ class AudioDecoder:
         self.dtype = dtype
         self.n_steps = n_steps
         # 24 kHz samples per 50 Hz mel frame: prod(upsample_rates) x istft hop = 8·5·3·4 = 480.
-        self.samples_per_frame = int(np.prod(config.hift.upsample_rates)) * config.hift.istft_hop
+        self.samples_per_frame = config.hift.upsample_scale
 
     @classmethod
     def from_dir(cls, folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -165,6 +165,8 @@ class AudioDecoder:
             ModelError: a file is missing or unreadable, the yaml is unsupported, or a checkpoint
                 does not fit the configured model (the message lists the offending keys).
         """
+        if n_steps < 1:
+            raise ValueError(f"n_steps must be at least 1, not {n_steps}")
         folder = Path(folder)
         if not (folder / "cosyvoice.yaml").is_file():
             raise ModelError(f"{folder} has no cosyvoice.yaml")
@@ -255,7 +257,7 @@ class AudioDecoder:
         m_total = m_prompt + m_gen
         if noise is None:
             noise = torch.randn(1, n_mels, m_total, generator=generator)
-        elif noise.ndim != 3 or noise.shape[:2] != (1, n_mels) or noise.size(2) < m_total:
+        elif (noise := torch.as_tensor(noise)).ndim != 3 or noise.shape[:2] != (1, n_mels) or noise.size(2) < m_total:
             raise InputError(f"noise must have shape [1, {n_mels}, >= {m_total}], got {tuple(noise.shape)}")
         if hift_draws is not None and set(hift_draws) != set(HIFT_DRAW_NAMES):
             raise InputError(f"hift_draws must have exactly the keys {', '.join(HIFT_DRAW_NAMES)}")

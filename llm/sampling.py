@@ -41,13 +41,15 @@ class SamplingConfig:
     top_p: float = 1.0            # 1.0 disables
     max_length: int = 8192        # prompt + answer
     max_new_tokens: int = 0       # extra cap per answer; 0: only max_length
+    min_new_tokens: int = 0       # end-of-answer ids are banned before this many (benchmarks fix lengths)
     repetition_window: int = 10
     slot_mask: bool = True        # only sample ids that fit the 2:3 slot pattern (EOS always allowed)
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
             raise ValueError(f"temperature must be positive, not {self.temperature}")
-        if self.top_k < 0 or not 0 < self.top_p <= 1 or self.max_length < 2 or self.max_new_tokens < 0:
+        if (self.top_k < 0 or not 0 < self.top_p <= 1 or self.max_length < 2 or self.max_new_tokens < 0
+                or self.min_new_tokens < 0):
             raise ValueError(f"bad sampling config: {self}")
 
     def budget(self, prompt_len: int) -> int:
@@ -141,6 +143,8 @@ class SeededSampler:
         step = self.steps
         self.steps += 1
         scores = repetition_ban(input_ids, scores, self.config.repetition_window, self.prompt_lens + step)
+        if step < self.config.min_new_tokens:
+            scores[:, list(self.eos_ids)] = float("-inf")
         if self.config.slot_mask:
             allowed = slot_allowed(step, scores.shape[-1], self.eos_ids, scores.device)
             scores = scores.masked_fill(~allowed, float("-inf"))

@@ -40,9 +40,31 @@ ENGINE_NAME = "Preview (eSpeak NG + WORLD)"
 SAMPLE_RATE = voice.SAMPLE_RATE
 _RATE_LIMITS = (0.75, 1.35)  # how far the prompt's speaking rate may move eSpeak's
 _LEVEL_LIMITS_DB = (-32.0, -14.0)
-_BASE_VOICE_NOTE = ("CPU preview: eSpeak NG speech adapted to the prompt's pitch and timbre with WORLD, not voice "
+_DETAIL = ("CPU preview: eSpeak NG speech adapted to the prompt's pitch and timbre with WORLD, not voice "
                     "cloning. For Step-Audio-EditX, run scripts/download_models.py (or point --model-root at the "
                     "downloaded models) and restart with --engine auto.")
+
+
+def _capabilities() -> tuple[EditCapability, ...]:
+    caps = {
+        "emotion": EditCapability("emotion", EMOTIONS,
+                                  unavailable_options=effects.unavailable(EMOTIONS, effects.EMOTION_PRESETS),
+                                  note=effects.EMOTION_NOTE),
+        "style": EditCapability("style", STYLES, unavailable_options=effects.unavailable(STYLES, effects.STYLE_PRESETS),
+                                note=effects.STYLE_NOTE),
+        "speed": EditCapability("speed", EDIT_TYPES["speed"],
+                                note="preview: pitch-preserving time stretch of the WORLD frames"),
+        "paralinguistic": EditCapability("paralinguistic", (), available=False,
+                                         note="inserting laughter, breathing or sighs needs Step-Audio-EditX; "
+                                              "signal processing cannot produce them honestly"),
+        "denoise": EditCapability("denoise", (), note="preview: spectral gating (noisereduce)"),
+        "vad": EditCapability("vad", (), note="preview: energy-based silence removal (librosa)"),
+    }
+    return tuple(caps[name] for name in EDIT_TYPES)
+
+
+# What the preview can do, in EDIT_TYPES order (the UI greys out the rest).
+CAPABILITIES = _capabilities()
 
 
 def _fingerprint() -> str:
@@ -81,26 +103,11 @@ class PreviewEngine(Engine):
         return self._namespace
 
     def describe(self) -> EngineInfo:
-        return EngineInfo(name=ENGINE_NAME, preview=True, device="cpu", detail=_BASE_VOICE_NOTE,
+        return EngineInfo(name=ENGINE_NAME, preview=True, device="cpu", detail=_DETAIL,
                           sample_rate=SAMPLE_RATE)
 
     def capabilities(self) -> tuple[EditCapability, ...]:
-        caps = {
-            "emotion": EditCapability("emotion", EMOTIONS,
-                                      unavailable_options=effects.unavailable(EMOTIONS, effects.EMOTION_PRESETS),
-                                      note=effects.EMOTION_NOTE),
-            "style": EditCapability("style", STYLES,
-                                    unavailable_options=effects.unavailable(STYLES, effects.STYLE_PRESETS),
-                                    note=effects.STYLE_NOTE),
-            "speed": EditCapability("speed", EDIT_TYPES["speed"],
-                                    note="preview: pitch-preserving time stretch of the WORLD frames"),
-            "paralinguistic": EditCapability("paralinguistic", (), available=False,
-                                             note="inserting laughter, breathing or sighs needs Step-Audio-EditX; "
-                                                  "signal processing cannot produce them honestly"),
-            "denoise": EditCapability("denoise", (), note="preview: non-stationary spectral gating (noisereduce)"),
-            "vad": EditCapability("vad", (), note="preview: energy-based silence removal (librosa)"),
-        }
-        return tuple(caps[name] for name in EDIT_TYPES)
+        return CAPABILITIES
 
     def ready(self) -> tuple[bool, str]:
         return (False, self._error) if self._error else (True, "ok")

@@ -92,10 +92,13 @@ def _prepare() -> None:
         raise ModelError(f"the preview engine needs eSpeak NG from the 'espeakng-loader' package: {exc}") from exc
     if not source.is_file():
         raise ModelError(f"the eSpeak NG library is missing: {source}")
-    folder = Path(tempfile.mkdtemp(prefix="studio-espeak-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    target = folder / source.name
-    shutil.copyfile(source, target)
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="studio-espeak-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        target = folder / source.name
+        shutil.copyfile(source, target)
+    except OSError as exc:
+        raise ModelError(f"could not copy the eSpeak NG library to a temporary folder: {exc}") from exc
     _data_path, _private_copy = data.encode(), target
 
 

@@ -284,3 +284,17 @@ def test_health_and_readiness(studio, monkeypatch):
     monkeypatch.setattr(studio.engine, "ready", lambda: (False, "models still loading"))  # fault injection
     not_ready = httpx.get(studio.url + "/readyz")
     assert not_ready.status_code == 503 and not_ready.json() == {"ready": False, "reason": "models still loading"}
+
+
+def test_metrics_after_requests(studio, http, voice):
+    assert http.post("/v1/audio/speech", json={"input": "Count me.", "voice": voice["id"]}).status_code == 200
+    text = httpx.get(studio.url + "/metrics").text  # open without the API key, like /healthz
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for family in text_string_to_metric_families(text) for s in family.samples}
+    assert values[("studio_requests_total", (("endpoint", "speech"), ("status", "ok")))] >= 1
+    assert values[("studio_stage_seconds_count", (("cached", "hit"), ("endpoint", "speech"),
+                                                  ("stage", "prompt_analysis")))] >= 1
+    assert values[("studio_prompt_cache_hits", ())] == studio.engine.cache.stats()["hits"]
+    assert ("studio_queue_depth", ()) in values

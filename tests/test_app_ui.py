@@ -52,20 +52,19 @@ def test_clone_edit_and_cache_round_trip(client, studio):
     client.predict(api_name="/cache_clear")
     audio, timings, summary, history, table, base = _clone(client)
     assert audio["url"] and audio["orig_name"].endswith(".wav")
-    stages = {row[0]: row[2] for row in timings["data"]}
-    assert stages["prompt_analysis"] == ""  # first use of this prompt: computed
+    assert "| prompt_analysis |" in timings and "| hit |" not in timings  # first use of this prompt: computed
     assert "seed 5" in summary and "cache hits: none" in summary
-    assert table["data"][0][:2] == [1, "clone"]
+    assert "| 1 | clone | Hello from the studio. | 5 |" in table
 
     audio2, timings2, summary2, *_ = _clone(client, target="A second sentence.", fmt="mp3")
     assert audio2["orig_name"].endswith(".mp3")
-    assert {row[0]: row[2] for row in timings2["data"]}["prompt_analysis"] == "hit"
+    assert [line for line in timings2.splitlines() if "prompt_analysis" in line][0].endswith("| hit |")
     stats = client.predict(api_name="/cache_stats")
     assert stats["hits"] >= 1 and stats["entries"] == 1
 
     edited, edit_timings, edit_summary, history, table, base = client.predict(
         "speed", "slower", "", 1, 10, "wav", api_name="/edit")
-    assert [row[1] for row in table["data"]] == ["clone", "clone", "speed: slower (of #2)"]
+    assert [line.split(" | ")[1] for line in table.splitlines()[2:]] == ["clone", "clone", "speed: slower (of #2)"]
     assert "#3 speed: slower" in base
     assert len(history["choices"]) == 3 and history["value"] == 2
 
@@ -170,3 +169,45 @@ def test_handlers_write_playable_files(handlers):
     path, *_ = handlers.clone(str(EXAMPLE), EXAMPLE_TEXT, "Check the file.", 4, 10, "opus", new_state())
     samples, rate = sf.read(path)
     assert path.endswith(".ogg") and rate in (24000, 48000) and np.abs(samples).max() > 0.01
+
+
+# ------------------------------------------------------------------ the Step-Audio engine on tiny models
+
+@pytest.mark.slow
+def test_tiny_model_engine_round_trip(tmp_path):
+    """The same UI and API on StepAudioEngine with tiny random-weight models in the real folder layout."""
+    import httpx
+
+    from tiny_models import build_tiny_model_root
+    from tts_engine import StepAudioEngine
+
+    root = build_tiny_model_root(tmp_path)
+    studio = start_studio(tmp_path, StepAudioEngine, "--engine", "step-audio", "--model-root", str(root),
+                          "--llm-max-new-tokens", "50")
+    try:
+        client = Client(studio.url + "/", verbose=False, download_files=False)
+        assert not studio.engine.describe().preview
+        _, timings, summary, *_ = _clone(client, target="Hello there.")
+        assert "| llm_decode |" in timings and "cache hits: none" in summary
+        _, timings, summary, *_ = _clone(client, target="Hello again.")
+        assert "tokenize_vq02" in summary.split("cache hits:")[1]  # the prompt's tokens came from the cache
+        edited, _, edit_summary, _, table, _ = client.predict("emotion", "happy", "", 1, 2, "wav", api_name="/edit")
+        assert edited["orig_name"].endswith(".wav") and "emotion: happy (of #2)" in table
+        stats = client.predict(api_name="/cache_stats")
+        assert set(stats["per_kind"]) == {"tokens", "prompt_features"} and stats["hits"] >= 2
+
+        with httpx.Client(base_url=studio.url, timeout=300) as http:
+            voice = http.post("/v1/audio/voices", files={"file": ("p.flac", EXAMPLE.read_bytes(), "audio/flac")},
+                              data={"transcript": EXAMPLE_TEXT}).json()
+            bundle = http.get(f"/v1/audio/voices/{voice['id']}/export")
+            assert set(bundle.headers["x-bundle-entries"].split(",")) == {"tokens", "prompt_features"}
+            assert client.predict(api_name="/cache_clear")["entries"] == 0
+            imported = http.post("/v1/audio/voices/import", files={"file": ("v.zip", bundle.content)}).json()
+            # The engine reports its namespaces, so the bundle refills the cleared cache: nothing recomputed.
+            assert imported["imported"] == ["prompt_features", "tokens"] and imported["recomputed"] == []
+            speech = http.post("/v1/audio/speech", json={"input": "Hi.", "voice": imported["id"],
+                                                         "response_format": "wav"})
+            assert speech.status_code == 200
+            assert sf.info(__import__("io").BytesIO(speech.content)).samplerate == 24000
+    finally:
+        studio.stop()

@@ -139,6 +139,29 @@ def test_same_seed_same_audio_other_seed_other_audio(decoder, golden):
     assert np.abs(first - other).max() > 1e-3
 
 
+def test_tensor_and_list_inputs_agree(decoder, golden):
+    """The engine may pass the tokenizer's [1, L] tensors and PromptFeatures' numpy arrays."""
+    gen, prompt, mel, emb = _inputs(golden)
+    a, _ = decoder.token2wav(gen, prompt, mel, emb, seed=4, n_steps=1)
+    b, _ = decoder.token2wav(golden["gen_mixed_tokens"], golden["prompt_mixed_tokens"], golden["prompt_mel_24k"],
+                             golden["spk_embedding"], seed=4, n_steps=1)
+    assert np.array_equal(a, b)
+
+
+def test_concurrent_calls_give_the_sequential_results(decoder, golden):
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen, prompt, mel, emb = _inputs(golden)
+
+    def run(seed):
+        return decoder.token2wav(gen, prompt, mel, emb, seed=seed, n_steps=1)[0]
+
+    expected = [run(seed) for seed in (11, 12, 13)]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(run, (11, 12, 13)))
+    assert all(np.array_equal(e, g) for e, g in zip(expected, got))
+
+
 def test_global_rng_is_left_alone(golden):
     state = torch.get_rng_state()
     fresh = AudioDecoder.from_dir(DECODER, n_steps=1)
@@ -245,7 +268,8 @@ def test_cuda_float32_reproduces_the_reference(golden, no_tf32):
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_bfloat16_flow_stays_near_the_reference(golden):
-    """bf16 flow (vocoder float32): the mel's error budget is bf16 rounding through 10 steps."""
+    """bf16 flow (vocoder float32). bf16 keeps 8 mantissa bits (0.4 % relative); on an H100 the
+    mel's error was max 0.014, mean 0.0026 (2026-11-25); the bounds leave a 4-7x margin."""
     gpu = AudioDecoder.from_dir(DECODER, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
         mel = gpu.flow.inference(golden["flow_in_token"].cuda(), golden["flow_in_prompt_token"].cuda(),
@@ -254,4 +278,4 @@ def test_cuda_bfloat16_flow_stays_near_the_reference(golden):
     err = (mel.float().cpu() - golden["flow_out_mel"]).abs()
     print(f"bf16 flow mel: max |err| {err.max():.4f}, mean |err| {err.mean():.5f}")
     assert mel.dtype == torch.float32 and torch.isfinite(mel).all()
-    assert err.mean() < 0.05 and err.max() < 0.5
+    assert err.mean() < 0.01 and err.max() < 0.1

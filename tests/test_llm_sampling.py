@@ -157,6 +157,17 @@ def test_per_row_budget_counts_each_rows_own_prompt(llm):
     assert len(out[0].answer) == len(long) + 10 - len(short)
 
 
+def test_min_new_tokens_holds_back_end_of_answer(llm):
+    import dataclasses
+
+    # Make every vq06 id an end-of-answer id: without the slot mask an answer then ends early.
+    eager = dataclasses.replace(llm, eos_ids=(2, 3, *range(V6, A + 5120)))
+    req = [GenerationRequest(_prompt(llm, "speak"), seed=21)]
+    free = generate_batch(eager, req, SamplingConfig(max_new_tokens=30, slot_mask=False))[0]
+    held = generate_batch(eager, req, SamplingConfig(max_new_tokens=30, min_new_tokens=20, slot_mask=False))[0]
+    assert len(free.answer) < 20 <= len(held.answer)
+
+
 def test_over_long_prompt_is_rejected(llm):
     with pytest.raises(ValueError, match="limit"):
         generate_batch(llm, [GenerationRequest(tuple(range(20)), 1)], SamplingConfig(max_length=20))

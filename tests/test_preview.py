@@ -26,7 +26,7 @@ with warnings.catch_warnings():
     import pyworld
 
 from preview import espeak, text as text_mod, voice  # noqa: E402
-from preview.engine import PROFILE_KIND, PreviewEngine  # noqa: E402
+from preview.engine import CAPABILITIES, PROFILE_KIND, PreviewEngine  # noqa: E402
 
 SR = 24000
 PROMPT_TEXT = "The quick brown fox jumps over the lazy dog near the river bank."
@@ -202,24 +202,41 @@ def test_speaker_embedding_prefers_the_adapted_voice(engine, high_prompt, low_pr
     print("resemblyzer cosine to prompt --", "; ".join(report))
 
 
+def test_speaking_rate_follows_the_prompt(engine, low_prompt):
+    from preview import effects
+
+    slow = Audio(voice.synthesize(effects.time_stretch(voice.analyse(low_prompt.samples), 0.7)), SR)
+    normal = engine.clone(low_prompt, PROMPT_TEXT, TARGET, seed=3)
+    slowed = engine.clone(slow, PROMPT_TEXT, TARGET, seed=3)
+    assert slowed.timings.counters["rate_wpm"] < 0.85 * normal.timings.counters["rate_wpm"]
+    assert slowed.audio.duration > 1.1 * normal.audio.duration
+
+
 # ----------------------------------------------------------------------------- cache
 
-def test_second_request_with_same_prompt_skips_the_analysis(tmp_path, monkeypatch, low_prompt):
+def test_second_request_with_same_prompt_skips_the_analysis(tmp_path, monkeypatch):
+    from conftest import FIXTURES
+
+    clip = FIXTURES / "prompt_22k.wav"  # eSpeak speech, 22.05 kHz 16-bit
     settings = Settings(cache_dir=tmp_path)
     engine = PreviewEngine(settings, PromptCache.from_settings(settings))
     calls = []
     real = voice.analyse_prompt
     monkeypatch.setattr(voice, "analyse_prompt", lambda samples: calls.append(len(samples)) or real(samples))
 
-    first = engine.prepare_prompt(low_prompt)
+    first = engine.prepare_prompt(str(clip))
     assert first.misses == {PROFILE_KIND} and not first.hits and len(calls) == 1
-    # The same samples in another container (Gradio's int16 tuple would differ; float tuple does not).
-    second = engine.clone((SR, np.array(low_prompt.samples)), PROMPT_TEXT, "Hello again.", seed=1)
+    assert first.namespaces == {PROFILE_KIND: engine.namespace}
+    hits_before = engine.cache.stats()["hits"]
+    # The same clip as uploaded bytes: same decoded samples, same digest, no second analysis.
+    second = engine.clone(clip.read_bytes(), "A prompt.", "Hello again.", seed=1)
     assert len(calls) == 1
     assert "prompt_analysis" in second.cache_hits
     assert second.prompt_digest == first.digest
-    assert engine.prepare_prompt(low_prompt).hits == {PROFILE_KIND}
-    assert engine.cache.get(PROFILE_KIND, engine.namespace, first.digest) is not None
+    assert engine.cache.stats()["hits"] == hits_before + 1
+    # A new process (new cache object on the same folder) finds it on disk.
+    reopened = PreviewEngine(settings, PromptCache.from_settings(settings))
+    assert reopened.prepare_prompt(str(clip)).hits == {PROFILE_KIND} and len(calls) == 1
 
 
 # ----------------------------------------------------------------------------- seeds
@@ -269,6 +286,37 @@ def test_emotion_and_style_edits_move_in_the_expected_direction(engine, cloned):
     assert voiced_fraction(whisper) < 0.5 * voiced_fraction(source)
     shout = engine.edit(cloned.audio, cloned.text, "style", "shout").audio.samples
     assert rms(shout) > 1.5 * rms(source)
+
+
+@pytest.fixture(scope="module")
+def short_clip(engine, low_prompt):
+    return engine.clone(low_prompt, PROMPT_TEXT, "A short clip to edit.", seed=2)
+
+
+def _available(edit_type):
+    cap = {c.edit_type: c for c in CAPABILITIES}[edit_type]
+    return [o for o in cap.options if o not in cap.unavailable_options]
+
+
+def _unavailable(edit_type):
+    cap = {c.edit_type: c for c in CAPABILITIES}[edit_type]
+    return list(cap.unavailable_options)
+
+
+@pytest.mark.parametrize("edit_type, edit_info", [(t, o) for t in ("emotion", "style", "speed") for o in _available(t)])
+def test_every_offered_option_changes_the_audio(engine, short_clip, edit_type, edit_info):
+    result = engine.edit(short_clip.audio, short_clip.text, edit_type, edit_info, seed=4)
+    out = result.audio.samples
+    assert result.audio.sample_rate == SR and np.isfinite(out).all() and rms(out) > 0.003
+    assert np.abs(out).max() <= 1.0
+    assert len(out) != len(short_clip.audio.samples) or not np.allclose(out, short_clip.audio.samples, atol=1e-3)
+    assert result.text == short_clip.text and result.seed == 4
+
+
+@pytest.mark.parametrize("edit_type, edit_info", [(t, o) for t in ("emotion", "style") for o in _unavailable(t)])
+def test_every_withheld_option_is_refused(engine, short_clip, edit_type, edit_info):
+    with pytest.raises(InputError, match="not available in this engine"):
+        engine.edit(short_clip.audio, short_clip.text, edit_type, edit_info)
 
 
 def test_vad_removes_silence(engine, cloned):

@@ -10,6 +10,8 @@ import json
 import logging
 import random
 import shutil
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -21,7 +23,7 @@ from safetensors.numpy import load_file
 from safetensors.torch import load_file as load_torch_file
 
 from audio_io import Audio, load_audio, resample
-from conftest import FIXTURES
+from conftest import FIXTURES, ROOT
 from errors import InputError, ModelError
 from funasr_cache import PromptCache, fingerprint_files, make_namespace
 from paraformer_stream import load_state_dict_file
@@ -215,6 +217,22 @@ def test_default_session_options_and_tf32_on(tok):
     assert fresh.vq06_session.get_providers() == ["CPUExecutionProvider"]
     assert fresh.paraformer.frontend.dither == 0.0
     assert fresh.paraformer.model.decoder is None  # only the encoder is kept
+
+
+def test_import_and_load_leave_the_process_alone():
+    """Importing tokenizer does not import funasr; loading leaves logging and stdout untouched."""
+    code = (
+        "import logging, sys, tokenizer, torch\n"
+        "assert 'funasr' not in sys.modules\n"
+        "from funasr_cache import PromptCache; from settings import Settings; import tempfile\n"
+        f"tokenizer.StepAudioTokenizer.load(__import__('pathlib').Path({str(TOK_DIR)!r}), Settings(),"
+        " PromptCache(tempfile.mkdtemp()))\n"
+        "assert 'funasr' in sys.modules\n"
+        "root = logging.getLogger(); assert not root.handlers and root.level == logging.WARNING, root.handlers\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == "ok\n"
 
 
 @pytest.mark.parametrize("missing", ["linguistic_tokenizer.npy", "speech_tokenizer_v1.onnx",

@@ -23,8 +23,7 @@ import gradio as gr
 from settings import Settings
 from tts_engine import EditCapability, Engine
 from web.metrics import Metrics
-from web.ui_handlers import (HISTORY_HEADERS, TIMING_HEADERS, UI_FORMATS, Handlers, base_note, guarded,
-                             new_state)
+from web.ui_handlers import UI_FORMATS, Handlers, base_note, guarded, history_table, new_state
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +120,7 @@ def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = Non
                         out_audio = gr.Audio(label="Result", type="filepath", interactive=False,
                                              buttons=["download"], elem_id="output_audio")
                         out_summary = gr.Markdown(elem_id="clone_summary")
-                        out_timings = gr.Dataframe(headers=TIMING_HEADERS, label="Stage timings", interactive=False,
-                                                   elem_id="clone_timings")
+                        out_timings = gr.Markdown(elem_id="clone_timings")
                 examples = load_examples()
                 if examples:
                     gr.Examples(examples=examples, inputs=[prompt_audio, prompt_text, target_text],
@@ -144,10 +142,10 @@ def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = Non
                 edit_audio = gr.Audio(label="Edited result", type="filepath", interactive=False,
                                       buttons=["download"], elem_id="edit_audio")
                 edit_summary = gr.Markdown()
-                edit_timings = gr.Dataframe(headers=TIMING_HEADERS, label="Stage timings", interactive=False)
+                edit_timings = gr.Markdown(elem_id="edit_timings")
 
         with gr.Accordion("History (clone → edit → edit)", open=True, elem_id="history"):
-            history_table = gr.Dataframe(headers=HISTORY_HEADERS, interactive=False, elem_id="history_table")
+            history_view = gr.Markdown(history_table(new_state()), elem_id="history_table")
             with gr.Row():
                 history_pick = gr.Dropdown([], label="Result", elem_id="history_pick")
                 use_base = gr.Button("Use as edit base", elem_id="use_base")
@@ -168,7 +166,7 @@ def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = Non
         # --------------------------------------------------------------- events
         # The public cache endpoints are wired first so that they own the names cache_stats/cache_clear.
         refresh.click(guarded(h.cache_stats), outputs=cache_json, api_name="cache_stats", queue=False)
-        result_outputs = [state, history_pick, history_table, edit_base]
+        result_outputs = [state, history_pick, history_view, edit_base]
         dice.click(lambda: random.randrange(2**31), outputs=seed, **quick)
         clone_btn.click(guarded(h.clone), [prompt_audio, prompt_text, target_text, seed, flow_steps, fmt, state],
                         [out_audio, out_timings, out_summary, *result_outputs], api_name="clone",

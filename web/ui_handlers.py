@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 UI_FORMATS = ("wav", "flac", "mp3", "opus")   # what a browser can play (raw pcm cannot)
 _EXTENSIONS = {"wav": "wav", "flac": "flac", "mp3": "mp3", "opus": "ogg"}
 OUTPUT_MAX_AGE_S = 24 * 3600
-TIMING_HEADERS = ["stage", "ms", "cache"]
-HISTORY_HEADERS = ["#", "operation", "text", "seed", "total ms"]
 
 
 def new_state() -> dict:
@@ -80,7 +78,7 @@ class Handlers:
 
     def clone(self, prompt_audio: str | None, prompt_text: str, target_text: str, seed: float | None,
               flow_steps: float | None, fmt: str, state: dict | None, progress=gr.Progress()):
-        """Clone; returns (audio path, timings rows, summary, state, history choices, history rows, base note)."""
+        """Clone; returns (audio path, timings table, summary, state, history choices, history table, base note)."""
         if not prompt_audio:
             raise gr.Error("Upload or record a prompt clip first.", title="Missing prompt audio")
         options = self._options(flow_steps)
@@ -152,8 +150,8 @@ class Handlers:
                                "seed": int(result.seed), "ms": round(result.timings.total_ms, 1)})
         state["base"] = None  # the next edit applies to this new result
         choices = history_choices(state)
-        return (str(path), timing_rows(result), summary(result), state,
-                gr.update(choices=choices, value=len(state["items"]) - 1), history_rows(state), base_note(state))
+        return (str(path), timing_table(result), summary(result), state,
+                gr.update(choices=choices, value=len(state["items"]) - 1), history_table(state), base_note(state))
 
     def _write(self, result: Result, fmt: str) -> Path:
         self._prune()
@@ -174,9 +172,12 @@ class Handlers:
 
 # ---------------------------------------------------------------------- pure view helpers
 
-def timing_rows(result: Result) -> list[list]:
+def timing_table(result: Result) -> str:
+    """The request's stages as a Markdown table (stage, ms, whether it came from the cache)."""
     t = result.timings
-    return [[stage, round(ms, 1), "hit" if stage in t.cached else ""] for stage, ms in t.stages_ms.items()]
+    lines = ["| stage | ms | cache |", "|---|---:|---|"]
+    lines += [f"| {stage} | {ms:.1f} | {'hit' if stage in t.cached else ''} |" for stage, ms in t.stages_ms.items()]
+    return "\n".join(lines)
 
 
 def summary(result: Result) -> str:
@@ -194,8 +195,18 @@ def history_choices(state: dict) -> list[tuple[str, int]]:
     return [(f"#{item['n']} {item['op']}: {_short(item['text'])}", i) for i, item in enumerate(state["items"])]
 
 
-def history_rows(state: dict) -> list[list]:
-    return [[item["n"], item["op"], _short(item["text"], 60), item["seed"], item["ms"]] for item in state["items"]]
+def history_table(state: dict) -> str:
+    """The clone -> edit chain as a Markdown table (Gradio 6.17's Dataframe does not redraw added rows)."""
+    if not state["items"]:
+        return "No results yet."
+    lines = ["| # | operation | text | seed | total ms |", "|---:|---|---|---:|---:|"]
+    lines += [f"| {item['n']} | {_cell(item['op'])} | {_cell(_short(item['text'], 60))} | {item['seed']} | {item['ms']:.0f} |"
+              for item in state["items"]]
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
 def base_note(state: dict) -> str:

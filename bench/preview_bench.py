@@ -1,0 +1,124 @@
+"""Benchmark: the CPU preview engine's request latency, prompt cache cold vs warm, and edits.
+
+Measures ``PreviewEngine.clone`` on a 5 s prompt (eSpeak speech made into another voice with
+WORLD) with a two-sentence target, once with a fresh cache per request (the prompt analysis
+runs: the baseline) and once with the prompt cached, plus each DSP edit type on the clone's
+output. Reports count, median, p90, p99, max (ms; no means), real-time factor, and the warm/cold
+ratio measured in the same process. One warm-up request is run and not counted.
+
+Usage:
+    .venv/bin/python bench/preview_bench.py [--runs 8] [--markdown FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from audio_io import Audio, resample  # noqa: E402
+    from funasr_cache import PromptCache  # noqa: E402
+    from preview import espeak, voice  # noqa: E402
+    from preview.engine import PreviewEngine  # noqa: E402
+    from settings import Settings  # noqa: E402
+
+PROMPT_TEXT = ("The quick brown fox jumps over the lazy dog near the river bank, "
+               "while the farmer counts his sheep before the evening rain.")
+TARGET = "Good morning everyone. Welcome to the preview of the voice studio, running on the CPU."
+EDITS = (("speed", "faster"), ("emotion", "happy"), ("style", "whisper"), ("denoise", None), ("vad", None))
+
+
+def git_sha() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+        return sha + ("+dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def make_prompt() -> Audio:
+    speech = espeak.speak(PROMPT_TEXT, "en-gb-x-rp")
+    base = resample(speech.samples, speech.sample_rate, voice.SAMPLE_RATE)
+    params = voice.analyse(base)
+    shifted = params.replace(f0=params.f0 * 2 ** (5 / 12), sp=voice.warp_envelope(params.sp, 1.1))
+    out = voice.synthesize(shifted)
+    return Audio(out / np.abs(out).max() * 0.5, voice.SAMPLE_RATE)
+
+
+def summary(values_ms: list[float]) -> str:
+    v = np.asarray(values_ms)
+    return (f"| {len(v)} | {np.median(v):.0f} | {np.percentile(v, 90):.0f} | {np.percentile(v, 99):.0f} "
+            f"| {v.max():.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=8)
+    parser.add_argument("--markdown", type=Path, default=None)
+    args = parser.parse_args()
+
+    prompt = make_prompt()
+    lines = [f"git {git_sha()} | device cpu ({platform.processor() or platform.machine()}) | torch {torch.__version__} "
+             f"| dtype float32 | eSpeak NG {espeak.version()} | prompt {prompt.duration:.1f} s | runs {args.runs}", ""]
+    with tempfile.TemporaryDirectory() as tmp:
+        def engine_with_fresh_cache(i: int) -> PreviewEngine:
+            settings = Settings(cache_dir=Path(tmp) / f"c{i}")
+            return PreviewEngine(settings, PromptCache.from_settings(settings))
+
+        engine_with_fresh_cache(-1).clone(prompt, PROMPT_TEXT, TARGET, seed=0)  # warm-up (imports, JIT)
+        cold, cold_rtf = [], []
+        for i in range(args.runs):
+            start = time.perf_counter()
+            result = engine_with_fresh_cache(i).clone(prompt, PROMPT_TEXT, TARGET, seed=i)
+            cold.append((time.perf_counter() - start) * 1000)
+            cold_rtf.append(result.timings.rtf)
+        warm_engine = engine_with_fresh_cache(10_000)
+        clip = warm_engine.clone(prompt, PROMPT_TEXT, TARGET, seed=0)
+        warm, warm_rtf = [], []
+        for i in range(args.runs):
+            start = time.perf_counter()
+            result = warm_engine.clone(prompt, PROMPT_TEXT, TARGET, seed=i)
+            warm.append((time.perf_counter() - start) * 1000)
+            warm_rtf.append(result.timings.rtf)
+            assert "prompt_analysis" in result.cache_hits
+        edits = {}
+        for edit_type, info in EDITS:
+            edits[(edit_type, info)] = []
+            for i in range(args.runs):
+                start = time.perf_counter()
+                warm_engine.edit(clip.audio, clip.text, edit_type, info, seed=i)
+                edits[(edit_type, info)].append((time.perf_counter() - start) * 1000)
+
+    lines += [f"clone output {clip.audio.duration:.2f} s; stages of the last warm request: "
+              + ", ".join(f"{k} {v:.0f} ms" + (" (hit)" if k in result.timings.cached else "")
+                          for k, v in result.timings.stages_ms.items()), "",
+              "| request | count | median ms | p90 ms | p99 ms | max ms |", "|---|---|---|---|---|---|",
+              "| clone, prompt not cached (baseline) " + summary(cold),
+              "| clone, prompt cached " + summary(warm)]
+    lines += [f"| edit {t}{'/' + i if i else ''} " + summary(v) for (t, i), v in edits.items()]
+    lines += ["", f"warm/cold median latency ratio: {np.median(warm) / np.median(cold):.2f} "
+              f"(cached prompt is {np.median(cold) / np.median(warm):.2f}x faster); "
+              f"median RTF cold {np.median(cold_rtf):.3f}, warm {np.median(warm_rtf):.3f}"]
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
