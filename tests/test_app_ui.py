@@ -6,6 +6,7 @@ handlers, the banner and edit choices, examples loading, and ``app.py --help`` /
 side effects.
 """
 
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -208,6 +209,6 @@ def test_tiny_model_engine_round_trip(tmp_path):
             speech = http.post("/v1/audio/speech", json={"input": "Hi.", "voice": imported["id"],
                                                          "response_format": "wav"})
             assert speech.status_code == 200
-            assert sf.info(__import__("io").BytesIO(speech.content)).samplerate == 24000
+            assert sf.info(io.BytesIO(speech.content)).samplerate == 24000
     finally:
         studio.stop()
