@@ -43,3 +43,21 @@ def configure_tf32(enabled: bool) -> None:
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
     log.debug("TF32 %s (matmul and cuDNN)", "enabled" if enabled else "disabled")
+
+
+def check_allocation(device: str | torch.device) -> tuple[bool, str]:
+    """(ok, reason): whether a small allocation and a synchronize work on ``device``.
+
+    Used by readiness probes: a wedged or lost CUDA device fails here. Always ``(True, "ok")`` for
+    a CPU device. Never raises.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True, "ok"
+    try:
+        probe = torch.ones(256, device=device)
+        torch.cuda.synchronize(device)
+        del probe
+    except Exception as exc:  # any CUDA failure means "not ready", with the reason
+        return False, f"CUDA allocation on {device} failed: {exc}"
+    return True, "ok"

@@ -250,7 +250,12 @@ class PromptCache:
     def get_or_compute(self, kind: str, namespace: str, digest: str, compute: Compute) -> tuple[CacheEntry, bool]:
         """``(entry, hit)``. On a miss ``compute()`` -> ``(payload, arrays or None)`` runs once per
         key in this process (concurrent callers wait and share it, with hit=False); its wall time
-        is stored as ``cost_s``. Exceptions from ``compute`` reach every waiting caller."""
+        is stored as ``cost_s``.
+
+        Raises:
+            CacheError: malformed key, or ``compute`` returned something other than a pair.
+            Whatever ``compute`` raises, in every caller waiting for it; nothing is stored then.
+        """
         entry = self.get(kind, namespace, digest)
         if entry is not None:
             return entry, True
@@ -686,7 +691,12 @@ class PromptCache:
         with self._mlock:
             delta, self._delta = self._delta, defaultdict(float)
         try:
-            doc = _load_stats(self.root / "stats.json") or self._persisted  # missing: first start
+            doc = _load_stats(self.root / "stats.json")
+            if doc is None:  # missing (first start) or unreadable
+                if (self.root / "stats.json").exists():
+                    self._warn_once("stats", "prompt cache: %s is unreadable; counting from zero",
+                                    self.root / "stats.json")
+                doc = self._persisted
             doc = {**doc, "per_kind": {k: dict(v) for k, v in doc["per_kind"].items()}}
             if doc["epoch"] == self._persisted["epoch"]:  # else a clear() elsewhere reset the counts
                 for (kind, name), amount in delta.items():

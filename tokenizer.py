@@ -169,8 +169,12 @@ def whisper_log_mel(wav: np.ndarray) -> np.ndarray:
 
 
 def kmeans_assign(enc_out: torch.Tensor, codebook: torch.Tensor) -> np.ndarray:
-    """Index of the nearest centroid (Euclidean) per frame: ``[T, D]`` x ``[K, D]`` -> ``[T]`` int64."""
-    return torch.cdist(enc_out.to(codebook.dtype), codebook).argmin(dim=1).cpu().numpy()
+    """Index of the nearest centroid (Euclidean) per frame: ``[T, D]`` x ``[K, D]`` -> ``[T]`` int64.
+
+    Runs in float32 on the CPU, as the reference does: on CUDA, TF32 matmuls inside ``cdist``
+    would perturb the distances enough to flip near-tie codes.
+    """
+    return torch.cdist(enc_out.detach().float().cpu(), codebook.float().cpu()).argmin(dim=1).numpy()
 
 
 def vq06_chunks(wav: np.ndarray) -> list[np.ndarray]:
@@ -220,7 +224,7 @@ class StepAudioTokenizer:
                 raise ModelError(f"the tokenizer folder {folder} lacks {name}")
         configure_tf32(settings.tf32)
         paraformer = ParaformerStream.load(folder / FUNASR_SUBDIR, device)
-        codebook = _load_codebook(folder / CODEBOOK_FILE, paraformer.output_size).to(device)
+        codebook = _load_codebook(folder / CODEBOOK_FILE, paraformer.output_size)  # stays on the CPU
         options = OnnxOptions.from_settings(settings, use_cuda=device.type == "cuda")
         try:
             session = create_session(folder / ONNX_FILE, options)
@@ -273,6 +277,17 @@ class StepAudioTokenizer:
             codes += [int(c) for c in out]
         return tuple(codes)
 
+    def _encode(self, audio: Audio, timer: Timer) -> Tokens:
+        """The miss path: preprocess, both encoders, merge (each a stage of ``timer``)."""
+        with timer.stage("preprocess"):
+            wav = self.preprocess(audio)
+        with timer.stage("vq02_encode"):
+            vq02 = self.encode_vq02(wav)
+        with timer.stage("vq06_encode"):
+            vq06 = self.encode_vq06(wav)
+        with timer.stage("merge"):
+            return _merge(vq02, vq06)
+
     # -------------------------------------------------------------- request
 
     def tokenize(self, audio: Audio, digest: str | None = None) -> TokenizeResult:
@@ -282,8 +297,9 @@ class StepAudioTokenizer:
             audio: the decoded clip (any rate, mono), not peak-limited or trimmed.
             digest: ``funasr_cache.audio_digest`` of ``audio``; computed when None.
         Returns:
-            :class:`TokenizeResult` with stages hash, cache_lookup (and on a miss preprocess,
-            vq02_encode, vq06_encode, merge, cache_store).
+            :class:`TokenizeResult` with stages hash, cache_lookup, and on a miss preprocess,
+            vq02_encode, vq06_encode, merge (or coalesced_wait when a concurrent request for the
+            same clip did the work).
         Raises:
             InputError: see :meth:`preprocess`. ModelError: a model misbehaved.
         """
@@ -292,24 +308,30 @@ class StepAudioTokenizer:
         with timer.stage("hash"):
             digest = digest or audio_digest(audio.samples, audio.sample_rate)
         with timer.stage("cache_lookup"):
-            tokens = _tokens_from_entry(self.cache.get(CACHE_KIND, self.namespace, digest))
+            entry = self.cache.get(CACHE_KIND, self.namespace, digest)
+            tokens = _tokens_from_entry(entry)
         hit = tokens is not None
         if hit:
             timer.mark_cached("cache_lookup")
         else:
-            start = time.perf_counter()
-            with timer.stage("preprocess"):
-                wav = self.preprocess(audio)
-            with timer.stage("vq02_encode"):
-                vq02 = self.encode_vq02(wav)
-            with timer.stage("vq06_encode"):
-                vq06 = self.encode_vq06(wav)
-            with timer.stage("merge"):
-                tokens = _merge(vq02, vq06)
-            cost = time.perf_counter() - start
-            with timer.stage("cache_store"):
-                self.cache.put(CACHE_KIND, self.namespace, digest,
-                               {"vq02": list(tokens.vq02), "vq06": list(tokens.vq06)}, cost)
+            computed: list[Tokens] = []
+
+            def compute() -> tuple[dict, None]:
+                computed.append(self._encode(audio, timer))
+                return {"vq02": list(computed[0].vq02), "vq06": list(computed[0].vq06)}, None
+
+            if entry is None:  # concurrent misses of one clip encode once (the cache single-flights)
+                start = time.perf_counter()
+                entry, _ = self.cache.get_or_compute(CACHE_KIND, self.namespace, digest, compute)
+                if not computed:  # another request encoded it while we waited
+                    timer.record("coalesced_wait", (time.perf_counter() - start) * 1000.0)
+            else:  # a malformed entry: recompute and replace it
+                start = time.perf_counter()
+                payload, _ = compute()
+                self.cache.put(CACHE_KIND, self.namespace, digest, payload, time.perf_counter() - start)
+            tokens = computed[0] if computed else _tokens_from_entry(entry)
+            if tokens is None:
+                raise ModelError("the tokens another request computed for this clip are unreadable")
         timer.set_counter("groups", tokens.n_groups)
         timings = timer.finish()
         _log_request(digest, hit, timings)
@@ -363,7 +385,9 @@ def _log_request(digest: str, hit: bool, t: StageTimings) -> None:
     ms = t.stages_ms
     line = (f"FunASR cache {'HIT' if hit else 'MISS'} {digest[:12]}: hash {ms['hash']:.1f} ms, "
             f"lookup {ms['cache_lookup']:.1f} ms")
-    if not hit:
+    if "coalesced_wait" in ms:
+        line += f"; waited {ms['coalesced_wait']:.1f} ms for a concurrent request's encoding"
+    elif not hit:
         encode_s = sum(ms[k] for k in ("preprocess", "vq02_encode", "vq06_encode", "merge")) / 1000.0
         line += (f"; FunASR encoding: {encode_s:.3f} s (preprocess {ms['preprocess']:.1f} ms, "
                  f"vq02 {ms['vq02_encode']:.1f} ms, vq06 {ms['vq06_encode']:.1f} ms, merge {ms['merge']:.1f} ms)")

@@ -64,7 +64,8 @@ def run_clients(llm, config, clients: int, per_client: int, window_s: float, max
     """Closed loop: ``clients`` threads each send ``per_client`` requests. Returns latencies (s),
     wall time (s), and the batch sizes the scheduler formed."""
     sched = BatchScheduler(lambda batch: generate_batch(llm, batch, config), window_s, max_batch)
-    sched.run(GenerationRequest(prompts[0], 0))                # warm-up, not counted
+    sched.run_many([GenerationRequest(p, 0) for p in prompts[:max_batch]])   # warm-up, not counted
+    sched.run(GenerationRequest(prompts[0], 0))
     warm_batches = len(sched.batch_sizes)
     latencies: list[float] = []
     lock = threading.Lock()
@@ -132,6 +133,20 @@ def main() -> None:
               f"params (Llama, hidden {args.hidden}, {args.layers} layers) | prompt ~{args.prompt_tokens} ids | "
               f"{args.new_tokens} new tokens | window {args.window_ms:g} ms, max batch {args.max_batch}")
     print(header, flush=True)
+    steps = ["| batch | decode ms/step | of which sampling ms/step | prefill ms |", "|---|---|---|---|"]
+    for batch in (1, 2, 4, 8):
+        reqs = [GenerationRequest(prompts[i], i) for i in range(batch)]
+        runs = [generate_batch(llm, reqs, config)[0] for _ in range(4)][1:]   # first run is warm-up
+        med = lambda xs: float(np.median(xs))  # noqa: E731
+        steps.append(f"| {batch} | {med([r.decode_ms / max(1, r.steps - 1) for r in runs]):.2f} | "
+                     f"{med([r.sampling_ms / r.steps for r in runs]):.2f} | {med([r.prefill_ms for r in runs]):.1f} |")
+        print(steps[-1], flush=True)
+    reqs = [GenerationRequest(prompts[i], 500 + i) for i in range(8)]
+    batched = generate_batch(llm, reqs, config)
+    alone = [generate_batch(llm, [r], config)[0] for r in reqs]
+    same = sum(b.answer == a.answer for b, a in zip(batched, alone))
+    equality = f"batched vs unbatched (8 rows, same seeds): {same}/8 answers identical"
+    print(equality, flush=True)
     rows = ["| clients | batching | requests | req/s | latency median (s) | p90 | p99 | max | batch sizes | "
             "req/s on/off |", "|---|---|---|---|---|---|---|---|---|---|"]
     for clients in [int(c) for c in args.clients.split(",")]:
@@ -146,7 +161,7 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     if args.markdown:
-        args.markdown.write_text(header + "\n\n" + "\n".join(rows) + "\n")
+        args.markdown.write_text(header + "\n\n" + "\n".join(steps) + "\n\n" + equality + "\n\n" + "\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -168,6 +169,7 @@ def main() -> None:
     parser.add_argument("--warm-reps", type=int, default=200)
     parser.add_argument("--no-real-size", action="store_true")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
 
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,

@@ -128,7 +128,8 @@ def _find(folder: Path, stem: str) -> Path:
 
 def _as_float_tensor(x, shape_hint: str, what: str) -> torch.Tensor:
     try:
-        t = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not isinstance(x, torch.Tensor) else x.float().cpu()
+        # A copy: cached arrays are read-only and shared between requests.
+        t = torch.tensor(np.asarray(x, dtype=np.float32)) if not isinstance(x, torch.Tensor) else x.float().cpu()
     except (TypeError, ValueError):
         raise InputError(f"{what} must be a float array {shape_hint}") from None
     if not torch.isfinite(t).all():

@@ -42,6 +42,8 @@ class GenerationOutput:
     decode_ms: float           # the batch's token-by-token part
     batch_size: int
     batch_id: int = 0          # rows of one batch share it
+    steps: int = 0             # decoding steps the batch ran
+    sampling_ms: float = 0.0   # of prefill + decode, the time spent in the sampler
 
 
 def generate_batch(llm: LoadedLLM, requests: Sequence[GenerationRequest], config: SamplingConfig) -> list[GenerationOutput]:
@@ -80,7 +82,8 @@ def generate_batch(llm: LoadedLLM, requests: Sequence[GenerationRequest], config
     prefill_ms, decode_ms = (first - start) * 1000.0, (end - first) * 1000.0
     new = out[:, width:].cpu().tolist()
     batch_id = next(_batch_ids)
-    results = [GenerationOutput(tuple(answer_ids(row, llm.eos_ids)), prefill_ms, decode_ms, len(requests), batch_id)
+    results = [GenerationOutput(tuple(answer_ids(row, llm.eos_ids)), prefill_ms, decode_ms, len(requests), batch_id,
+                                sampler.steps, sampler.busy_s * 1000.0)
                for row in new]
     log.debug("LLM batch of %d: prompts %s, %d steps, prefill %.1f ms, decode %.1f ms",
               len(requests), lens, sampler.steps, prefill_ms, decode_ms)

@@ -73,9 +73,11 @@ def repetition_ban(input_ids: torch.Tensor, scores: torch.Tensor, window: int = 
     repeated = (tail == last).sum(dim=1) >= 2  # count/window > 0.1 with window 10
     if lengths is not None:
         repeated &= lengths >= window
-    rows = repeated.nonzero().flatten()
-    if len(rows):
-        scores[rows, last[rows, 0]] = float("-inf")
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    current = scores[rows, last[:, 0]]
+    # Vectorised (no host sync): rows without a repeat keep their own score.
+    scores[rows, last[:, 0]] = torch.where(repeated.to(scores.device), torch.full_like(current, float("-inf")),
+                                           current)
     return scores
 
 
@@ -102,6 +104,19 @@ def top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
         drop_sorted[..., -1:] = False
         scores = scores.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     return scores
+
+
+def top_candidates(scores: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ids top-k/top-p keep and their probabilities, best first: (probs [B, k], ids [B, k]).
+
+    Same rules as :func:`top_k_top_p` followed by a softmax, computed on the k best scores only
+    (a tie at the k-th score keeps exactly k ids). Rows with every score -inf give NaN probs.
+    """
+    k = top_k if top_k and top_k < scores.shape[-1] else scores.shape[-1]
+    values, ids = torch.topk(scores, k, dim=-1)            # descending
+    if top_p < 1.0:
+        values = top_k_top_p(values, 0, top_p)
+    return values.float().softmax(dim=-1), ids
 
 
 class SeededSampler:
@@ -134,6 +149,14 @@ class SeededSampler:
         self.steps = 0
         self.first_step_at: float | None = None
         self.last_step_at: float | None = None
+        self._slot_masks: dict[bool, torch.Tensor] = {}
+        self.busy_s = 0.0                      # time spent in this processor (sampling overhead)
+
+    def _disallowed(self, step: int, scores: torch.Tensor) -> torch.Tensor:
+        vq02 = step % GROUP < VQ02_SLOTS
+        if vq02 not in self._slot_masks:
+            self._slot_masks[vq02] = ~slot_allowed(step, scores.shape[-1], self.eos_ids, scores.device)
+        return self._slot_masks[vq02]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         now = time.perf_counter()
@@ -146,24 +169,18 @@ class SeededSampler:
         if step < self.config.min_new_tokens:
             scores[:, list(self.eos_ids)] = float("-inf")
         if self.config.slot_mask:
-            allowed = slot_allowed(step, scores.shape[-1], self.eos_ids, scores.device)
-            scores = scores.masked_fill(~allowed, float("-inf"))
-        scores = scores / self.config.temperature
-        scores = top_k_top_p(scores, self.config.top_k, self.config.top_p)
-        probs = scores.float().softmax(dim=-1).cpu()
+            scores = scores.masked_fill(self._disallowed(step, scores), float("-inf"))
+        probs, ids = top_candidates(scores / self.config.temperature, self.config.top_k, self.config.top_p)
+        probs, ids = probs.cpu(), ids.cpu()    # [B, k]: only the candidates cross to the host
         chosen = []
         for row, g in enumerate(self.generators):
-            if step >= self.budgets[row]:
-                chosen.append(self.eos_id)
-            elif not torch.isfinite(probs[row]).all():
-                chosen.append(self.eos_id)  # every id banned: end the answer rather than crash
+            if step >= self.budgets[row] or not torch.isfinite(probs[row]).all():
+                chosen.append(self.eos_id)     # budget used, or every id banned: end the answer
             else:
-                # Draw among the few ids top-k/top-p left (a draw over the whole vocabulary costs ~3 ms).
-                candidates = probs[row].nonzero().flatten()
-                pick = torch.multinomial(probs[row, candidates], 1, generator=g)
-                chosen.append(int(candidates[pick]))
+                chosen.append(int(ids[row, torch.multinomial(probs[row], 1, generator=g)]))
         out = torch.full_like(scores, float("-inf"))
         out[torch.arange(len(chosen), device=scores.device), torch.tensor(chosen, device=scores.device)] = 0.0
+        self.busy_s += time.perf_counter() - now
         return out
 
 

@@ -212,3 +212,22 @@ def test_tiny_model_engine_round_trip(tmp_path):
             assert sf.info(io.BytesIO(speech.content)).samplerate == 24000
     finally:
         studio.stop()
+
+
+@pytest.mark.slow
+def test_ui_requires_key_puts_the_page_behind_a_login(tmp_path):
+    import httpx
+
+    studio = start_studio(tmp_path, None, "--api-key", "k3y", "--ui-requires-key")
+    try:
+        from gradio_client.exceptions import AuthenticationError
+
+        with pytest.raises(AuthenticationError):
+            Client(studio.url + "/", verbose=False, download_files=False)
+        with pytest.raises(ValueError, match="Could not login"):
+            Client(studio.url + "/", auth=("anyone", "wrong"), verbose=False, download_files=False)
+        client = Client(studio.url + "/", auth=("anyone", "k3y"), verbose=False, download_files=False)
+        assert client.predict(api_name="/cache_stats")["entries"] == 0
+        assert httpx.get(studio.url + "/healthz").status_code == 200  # operations stay open
+    finally:
+        studio.stop()

@@ -2,7 +2,8 @@
 stats, multi-process use) and the key helpers audio_digest / fingerprint_files / make_namespace.
 
 Everything runs on the real filesystem in a temp dir; the multi-process tests use real 'spawn'
-processes and a real SIGKILL. Mocks appear only to inject disk faults (ENOSPC / EROFS).
+processes and a real SIGKILL, and the read-only test a real unwritable folder (chmod, or as root a
+child process that drops to 'nobody'). Mocks appear only to inject disk faults (ENOSPC / EROFS).
 """
 
 import errno
@@ -12,8 +13,10 @@ import logging
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -380,6 +383,18 @@ def test_stats_persist_and_measure_seconds_saved(root):
     assert cleared["since"] > since and entry_files(root) == []
 
 
+def test_unreadable_stats_file_restarts_the_counts(root, caplog):
+    cache = PromptCache(root)
+    cache.put("tokens", NS, key(0), {"v": 1}, 0.0)
+    (root / "stats.json").write_bytes(b"\x00garbage")
+    with caplog.at_level(logging.WARNING, logger="funasr_cache"):
+        fresh = PromptCache(root)
+        assert fresh.get("tokens", NS, key(0)) is not None
+        stats = fresh.stats()
+    assert len(warnings_of(caplog)) == 1 and "stats.json" in warnings_of(caplog)[0]
+    assert (stats["hits"], stats["puts"], stats["entries"]) == (1, 0, 1) and fresh.check() == []
+
+
 def test_concurrent_misses_compute_once(root):
     cache = PromptCache(root)
     calls, results = [], []
@@ -452,6 +467,7 @@ def test_full_or_read_only_disk_degrades_once_and_recovers(root, caplog, monkeyp
     def fail(*args, **kwargs):
         raise OSError(code, os.strerror(code))
 
+    monkeypatch.setattr(funasr_cache, "_RETRY_DISK_S", 0.0)  # retry the disk on every put, still warn once
     monkeypatch.setattr(funasr_cache.os, "fsync", fail)  # fault injection: every write fails
     with caplog.at_level(logging.WARNING, logger="funasr_cache"):
         for i in range(1, 4):
@@ -459,28 +475,55 @@ def test_full_or_read_only_disk_degrades_once_and_recovers(root, caplog, monkeyp
         assert [cache.get("tokens", NS, key(i)).payload["v"] for i in range(4)] == [0, 1, 2, 3]
     assert len(warnings_of(caplog)) == 1 and cache.stats()["degraded"]
     assert len(entry_files(root)) == 1 and not list(root.rglob("*.tmp"))
-    monkeypatch.undo()
-    monkeypatch.setattr(funasr_cache, "_RETRY_DISK_S", 0.0)
-    cache._retry_at = 0.0  # let the retry happen now instead of in a minute
+    monkeypatch.undo()  # the disk works again
     cache.put("tokens", NS, key(5), {"v": 5}, 0.0)
     assert not cache.stats()["degraded"] and PromptCache(root).get("tokens", NS, key(5)) is not None
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_read_only_directory_still_serves_reads(root):
+def _use_read_only_cache(root: str, drop_to_nobody: bool) -> dict:
+    """Open a cache in a folder this process may read but not write; report what it saw."""
+    if drop_to_nobody:  # root ignores permissions: become 'nobody' (imports are already done)
+        os.setgid(65534)
+        os.setuid(65534)
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage()) if record.levelno >= logging.WARNING else None
+    logging.getLogger("funasr_cache").addHandler(handler)
     cache = PromptCache(root)
-    cache.put("tokens", NS, key(0), {"v": 0}, 0.0)
-    dirs = [root, *[p for p in root.rglob("*") if p.is_dir()]]
-    for d in dirs:
-        d.chmod(0o555)
+    old = cache.get("tokens", NS, key(0))
+    put = cache.put("tokens", NS, key(1), {"v": 1}, 0.0)
+    put_again = cache.put("tokens", NS, key(2), {"v": 2}, 0.0)
+    stats = cache.stats()
+    return {"old": old.payload if old else None, "put": put.payload, "again": put_again.payload,
+            "new_hit": cache.get("tokens", NS, key(1)) is not None, "degraded": stats["degraded"],
+            "reason": stats["degraded_reason"], "warnings": seen}
+
+
+@pytest.mark.slow
+def test_read_only_directory_still_serves_reads(tmp_path):
+    """A real read-only folder: chmod 555 for a normal user; as root, a child that drops to 'nobody'."""
+    as_root = os.geteuid() == 0
+    base = Path(tempfile.mkdtemp(dir="/tmp")) if as_root else tmp_path  # pytest's tmp is private to root
+    root = base / "cache"
     try:
-        ro = PromptCache(root)
-        assert ro.get("tokens", NS, key(0)).payload == {"v": 0}
-        assert ro.put("tokens", NS, key(1), {"v": 1}, 0.0).payload == {"v": 1}
-        assert ro.get("tokens", NS, key(1)) is not None and ro.stats()["degraded"]
+        PromptCache(root).put("tokens", NS, key(0), {"v": 0}, 0.0)
+        for path in [base, *base.rglob("*")]:
+            path.chmod(0o755 if as_root and path.is_dir() else 0o644 if as_root else 0o555 if path.is_dir() else 0o444)
+        if as_root:
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                seen = pool.apply(_use_read_only_cache, (str(root), True))
+        else:
+            seen = _use_read_only_cache(str(root), False)
+        files_after = len(entry_files(root))
     finally:
-        for d in dirs:
-            d.chmod(0o755)
+        for path in [base, *base.rglob("*")]:
+            path.chmod(0o755)
+        if as_root:
+            shutil.rmtree(base, ignore_errors=True)
+    assert (seen["old"], seen["put"], seen["again"], seen["new_hit"]) == ({"v": 0}, {"v": 1}, {"v": 2}, True)
+    assert seen["degraded"] and "Permission" in seen["reason"]
+    assert len(seen["warnings"]) == 1 and "memory only" in seen["warnings"][0]
+    assert files_after == 1  # nothing was written
 
 
 # ------------------------------------------------------------------ several processes
@@ -526,6 +569,34 @@ def test_four_processes_interleave_put_get_evict_clear(root):
     jsons = [p for p in entry_files(root) if p.suffix == ".json"]
     assert len(jsons) <= 12 and sum(p.stat().st_size for p in entry_files(root)) <= 40_000
     assert final.check() == [] and len(final) == len(jsons)
+
+
+def test_threads_share_instances_without_errors(root):
+    caches = [PromptCache(root, max_entries=8, memory_entries=3), PromptCache(root, max_entries=8, memory_entries=3)]
+    failures = []
+
+    def worker(seed):
+        rng = random.Random(seed)
+        try:
+            for _ in range(60):
+                cache, k, op = caches[rng.randrange(2)], rng.randrange(12), rng.random()
+                if op < 0.4:
+                    cache.put("tokens", NS, key(k), {"k": k}, 0.0, {"a": np.full(10, k, np.int32)})
+                elif op < 0.97:
+                    entry = cache.get("tokens", NS, key(k))
+                    assert entry is None or (entry.payload == {"k": k} and (entry.arrays["a"] == k).all())
+                else:
+                    cache.clear()
+        except BaseException as exc:  # reported below, with the thread's traceback lost but the error kept
+            failures.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert len(PromptCache(root, max_entries=8)) <= 8 and caches[0].check() == []
 
 
 def _endless_writer(root: str) -> None:

@@ -14,7 +14,7 @@ from conftest import FIXTURES
 from errors import ModelError
 from llm.generation import GenerationRequest, generate_batch
 from llm.sampling import (SamplingConfig, audio_answer, filter_audio_ids, repetition_ban, slot_allowed,
-                          top_k_top_p)
+                          top_candidates, top_k_top_p)
 
 SPEC = json.loads((FIXTURES / "prompts.json").read_text(encoding="utf-8"))
 A = 65536            # <audio_0>
@@ -58,6 +58,13 @@ def test_top_k_top_p_matches_transformers(top_k, top_p):
     if top_p < 1.0:
         expected = TopPLogitsWarper(top_p)(None, expected)
     assert torch.equal(torch.isinf(top_k_top_p(scores.clone(), top_k, top_p)), torch.isinf(expected))
+    # The sampler's compact form keeps the same ids with the same probabilities.
+    probs, ids = top_candidates(scores.clone(), top_k, top_p)
+    full = expected.softmax(dim=-1)
+    for row in range(3):
+        kept = probs[row] > 0
+        assert set(ids[row][kept].tolist()) == set(torch.isfinite(expected[row]).nonzero().flatten().tolist())
+        torch.testing.assert_close(probs[row][kept], full[row, ids[row][kept]])
 
 
 def test_filter_drops_non_audio_and_wrong_slots():

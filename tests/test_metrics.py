@@ -92,3 +92,26 @@ def test_registries_are_private():
     with a.track("x"):
         pass
     assert ("studio_requests_total", (("endpoint", "x"), ("status", "ok"))) not in _samples(b)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA device")
+def test_gpu_memory_family_and_allocation_check():
+    import torch
+
+    from devices import check_allocation
+
+    assert check_allocation("cuda:0") == (True, "ok")
+    assert check_allocation("cpu") == (True, "ok")
+    held = torch.empty(64 * 1024**2, dtype=torch.uint8, device="cuda:0")  # 64 MiB, so CUDA is initialised
+    values = _samples(Metrics())
+    allocated = values[("studio_gpu_memory_bytes", (("device", "cuda:0"), ("kind", "allocated")))]
+    reserved = values[("studio_gpu_memory_bytes", (("device", "cuda:0"), ("kind", "reserved")))]
+    assert allocated >= held.numel() and reserved >= allocated
+    del held

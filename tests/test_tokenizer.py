@@ -336,3 +336,24 @@ def test_concurrent_requests_agree(tok):
     assert not errors
     assert all(not r.hit and r.tokens == golden_tokens() for r in results)
     assert len({r.digest for r in results}) == len(clips)
+
+
+def test_concurrent_requests_for_one_clip_encode_once(tok, tmp_path, monkeypatch):
+    tok = tk.StepAudioTokenizer(tok.paraformer, tok.codebook, tok.vq06_session, tok.onnx_options,
+                                PromptCache(tmp_path / "cache"), tok.namespace, tok.device)
+    encode_chunk = CallCounter(tok.paraformer.model.encode_chunk)
+    monkeypatch.setattr(tok.paraformer.model, "encode_chunk", encode_chunk)
+    barrier, results = threading.Barrier(2), []
+
+    def work():
+        barrier.wait()
+        results.append(tok.tokenize(WAV_IN))
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert encode_chunk.calls == len(GOLDEN["encoder_chunk_lengths"])  # one encoding for both
+    assert [r.tokens for r in results] == [golden_tokens()] * 2
+    assert sum("vq02_encode" in r.timings.stages_ms for r in results) == 1

@@ -27,8 +27,8 @@ from edit_options import EDIT_TYPES
 from errors import InputError
 from settings import Settings
 from tts_engine import CloneOptions, Engine, validate_text
-from web.deps import (APIError, get_engine, jsonable, get_metrics, get_settings, get_voices, read_upload, require_api_key,
-                      result_headers, run_engine)
+from web.deps import (APIError, get_engine, get_metrics, get_settings, get_voices, jsonable, read_upload,
+                      require_api_key, result_headers, run_engine)
 from web.metrics import CONTENT_TYPE, Metrics
 from web.voices import VoiceStore, check_voice_id
 
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 MODEL_ID = "step-audio-editx"
 MODEL_ALIASES = (MODEL_ID, "tts-1", "tts-1-hd", "gpt-4o-mini-tts")  # accepted so stock clients work unchanged
-AudioFormat = Literal["wav", "flac", "mp3", "opus", "pcm"]
 _STREAM_CHUNK = 64 * 1024
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
@@ -57,13 +56,6 @@ class SpeechRequest(BaseModel):
     stream_format: Literal["audio", "sse"] | None = Field(None, description="'audio' streams the bytes; 'sse' is refused")
     seed: int | None = Field(None, description="sampling seed; omitted or negative means random (reported in X-Seed)")
     flow_steps: int | None = Field(None, description="flow-matching Euler steps (1..50); default from settings")
-
-
-class TimingsModel(BaseModel):
-    total_ms: float
-    stages_ms: dict[str, float]
-    cached: list[str]
-    counters: dict[str, float]
 
 
 def _audio_response(result, engine: Engine, fmt: str, stream: bool = False) -> Response:
@@ -178,7 +170,9 @@ def readyz(engine: Engine = Depends(get_engine)) -> JSONResponse:
     try:
         ready, reason = engine.ready()
         if ready:
-            ready, reason = _device_check(engine.describe().device)
+            device_ok, why = _device_check(engine.describe().device)
+            if not device_ok:
+                ready, reason = False, why
     except Exception as exc:  # a readiness probe answers, it never raises
         log.exception("readiness check failed")
         ready, reason = False, f"readiness check failed: {type(exc).__name__}"
@@ -191,19 +185,14 @@ def metrics(metrics: Metrics = Depends(get_metrics)) -> Response:
 
 
 def _device_check(device: str) -> tuple[bool, str]:
-    """On CUDA, prove that a small allocation and a sync work (a wedged GPU fails here)."""
-    name = device.split()[0] if device else "cpu"
-    if not name.startswith("cuda"):
-        return True, "ok"
-    import torch
+    """On CUDA, prove that a small allocation works (EngineInfo.device reads e.g. "cuda:0 (bfloat16)")."""
+    from devices import check_allocation
 
+    name = device.split()[0] if device else "cpu"
     try:
-        probe = torch.ones(256, device=name)
-        torch.cuda.synchronize(probe.device)
-        del probe
-    except Exception as exc:  # any CUDA failure means "not ready", with the reason
-        return False, f"CUDA allocation on {name} failed: {exc}"
-    return True, "ok"
+        return check_allocation(name)
+    except (RuntimeError, ValueError) as exc:  # an unparsable device string
+        return False, f"cannot check device {name!r}: {exc}"
 
 
 

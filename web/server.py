@@ -24,7 +24,7 @@ from tts_engine import Engine
 from web import api, api_voices
 from web.deps import StudioMiddleware, install_error_handlers
 from web.metrics import Metrics
-from web.ui import build_demo
+from web.ui import EXAMPLES_DIR, build_demo
 from web.voices import VoiceStore
 
 log = logging.getLogger(__name__)
@@ -67,5 +67,6 @@ def create_app(engine: Engine, settings: Settings, output_dir: Path | None = Non
         log.warning("ui_requires_key is set but api_key is empty; the page stays open")
     gr.mount_gradio_app(app, demo, path="/", server_name=settings.host, server_port=settings.port,
                         footer_links=["api"], auth=auth, max_file_size=settings.max_upload_bytes,
-                        show_error=True, ssr_mode=False, theme=gr.themes.Soft())
+                        show_error=True, ssr_mode=False, theme=gr.themes.Soft(),
+                        allowed_paths=[str(EXAMPLES_DIR)])
     return app

@@ -131,8 +131,9 @@ def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = Non
                 with gr.Row():
                     edit_type = gr.Dropdown(edit_type_choices(caps), value=first.edit_type if first else None,
                                             label="Edit", elem_id="edit_type")
-                    edit_info = gr.Dropdown(edit_option_choices(first), value=(first.options[0] if first and first.options else None),
-                                            label="Option", elem_id="edit_info",
+                    first_option = first.options[0] if first and first.options else None
+                    edit_info = gr.Dropdown(edit_option_choices(first), value=first_option, label="Option",
+                                            elem_id="edit_info",
                                             # API callers may pick any type's option; the engine validates it.
                                             allow_custom_value=True)
                 edit_note = gr.Markdown(first.note if first else "")

@@ -26,6 +26,7 @@ from pathlib import Path
 import gradio as gr
 
 from audio_io import encode_audio
+from edit_options import EDIT_TYPES
 from errors import StudioError
 from settings import Settings
 from tts_engine import CloneOptions, Engine, Result
@@ -96,7 +97,8 @@ class Handlers:
         base = state["items"][_base_index(state)]
         options = self._options(flow_steps)
         text = new_text if edit_type == "paralinguistic" and new_text and new_text.strip() else None
-        result = self._run(f"edit_{edit_type}", lambda: self.engine.edit(
+        endpoint = f"edit_{edit_type}" if edit_type in EDIT_TYPES else "edit"  # bounded metric labels
+        result = self._run(endpoint, lambda: self.engine.edit(
             base["path"], base["text"], edit_type, edit_info or None, text, seed=_seed(seed), options=options,
             progress=_progress_adapter(progress)))
         label = f"{edit_type}: {edit_info}" if edit_info else edit_type
