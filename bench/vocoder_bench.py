@@ -1,11 +1,10 @@
 """Benchmark: HiFT vocoder and prompt frontend at the shipped size, on CPU by default.
 
 HiFT is built with the shipped hyper-parameters (20.8 M parameters, seeded random weights) and
-times ``HiFTGenerator.inference`` for 3 s and 10 s of 24 kHz audio in three variants, measured
+times ``HiFTGenerator.inference`` for 3 s and 10 s of 24 kHz audio in two variants, measured
 in the same process and interleaved so that load from other jobs hits them alike:
-  * baseline: weight norm recomputed inside every conv call (what the reference does);
-  * cached:   our default, ``parametrize.cached()`` computes each normalised weight once per call;
-  * folded:   weight norm removed after loading (weights fixed), for comparison.
+  * baseline: as loaded, weight norm recomputed inside every conv call (what the reference does);
+  * folded:   after ``HiFTGenerator.fold_weight_norm()``.
 The frontend (peak limit, 24 kHz mel, fbank + tiny CAM++ stand-in) is timed on 5 s and 20 s
 clips at 22.05 kHz (the real CAM++ is larger; only the feature part is representative).
 Reports count / median / p90 / p99 / max in ms, the real-time factor and speed ratios.
@@ -16,7 +15,6 @@ Reports count / median / p90 / p99 / max in ms, the real-time factor and speed r
 from __future__ import annotations
 
 import argparse
-import contextlib
 import platform
 import subprocess
 import sys
@@ -25,12 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.utils import parametrize
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import decoder.vocoder as vocoder  # noqa: E402
 from audio_io import Audio, load_audio  # noqa: E402
 from decoder.frontend import MelConfig, PromptFrontend  # noqa: E402
 from decoder.vocoder import HiFTConfig, HiFTGenerator  # noqa: E402
@@ -48,10 +44,7 @@ def stats(ms: list[float]) -> str:
 def folded_copy(model: HiFTGenerator) -> HiFTGenerator:
     clone = HiFTGenerator(model.cfg).eval()
     clone.load_state_dict(model.state_dict())
-    for module in clone.modules():
-        if parametrize.is_parametrized(module, "weight"):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-    return clone
+    return clone.fold_weight_norm()
 
 
 def _sync(device: torch.device) -> None:
@@ -59,20 +52,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_variant(name: str, model: HiFTGenerator, mel: torch.Tensor) -> float:
-    # The baseline disables the per-call weight cache, so every conv call renormalises its weight.
-    ctx = contextlib.nullcontext
-    original = vocoder.parametrize.cached
-    if name == "baseline":
-        vocoder.parametrize.cached = ctx
-    try:
-        _sync(mel.device)
-        start = time.perf_counter()
-        model.inference(mel, generator=torch.Generator(mel.device).manual_seed(0))
-        _sync(mel.device)
-        return (time.perf_counter() - start) * 1000
-    finally:
-        vocoder.parametrize.cached = original
+def run_variant(model: HiFTGenerator, mel: torch.Tensor) -> float:
+    _sync(mel.device)
+    start = time.perf_counter()
+    model.inference(mel, generator=torch.Generator(mel.device).manual_seed(0))
+    _sync(mel.device)
+    return (time.perf_counter() - start) * 1000
 
 
 def main() -> None:
@@ -94,16 +79,16 @@ def main() -> None:
     torch.manual_seed(0)
     model = HiFTGenerator(HiFTConfig()).eval()
     print(f"HiFT parameters: {sum(p.numel() for p in model.parameters()):,}")
-    variants = {"baseline": model, "cached": model, "folded": folded_copy(model)}
+    variants = {"baseline": model, "folded": folded_copy(model)}
     variants = {name: m.to(device=device, dtype=dtype) for name, m in variants.items()}
     for seconds in (3, 10):
         mel = (torch.randn(1, 80, seconds * 50, generator=torch.Generator().manual_seed(1)) - 5).to(device)
         for name, m in variants.items():  # warm-up, not counted
-            run_variant(name, m, mel)
+            run_variant(m, mel)
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.repeats):
             for name, m in variants.items():
-                times[name].append(run_variant(name, m, mel))
+                times[name].append(run_variant(m, mel))
         base = np.median(times["baseline"])
         print(f"\nHiFT, {seconds} s of audio ({seconds * 50} mel frames):")
         for name, ms in times.items():

@@ -13,6 +13,11 @@ Shape legend:
 
 Thread-safety: the mel basis and window are built once and only read; ONNX Runtime sessions
 allow concurrent ``run`` calls; fbank extractors are created per call.
+
+Parity: resampling uses the float32-kernel variant of ``audio_io.resample``, which equals
+``torchaudio.functional.resample`` bit for bit. The fbank comes from kaldi-native-fbank, not
+torchaudio's ``compliance.kaldi.fbank``; the two differ by up to ~2.5e-4 (log domain) in a few
+quiet bins, which leaves the CAM++ embedding within 1e-5 of the reference's.
 """
 
 from __future__ import annotations
@@ -131,7 +136,9 @@ class PromptFrontend:
             InputError: the clip is empty, too short for one frame, or not finite.
         """
         samples = peak_limit(self._check(audio.samples, audio.sample_rate), PROMPT_PEAK)
-        return PromptFeatures(self.mel(samples, audio.sample_rate), self.embedding(samples, audio.sample_rate))
+        features = PromptFeatures(self.mel(samples, audio.sample_rate), self.embedding(samples, audio.sample_rate))
+        log.debug("prompt features: %.2f s at %d Hz -> mel %s", audio.duration, audio.sample_rate, features.mel.shape)
+        return features
 
     def mel(self, samples: np.ndarray, sample_rate: int) -> np.ndarray:
         """Log-mel of a mono clip, as the reference's matcha ``mel_spectrogram``.

@@ -269,7 +269,7 @@ class HiFTGenerator(nn.Module):
         param = self.conv_post.bias
         batch, frames = mel.shape[0], mel.shape[2]
         samples = frames * cfg.upsample_scale
-        with torch.inference_mode(), parametrize.cached():
+        with torch.inference_mode():
             mel = mel.to(device=param.device, dtype=param.dtype)
             f0 = self.f0_predictor(mel)
             draws = draw_source_noise(batch, samples, cfg.nb_harmonics + 1, device=param.device, generator=generator,
@@ -290,8 +290,20 @@ class HiFTGenerator(nn.Module):
     def f0(self, mel: torch.Tensor) -> torch.Tensor:
         """The predicted F0 in Hz, [B, T], for a mel [B, M, T] (diagnostics and tests)."""
         param = self.conv_post.bias
-        with torch.inference_mode(), parametrize.cached():
+        with torch.inference_mode():
             return self.f0_predictor(mel.to(device=param.device, dtype=param.dtype)).float()
+
+    def fold_weight_norm(self) -> "HiFTGenerator":
+        """Replace every weight-norm parametrization by its current weight, in place.
+
+        Call after loading: inference then skips renormalising each conv weight per call (1.2-1.35x
+        faster on an H100, about the same on CPU; docs/perf/vocoder.md). The state dict then holds
+        plain ``<conv>.weight`` keys, so load checkpoints before folding, not after.
+        """
+        for module in self.modules():
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        return self
 
 
 def load_hift_state_dict(module: HiFTGenerator, state_dict: Mapping[str, torch.Tensor]) -> None:

@@ -102,6 +102,9 @@ class PreviewEngine(Engine):
         """The cache namespace of this engine's prompt profiles."""
         return self._namespace
 
+    def prompt_namespaces(self) -> dict[str, str]:
+        return {PROFILE_KIND: self._namespace}
+
     def describe(self) -> EngineInfo:
         return EngineInfo(name=ENGINE_NAME, preview=True, device="cpu", detail=_DETAIL,
                           sample_rate=SAMPLE_RATE)

@@ -33,11 +33,14 @@ def frontend():
 
 
 def _assert_log_features_close(actual, expected):
-    """The README's atol 1e-4 for log features, allowing a few near-silent bins to 5e-4.
+    """The README's atol 1e-4 for log features, allowing a few quiet bins up to 5e-4.
 
-    In a bin ~80 dB below its frame's peak, float32 rounding differences of the FFT/convolution
-    kernels (the reference ran on another CPU) are magnified by the log; those few bins are
-    bounded at 5e-4 while at least 99.8 % of all values must meet 1e-4.
+    The log magnifies float32 rounding in bins far below their frame's peak. Measured: our mel
+    is within 1e-6 of the golden on an Intel machine but one value of 18 560 is 2.9e-4 off on
+    this AMD one (same code, different FFT/conv kernels); kaldi-native-fbank differs from
+    torchaudio's fbank (which reproduces the golden exactly) by up to 2.5e-4 in 37 of 37 120
+    values. The speaker embedding is unaffected (6.8e-6). So: max 5e-4, and >= 99.8 % of the
+    values within 1e-4.
     """
     assert actual.shape == expected.shape
     err = np.abs(actual - expected)

@@ -222,3 +222,12 @@ def test_bad_mel_is_an_input_error(hift, mel, words):
 def test_injected_draw_of_wrong_shape_is_an_input_error(hift, golden):
     with pytest.raises(InputError, match="sine_noise"):
         hift.inference(golden["hift_in_mel"], sine_noise=torch.zeros(1, 480, 9))
+
+
+def test_folding_weight_norm_keeps_the_output(yaml_hift, fixture_state, golden):
+    model = HiFTGenerator(HiFTConfig.from_yaml_kwargs(yaml_hift)).eval()
+    load_hift_state_dict(model, fixture_state)
+    model.fold_weight_norm()
+    assert not any("parametrizations" in k for k in model.state_dict())
+    wav, _ = _vocode_with_golden_draws(model, golden)
+    np.testing.assert_allclose(wav.numpy(), golden["hift_out_wav"].numpy(), atol=1e-4, rtol=0)

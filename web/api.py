@@ -53,7 +53,8 @@ class SpeechRequest(BaseModel):
     response_format: str = Field("mp3", description="wav, flac, mp3, opus or pcm (16-bit LE mono at 24 kHz)")
     speed: float = Field(1.0, description="only 1.0; use /v1/audio/edits with edit_type=speed")
     instructions: str | None = Field(None, description="not supported; use /v1/audio/edits")
-    stream_format: Literal["audio", "sse"] | None = Field(None, description="'audio' streams the bytes; 'sse' is refused")
+    stream_format: Literal["audio", "sse"] | None = Field(None,
+                                                          description="'audio' streams the bytes; 'sse' is refused")
     seed: int | None = Field(None, description="sampling seed; omitted or negative means random (reported in X-Seed)")
     flow_steps: int | None = Field(None, description="flow-matching Euler steps (1..50); default from settings")
 

@@ -179,8 +179,9 @@ class StudioMiddleware:
         if scope["path"].startswith("/v1/"):
             length = dict(scope.get("headers") or []).get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-                body = json.dumps({"error": {"message": f"request body is {int(length)} bytes; uploads are limited to "
-                                             f"{self.max_body_bytes - 64 * 1024} bytes", "type": "invalid_request_error",
+                limit = self.max_body_bytes - 64 * 1024
+                message = f"request body is {int(length)} bytes; uploads are limited to {limit} bytes"
+                body = json.dumps({"error": {"message": message, "type": "invalid_request_error",
                                              "code": "payload_too_large", "request_id": rid}}).encode()
                 await send({"type": "http.response.start", "status": 413,
                             "headers": [(b"content-type", b"application/json"), (b"x-request-id", rid.encode()),

@@ -13,6 +13,7 @@ When ``settings.ui_requires_key`` is set, the page asks for a login whose passwo
 from __future__ import annotations
 
 import logging
+import secrets
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def create_app(engine: Engine, settings: Settings, output_dir: Path | None = Non
     app.add_middleware(StudioMiddleware, max_body_bytes=settings.max_upload_bytes)
 
     demo = build_demo(engine, settings, app.state.metrics, output_dir)
-    auth = (lambda _user, password: password == settings.api_key) if settings.ui_requires_key and settings.api_key else None
+    auth = _key_login(settings.api_key) if settings.ui_requires_key and settings.api_key else None
     if settings.ui_requires_key and not settings.api_key:
         log.warning("ui_requires_key is set but api_key is empty; the page stays open")
     gr.mount_gradio_app(app, demo, path="/", server_name=settings.host, server_port=settings.port,
@@ -70,3 +71,12 @@ def create_app(engine: Engine, settings: Settings, output_dir: Path | None = Non
                         show_error=True, ssr_mode=False, theme=gr.themes.Soft(),
                         allowed_paths=[str(EXAMPLES_DIR)])
     return app
+
+
+def _key_login(key: str):
+    """Gradio login check: any user name, the API key as password."""
+
+    def check(_user: str, password: str) -> bool:
+        return secrets.compare_digest(password.encode(), key.encode())
+
+    return check

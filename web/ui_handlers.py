@@ -202,8 +202,8 @@ def history_table(state: dict) -> str:
     if not state["items"]:
         return "No results yet."
     lines = ["| # | operation | text | seed | total ms |", "|---:|---|---|---:|---:|"]
-    lines += [f"| {item['n']} | {_cell(item['op'])} | {_cell(_short(item['text'], 60))} | {item['seed']} | {item['ms']:.0f} |"
-              for item in state["items"]]
+    lines += [f"| {item['n']} | {_cell(item['op'])} | {_cell(_short(item['text'], 60))} | {item['seed']} "
+              f"| {item['ms']:.0f} |" for item in state["items"]]
     return "\n".join(lines)
 
 

@@ -237,7 +237,8 @@ class VoiceStore:
         try:
             zf = zipfile.ZipFile(io.BytesIO(data))
         except zipfile.BadZipFile:
-            raise InputError("the voice bundle is not a zip file (export one with GET /v1/audio/voices/{id}/export)") from None
+            raise InputError("the voice bundle is not a zip file "
+                             "(export one with GET /v1/audio/voices/{id}/export)") from None
         with zf:
             members = zf.infolist()
             if len(members) > MAX_BUNDLE_MEMBERS:
@@ -255,8 +256,8 @@ class VoiceStore:
             except ValueError as exc:
                 raise InputError(f"the voice bundle's voice.json is not valid JSON ({exc})") from None
             if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
-                raise InputError(f"unsupported voice bundle format {meta.get('format') if isinstance(meta, dict) else None!r}; "
-                                 f"this server reads format {BUNDLE_FORMAT}")
+                found = meta.get("format") if isinstance(meta, dict) else None
+                raise InputError(f"unsupported voice bundle format {found!r}; this server reads format {BUNDLE_FORMAT}")
             try:
                 samples, rate = sf.read(io.BytesIO(zf.read("audio.wav")), dtype="float32", always_2d=True)
             except (sf.LibsndfileError, RuntimeError) as exc:
@@ -265,7 +266,8 @@ class VoiceStore:
                 raise InputError("the voice bundle's audio is empty")
             audio = Audio(samples.mean(axis=1), int(rate))
             if max_seconds is not None and audio.duration > max_seconds:
-                raise InputError(f"the voice bundle's audio is {audio.duration:.1f} s long; the limit is {max_seconds:g} s")
+                raise InputError(f"the voice bundle's audio is {audio.duration:.1f} s long; "
+                                 f"the limit is {max_seconds:g} s")
             digest = audio_digest(audio.samples, audio.sample_rate)
             entries = []
             for index, raw in enumerate(meta.get("entries") or []):

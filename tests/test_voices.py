@@ -1,0 +1,100 @@
+"""web.voices: the voice folder and the portable bundle, without a server.
+
+Covers: sample-exact storage (the cache digest survives a round trip), id checks that keep caller
+strings out of paths, export/read of entries with their arrays, entries for other audio dropped,
+and refusal of malformed, oversized or pickled bundles.
+"""
+
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from audio_io import Audio
+from errors import InputError
+from funasr_cache import audio_digest
+from web.voices import BundleEntry, VoiceNotFound, VoiceStore, check_voice_id
+
+
+@pytest.fixture
+def store(tmp_path):
+    return VoiceStore(tmp_path / "voices")
+
+
+def _audio(seed=0, rate=22050):
+    rng = np.random.default_rng(seed)
+    return Audio((0.3 * rng.standard_normal(rate)).astype(np.float32), rate)
+
+
+def test_stored_audio_is_sample_exact(store):
+    audio = _audio()
+    voice = store.create(audio, "hello there", "Ann Example")
+    assert voice.id.startswith("ann-example-") and check_voice_id(voice.id) == voice.id
+    back = store.audio(voice.id)
+    assert back.sample_rate == audio.sample_rate and np.array_equal(back.samples, audio.samples)
+    assert audio_digest(back.samples, back.sample_rate) == voice.digest == store.get(voice.id).digest
+    assert [v.id for v in store.list()] == [voice.id]
+    store.delete(voice.id)
+    with pytest.raises(VoiceNotFound):
+        store.get(voice.id)
+
+
+@pytest.mark.parametrize("bad", ["../etc", "a/b", "UPPER", "", "x" * 65, "-lead", "a.b"])
+def test_ids_from_callers_never_become_paths(store, bad):
+    with pytest.raises(VoiceNotFound):
+        store.get(bad)
+    with pytest.raises(VoiceNotFound):
+        store.delete(bad)
+
+
+def test_bundle_round_trip_keeps_entries_and_drops_foreign_ones(store):
+    audio = _audio(1)
+    voice = store.create(audio, "a transcript", "v")
+    tokens = np.arange(12, dtype=np.int64).reshape(3, 4)
+    good = BundleEntry("tokens", "tok@abc/v1", voice.digest, {"n": 12}, {"codes": tokens}, 0.7)
+    other = BundleEntry("tokens", "tok@abc/v1", "0" * 64, {"n": 1}, {}, 0.1)  # for some other clip
+    bundle = VoiceStore.read_bundle(store.export_bundle(voice.id, [good, other], "Test engine"))
+    assert bundle.transcript == "a transcript" and bundle.engine == "Test engine"
+    assert np.array_equal(bundle.audio.samples, audio.samples)
+    assert len(bundle.entries) == 1
+    entry = bundle.entries[0]
+    assert (entry.kind, entry.namespace, entry.digest, dict(entry.payload), entry.cost_s) == \
+        ("tokens", "tok@abc/v1", voice.digest, {"n": 12}, 0.7)
+    assert entry.arrays["codes"].dtype == np.int64 and np.array_equal(entry.arrays["codes"], tokens)
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return out.getvalue()
+
+
+def test_bad_bundles_are_refused(store):
+    voice = store.create(_audio(2), "t", "v")
+    valid = store.export_bundle(voice.id, [], "e")
+    members = {n: zipfile.ZipFile(io.BytesIO(valid)).read(n) for n in ("voice.json", "audio.wav")}
+
+    with pytest.raises(InputError, match="not a zip"):
+        VoiceStore.read_bundle(b"PK\x03\x04 broken")
+    with pytest.raises(InputError, match="unexpected files"):
+        VoiceStore.read_bundle(_zip({**members, "run.py": b"print(1)"}))
+    with pytest.raises(InputError, match="format"):
+        VoiceStore.read_bundle(_zip({**members, "voice.json": json.dumps({"format": 99}).encode()}))
+    with pytest.raises(InputError, match="unpacks to more than"):
+        VoiceStore.read_bundle(_zip({**members, "entries/0/big.npy": b"\0" * (257 * 1024**2)}))
+    with pytest.raises(InputError, match="limit is 0.5 s"):
+        VoiceStore.read_bundle(valid, max_seconds=0.5)
+
+    # A pickled object array is never loaded: the entry is dropped, the voice itself still reads.
+    meta = json.loads(members["voice.json"])
+    meta["entries"] = [{"kind": "tokens", "namespace": "n@1/v1", "digest": voice.digest, "payload": {},
+                        "arrays": ["evil"]}]
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    bundle = VoiceStore.read_bundle(_zip({**members, "voice.json": json.dumps(meta).encode(),
+                                          "entries/0/evil.npy": pickled.getvalue()}))
+    assert bundle.entries == ()
