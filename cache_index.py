@@ -88,7 +88,7 @@ class DiskIndex:
         """Apply the journal lines other processes appended since we last looked.
 
         Raises:
-            OSError: only from rewriting a lost or torn journal (the folders are then the truth).
+            OSError: only from rebuilding after a lost or torn journal (the folders are then the truth).
         """
         try:
             with open(self.root / "journal", "rb") as f:

@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 
 from audio_io import Audio, AudioSource
 from edit_options import EDIT_TYPES
-from errors import InputError
+from errors import InputError, ModelError, StudioError
 from timings import StageTimings
 
 log = logging.getLogger(__name__)
@@ -272,13 +272,15 @@ class StepAudioEngine(Engine):
         from prompt_bundle import PromptBundler, features_namespace
         from tokenizer import StepAudioTokenizer
 
+        import time
+
+        started = time.perf_counter()
         self.settings = settings
         self._cache = cache
         try:
             self.device = resolve_device(settings.device)
             self.dtype = resolve_dtype(settings.dtype, self.device)
         except ValueError as exc:
-            from errors import ModelError
             raise ModelError(str(exc)) from None
         configure_tf32(settings.tf32)
         decoder_dir = settings.editx_dir / DECODER_SUBDIR
@@ -293,6 +295,9 @@ class StepAudioEngine(Engine):
         self.scheduler = BatchScheduler(lambda batch: generate_batch(self.llm, batch, self.sampling),
                                         settings.batch_window_ms / 1000.0, settings.max_batch_size)
         self._capabilities = tuple(EditCapability(t, opts) for t, opts in EDIT_TYPES.items())
+        log.info("Step-Audio-EditX engine ready in %.1f s on %s (%s); batching window %g ms, up to %d requests",
+                 time.perf_counter() - started, self.device, str(self.dtype).replace("torch.", ""),
+                 settings.batch_window_ms, settings.max_batch_size)
 
     # -------------------------------------------------------------- interface
 
@@ -394,7 +399,6 @@ class StepAudioEngine(Engine):
         """Generate one answer per prompt (chunks batch together), decode each, join; the Result."""
         import time
 
-        from errors import InputError
         from llm.generation import GenerationRequest
         from llm.longform import crossfade_join
         from llm.prompts import AUDIO_ID_OFFSET
@@ -412,7 +416,13 @@ class StepAudioEngine(Engine):
             timer.record(stage, 0.0)
         for i, (future, chunk_seed) in enumerate(zip(futures, chunk_seeds)):
             wait_start = time.perf_counter()
-            out = future.result()
+            try:
+                out = future.result()
+            except StudioError:
+                raise
+            except Exception as exc:  # noqa: BLE001 -- torch/transformers failures (e.g. out of memory)
+                log.exception("LLM generation failed")
+                raise ModelError(f"the LLM failed: {exc}") from None
             waited_ms += (time.perf_counter() - wait_start) * 1000.0
             batches[out.batch_id] = out
             generated += len(out.answer)
@@ -452,7 +462,7 @@ def _log_request(kind: str, t: StageTimings, digest: str) -> None:
     hit = "cache hit" if "cache_lookup" in t.cached else "computed"
     c = t.counters
     log.info("%s req=%s\nTotal time: %.3f s (%.2f s of audio, RTF %.3f)\n"
-             " - Get engine (decode + hash): %.1f ms\n"
+             " - Load audio (decode + hash): %.1f ms\n"
              " - Prompt bundle %s (%s): %.1f ms\n"
              " - %s: prompt build %.1f ms, LLM queue %.1f ms, prefill %.1f ms, decode %.1f ms "
              "(%d tokens, %.1f tokens/s, batch %d, %d chunk(s)), token2wav %.1f ms",

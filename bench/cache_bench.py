@@ -118,9 +118,9 @@ def main() -> None:
     import torch  # only to report its version, as every benchmark here does
 
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "funasr_cache.py"], capture_output=True, text=True,
-                           cwd=ROOT).stdout.strip()
-    print(f"git {sha}{' (funasr_cache.py modified)' if dirty else ''}  device: cpu ({platform.processor() or platform.machine()}, "
+    dirty = subprocess.run(["git", "status", "--porcelain", "funasr_cache.py", "cache_files.py", "cache_index.py",
+                            "cache_stats.py"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    print(f"git {sha}{' (cache modules modified)' if dirty else ''}  device: cpu ({platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores)  torch {torch.__version__}  dtype: float32 samples  python {platform.python_version()}")
     base = Path(tempfile.mkdtemp(dir=args.dir))
     fs = subprocess.run(["df", "-T", str(base)], capture_output=True, text=True).stdout.splitlines()[-1].split()[1]

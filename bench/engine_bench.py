@@ -129,7 +129,8 @@ def main() -> None:
     prompts = [make_prompt(rng, args.prompt_tokens + int(rng.integers(-30, 30))) for _ in range(16)]
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     header = (f"git {git_sha()} | device {device} ({gpu}) | torch {torch.__version__} | dtype "
-              f"{str(dtype).replace('torch.', '')} | threads {torch.get_num_threads()} | LLM {llm.parameters / 1e6:.1f} M "
+              f"{str(dtype).replace('torch.', '')} | threads {torch.get_num_threads()} | "
+              f"LLM {llm.parameters / 1e6:.1f} M "
               f"params (Llama, hidden {args.hidden}, {args.layers} layers) | prompt ~{args.prompt_tokens} ids | "
               f"{args.new_tokens} new tokens | window {args.window_ms:g} ms, max batch {args.max_batch}")
     print(header, flush=True)
@@ -161,7 +162,8 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     if args.markdown:
-        args.markdown.write_text(header + "\n\n" + "\n".join(steps) + "\n\n" + equality + "\n\n" + "\n".join(rows) + "\n")
+        sections = [header, "\n".join(steps), equality, "\n".join(rows)]
+        args.markdown.write_text("\n\n".join(sections) + "\n")
 
 
 if __name__ == "__main__":

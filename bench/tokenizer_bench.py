@@ -168,8 +168,11 @@ def main() -> None:
     parser.add_argument("--real-cold-reps", type=int, default=3)
     parser.add_argument("--warm-reps", type=int, default=200)
     parser.add_argument("--no-real-size", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,

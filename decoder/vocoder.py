@@ -257,7 +257,7 @@ class HiFTGenerator(nn.Module):
 
         Raises:
             InputError: mel has the wrong rank/channels, no frames, or non-finite values; an
-                injected draw has the wrong shape.
+                injected draw has the wrong shape; the generator is on another device type.
         """
         cfg = self.cfg
         if mel.dim() != 3 or mel.shape[1] != cfg.in_channels:
@@ -267,6 +267,9 @@ class HiFTGenerator(nn.Module):
         if not torch.isfinite(mel).all():
             raise InputError("vocoder input mel contains NaN or infinite values")
         param = self.conv_post.bias
+        if generator is not None and generator.device.type != param.device.type:
+            raise InputError(f"the generator is on {generator.device}, the vocoder on {param.device}; "
+                             "random draws must come from a generator on the vocoder's device")
         batch, frames = mel.shape[0], mel.shape[2]
         samples = frames * cfg.upsample_scale
         with torch.inference_mode():

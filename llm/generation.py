@@ -46,7 +46,8 @@ class GenerationOutput:
     sampling_ms: float = 0.0   # of prefill + decode, the time spent in the sampler
 
 
-def generate_batch(llm: LoadedLLM, requests: Sequence[GenerationRequest], config: SamplingConfig) -> list[GenerationOutput]:
+def generate_batch(llm: LoadedLLM, requests: Sequence[GenerationRequest],
+                   config: SamplingConfig) -> list[GenerationOutput]:
     """Generate an answer for every request in one padded batch.
 
     Each row samples with its own ``torch.Generator`` seeded from its request, so a row's ids do

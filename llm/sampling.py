@@ -130,7 +130,7 @@ class SeededSampler:
         eos_ids: every id that counts as end of answer (allowed through the slot mask).
 
     Returns (per call) scores that are 0 at the sampled id and -inf elsewhere. Also records when
-    the first step ran (end of prefill) and how many steps ran.
+    the prompt pass had finished (``first_step_at``), how many steps ran and its own run time.
     """
 
     def __init__(self, config: SamplingConfig, seeds: Sequence[int], prompt_lens: Sequence[int],
@@ -148,7 +148,6 @@ class SeededSampler:
             self.generators.append(g)
         self.steps = 0
         self.first_step_at: float | None = None
-        self.last_step_at: float | None = None
         self._slot_masks: dict[bool, torch.Tensor] = {}
         self.busy_s = 0.0                      # time spent in this processor (sampling overhead)
 
@@ -160,9 +159,6 @@ class SeededSampler:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         now = time.perf_counter()
-        if self.first_step_at is None:
-            self.first_step_at = now
-        self.last_step_at = now
         step = self.steps
         self.steps += 1
         scores = repetition_ban(input_ids, scores, self.config.repetition_window, self.prompt_lens + step)
@@ -172,6 +168,8 @@ class SeededSampler:
             scores = scores.masked_fill(self._disallowed(step, scores), float("-inf"))
         probs, ids = top_candidates(scores / self.config.temperature, self.config.top_k, self.config.top_p)
         probs, ids = probs.cpu(), ids.cpu()    # [B, k]: only the candidates cross to the host
+        if self.first_step_at is None:         # after the copy, so a GPU prefill has really finished
+            self.first_step_at = time.perf_counter()
         chosen = []
         for row, g in enumerate(self.generators):
             if step >= self.budgets[row] or not torch.isfinite(probs[row]).all():

@@ -108,6 +108,23 @@ def test_second_clone_is_served_from_the_cache(engine, first_clone):
     assert other.tokens != first_clone.tokens
 
 
+def test_prompt_features_survive_a_restart(engine, first_clone):
+    from prompt_bundle import PromptBundler
+    from timings import Timer
+
+    samples, rate = sf.read(PROMPT_WAV, dtype="float32")
+    clip, digest = Audio(samples, rate), audio_digest(samples, rate)
+    fresh_cache = PromptCache(engine.settings.cache_dir)          # a new process's view of the folder
+    bundler = PromptBundler(engine.tokenizer, engine.decoder.frontend, fresh_cache, engine.bundler.namespace)
+    before = _calls(engine)
+    bundle, hits = bundler.bundle(clip, digest, Timer())
+    assert hits == {"tokens", "prompt_features"} and _calls(engine) == before
+    reference, _ = engine.bundler.bundle(clip, digest, Timer())
+    np.testing.assert_array_equal(bundle.features.mel, reference.features.mel)
+    np.testing.assert_array_equal(bundle.features.embedding, reference.features.embedding)
+    assert bundle.features.mel.shape[1] == 80 and bundle.features.embedding.shape == (192,)
+
+
 def test_random_seed_is_reported_and_reproduces(engine, first_clone):
     r = engine.clone(str(PROMPT_WAV), PROMPT_TEXT, "Hello.")
     assert 0 <= r.seed < 2**31
@@ -209,6 +226,21 @@ def test_an_answer_without_audio_is_a_model_error(engine, first_clone):
     assert isinstance(saved, SamplingConfig)
 
 
+def test_a_failing_llm_is_a_model_error(engine, first_clone):
+    class Exploding:   # fault injection: the model's generate raises like a CUDA OOM would
+        def generate(self, **kwargs):
+            raise RuntimeError("CUDA out of memory")
+
+    saved = engine.llm
+    engine.llm = dataclasses.replace(saved, model=Exploding())
+    try:
+        with pytest.raises(ModelError, match="the LLM failed: CUDA out of memory"):
+            engine.clone(str(PROMPT_WAV), PROMPT_TEXT, "Hi.", seed=1)
+    finally:
+        engine.llm = saved
+    assert engine.clone(str(PROMPT_WAV), PROMPT_TEXT, "Hi.", seed=1).tokens   # the scheduler survived
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda e: e.clone(str(PROMPT_WAV), PROMPT_TEXT, "   "), "target text is empty"),
     (lambda e: e.clone(str(PROMPT_WAV), "", "Hi."), "prompt text .* is empty"),
@@ -237,3 +269,16 @@ def test_describe_capabilities_ready(engine):
     assert set(caps) == set(EDIT_TYPES) and caps["style"].options == EDIT_TYPES["style"]
     assert all(c.available and not c.unavailable_options for c in caps.values())
     assert engine.ready() == (True, "ok (cpu)")
+
+
+def test_create_engine_auto_picks_step_audio_for_a_complete_root(engine):
+    from tts_engine import StepAudioEngine, create_engine, missing_model_files
+
+    settings = engine.settings.replace(engine="auto")
+    assert missing_model_files(settings) == []
+    created = create_engine(settings)
+    try:
+        assert isinstance(created, StepAudioEngine)
+        assert created.prompt_namespaces() == engine.prompt_namespaces()   # same files, same cache keys
+    finally:
+        created.close()
