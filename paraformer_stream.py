@@ -204,10 +204,12 @@ class ParaformerStream:
         with _quiet_and_seed_neutral(device):
             try:
                 from funasr import AutoModel
-                auto = AutoModel(**conf, model_path=str(files.folder), device=str(device), disable_update=True,
-                                 disable_pbar=True, trust_remote_code=False, init_param=None,
-                                 ncpu=torch.get_num_threads(),  # AutoModel would reset the process's threads
-                                 log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
+                # init_param None: weights are loaded strictly below, from .safetensors or .pt.
+                auto = AutoModel(**{**conf, "model_path": str(files.folder), "device": str(device),
+                                    "disable_update": True, "disable_pbar": True, "trust_remote_code": False,
+                                    "init_param": None,
+                                    "ncpu": torch.get_num_threads(),  # else AutoModel resets the process's threads
+                                    "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel())})
             except Exception as exc:  # noqa: BLE001 - funasr raises many kinds; the user needs one
                 raise ModelError(f"funasr could not build the model in {files.folder}: {exc}") from None
         model = auto.model

@@ -232,6 +232,7 @@ class StepAudioTokenizer:
             raise ModelError(f"could not load {ONNX_FILE}: {exc}") from None
         if len(session.get_inputs()) < 2 or not session.get_outputs():
             raise ModelError(f"{ONNX_FILE} must take (mel, length) and return codes")
+        _warm_up_trim()
         files = [folder / CODEBOOK_FILE, folder / ONNX_FILE, *paraformer.files.all()]
         namespace = make_namespace(folder.name, fingerprint_files(files), PREPROCESS_VERSION)
         return cls(paraformer, codebook, session, options, cache, namespace, device)
@@ -307,31 +308,27 @@ class StepAudioTokenizer:
         _check_audio(audio)
         with timer.stage("hash"):
             digest = digest or audio_digest(audio.samples, audio.sample_rate)
-        with timer.stage("cache_lookup"):
-            entry = self.cache.get(CACHE_KIND, self.namespace, digest)
-            tokens = _tokens_from_entry(entry)
-        hit = tokens is not None
+        computed: list[Tokens] = []
+        looked_up = time.perf_counter()
+
+        def compute() -> tuple[dict, None]:
+            timer.record("cache_lookup", (time.perf_counter() - looked_up) * 1000.0)
+            computed.append(self._encode(audio, timer))
+            return {"vq02": list(computed[0].vq02), "vq06": list(computed[0].vq06)}, None
+
+        # One call: a hit, or our encoding stored, or (concurrent misses of one clip) the one
+        # encoding another request did while we waited -- the cache single-flights per key.
+        entry, hit = self.cache.get_or_compute(CACHE_KIND, self.namespace, digest, compute)
         if hit:
-            timer.mark_cached("cache_lookup")
-        else:
-            computed: list[Tokens] = []
-
-            def compute() -> tuple[dict, None]:
-                computed.append(self._encode(audio, timer))
-                return {"vq02": list(computed[0].vq02), "vq06": list(computed[0].vq06)}, None
-
-            if entry is None:  # concurrent misses of one clip encode once (the cache single-flights)
-                start = time.perf_counter()
-                entry, _ = self.cache.get_or_compute(CACHE_KIND, self.namespace, digest, compute)
-                if not computed:  # another request encoded it while we waited
-                    timer.record("coalesced_wait", (time.perf_counter() - start) * 1000.0)
-            else:  # a malformed entry: recompute and replace it
-                start = time.perf_counter()
-                payload, _ = compute()
-                self.cache.put(CACHE_KIND, self.namespace, digest, payload, time.perf_counter() - start)
-            tokens = computed[0] if computed else _tokens_from_entry(entry)
-            if tokens is None:
-                raise ModelError("the tokens another request computed for this clip are unreadable")
+            timer.record("cache_lookup", (time.perf_counter() - looked_up) * 1000.0, cached=True)
+        elif not computed:
+            timer.record("coalesced_wait", (time.perf_counter() - looked_up) * 1000.0)
+        tokens = computed[0] if computed else _tokens_from_entry(entry)
+        if tokens is None:  # a malformed entry: recompute and replace it
+            hit, start = False, time.perf_counter()
+            payload, _ = compute()
+            self.cache.put(CACHE_KIND, self.namespace, digest, payload, time.perf_counter() - start)
+            tokens = computed[0]
         timer.set_counter("groups", tokens.n_groups)
         timings = timer.finish()
         _log_request(digest, hit, timings)
@@ -368,6 +365,14 @@ def _tokens_from_entry(entry) -> Tokens | None:
     except (KeyError, TypeError, ValueError):
         log.warning("ignoring a malformed tokens cache entry %s", entry.digest[:12])
         return None
+
+
+def _warm_up_trim() -> None:
+    """Run librosa's trim once at load: with a cold numba cache its first call compiles for ~15 s,
+    which would otherwise land on the first user's request."""
+    start = time.perf_counter()
+    trim_silence(np.sin(np.arange(SAMPLE_RATE, dtype=np.float32) * 0.05))
+    log.debug("preprocessing warm-up took %.1f ms", (time.perf_counter() - start) * 1000.0)
 
 
 def _load_codebook(path: Path, dim: int) -> torch.Tensor:

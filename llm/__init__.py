@@ -2,8 +2,9 @@
 
 Owns: everything between "a prompt bundle and some text" and "a list of LLM audio ids":
 the byte-exact prompt layout (``prompts``), the sampling rules and output filtering
-(``sampling``), the request batcher (``batching``), loading the model folder (``loader``)
-and splitting long text / joining the audio pieces (``longform``).
+(``sampling``), padded batched generation (``generation``), the request batcher (``batching``),
+loading the model folder (``loader``) and splitting long text / joining the audio pieces
+(``longform``).
 Does not own: audio tokenisation (``tokenizer.py``), waveform synthesis (``decoder/``),
 request orchestration and timing (``tts_engine.py``).
 """

@@ -41,6 +41,18 @@ def golden_tokens() -> tk.Tokens:
     return tk.Tokens(tuple(GOLDEN["vq02"].tolist()), tuple(GOLDEN["vq06"].tolist()))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def process_state():
+    """One torch thread (the tiny models' per-chunk matmuls gain nothing from threads, and on a busy
+    2-core machine spinning OpenMP workers made each clip ~100x slower); the process-wide TF32
+    flags the loads below set are restored afterwards."""
+    before = torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before[0])
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[1:]
+
+
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     cache = PromptCache(tmp_path_factory.mktemp("cache"))
@@ -219,6 +231,7 @@ def test_default_session_options_and_tf32_on(tok):
     assert fresh.paraformer.model.decoder is None  # only the encoder is kept
 
 
+@pytest.mark.slow
 def test_import_and_load_leave_the_process_alone():
     """Importing tokenizer does not import funasr; loading leaves logging and stdout untouched."""
     code = (
@@ -357,3 +370,16 @@ def test_concurrent_requests_for_one_clip_encode_once(tok, tmp_path, monkeypatch
     assert encode_chunk.calls == len(GOLDEN["encoder_chunk_lengths"])  # one encoding for both
     assert [r.tokens for r in results] == [golden_tokens()] * 2
     assert sum("vq02_encode" in r.timings.stages_ms for r in results) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_golden_without_tf32(tmp_path):
+    try:
+        cuda_tok = tk.StepAudioTokenizer.load(TOK_DIR, Settings(tf32=False), PromptCache(tmp_path / "c"), "cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    out = cuda_tok.paraformer.encode(GOLDEN["wav16k_pre"][0])
+    assert out.enc_out.device.type == "cuda"
+    np.testing.assert_allclose(out.enc_out.cpu().numpy(), GOLDEN["enc_out"][0], atol=1e-4, rtol=1e-4)
+    assert cuda_tok.tokenize(WAV_IN).tokens == golden_tokens()
