@@ -35,10 +35,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
+    from devices import configure_threads
     from errors import StudioError
     from tts_engine import create_engine
     from web.server import create_app
 
+    configure_threads(settings.torch_threads)
     try:
         engine = create_engine(settings)
     except StudioError as exc:

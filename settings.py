@@ -51,11 +51,13 @@ class Settings:
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16"})
     tf32: bool = field(default=True, metadata={"help": "allow TF32 matmul/cuDNN on CUDA"})
     trust_remote_code: bool = field(default=True, metadata={"help": "run the LLM's modeling code from your local model folder"})
+    torch_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default, one per core)"})
     flow_steps: int = field(default=10, metadata={"help": "Euler steps of the flow-matching decoder (5 is faster)"})
 
     # --- ONNX Runtime
     ort_intra_op_threads: int = field(default_factory=_default_ort_threads, metadata={"help": "threads inside one ONNX op (default min(4, cores))"})
-    ort_inter_op_threads: int = field(default=1, metadata={"help": "threads across independent ONNX ops"})
+    # ORT runs sequentially whenever inter-op threads is 1, whatever the execution mode says.
+    ort_inter_op_threads: int = field(default=2, metadata={"help": "threads across independent ONNX ops (parallel mode needs >= 2)"})
     ort_execution_mode: str = field(default="parallel", metadata={"help": "parallel | sequential"})
     ort_tensorrt: bool = field(default=False, metadata={"help": "try the TensorRT execution provider first"})
 
@@ -84,6 +86,8 @@ class Settings:
             raise ValueError(f"engine must be one of {', '.join(ENGINE_CHOICES)}, not {self.engine!r}")
         if self.ort_execution_mode not in EXECUTION_MODES:
             raise ValueError(f"ort_execution_mode must be one of {', '.join(EXECUTION_MODES)}, not {self.ort_execution_mode!r}")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads must be 0 (default) or more, not {self.torch_threads!r}")
         for name in ("port", "concurrency_limit", "cache_max_entries", "cache_max_bytes", "max_text_chars",
                      "ort_intra_op_threads", "ort_inter_op_threads", "flow_steps", "max_batch_size",
                      "text_chunk_chars"):

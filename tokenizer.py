@@ -299,8 +299,8 @@ class StepAudioTokenizer:
             digest: ``funasr_cache.audio_digest`` of ``audio``; computed when None.
         Returns:
             :class:`TokenizeResult` with stages hash, cache_lookup, and on a miss preprocess,
-            vq02_encode, vq06_encode, merge (or coalesced_wait when a concurrent request for the
-            same clip did the work).
+            vq02_encode, vq06_encode, merge. When a concurrent request for the same clip did the
+            encoding, only hash and cache_lookup (which includes the wait) and counter coalesced=1.
         Raises:
             InputError: see :meth:`preprocess`. ModelError: a model misbehaved.
         """
@@ -311,24 +311,28 @@ class StepAudioTokenizer:
         computed: list[Tokens] = []
         looked_up = time.perf_counter()
 
-        def compute() -> tuple[dict, None]:
-            timer.record("cache_lookup", (time.perf_counter() - looked_up) * 1000.0)
-            computed.append(self._encode(audio, timer))
-            return {"vq02": list(computed[0].vq02), "vq06": list(computed[0].vq06)}, None
+        def since_lookup() -> float:
+            return (time.perf_counter() - looked_up) * 1000.0
 
-        # One call: a hit, or our encoding stored, or (concurrent misses of one clip) the one
-        # encoding another request did while we waited -- the cache single-flights per key.
+        def compute() -> tuple[dict, None]:
+            timer.record("cache_lookup", since_lookup())
+            computed.append(self._encode(audio, timer))
+            return _payload(computed[0]), None
+
+        # One call: a hit, our own encoding (stored), or -- for concurrent misses of one clip --
+        # the encoding another request did while we waited: the cache single-flights per key.
         entry, hit = self.cache.get_or_compute(CACHE_KIND, self.namespace, digest, compute)
-        if hit:
-            timer.record("cache_lookup", (time.perf_counter() - looked_up) * 1000.0, cached=True)
-        elif not computed:
-            timer.record("coalesced_wait", (time.perf_counter() - looked_up) * 1000.0)
         tokens = computed[0] if computed else _tokens_from_entry(entry)
         if tokens is None:  # a malformed entry: recompute and replace it
-            hit, start = False, time.perf_counter()
-            payload, _ = compute()
-            self.cache.put(CACHE_KIND, self.namespace, digest, payload, time.perf_counter() - start)
-            tokens = computed[0]
+            hit = False
+            timer.record("cache_lookup", since_lookup())
+            start = time.perf_counter()
+            tokens = self._encode(audio, timer)
+            self.cache.put(CACHE_KIND, self.namespace, digest, _payload(tokens), time.perf_counter() - start)
+        elif not computed:
+            timer.record("cache_lookup", since_lookup(), cached=hit)
+            if not hit:
+                timer.set_counter("coalesced", 1)  # the lookup time includes the wait
         timer.set_counter("groups", tokens.n_groups)
         timings = timer.finish()
         _log_request(digest, hit, timings)
@@ -354,6 +358,10 @@ def _merge(vq02: tuple[int, ...], vq06: tuple[int, ...]) -> Tokens:
     if tokens.n_groups == 0:
         raise InputError("the prompt clip is too short to give any audio tokens")
     return tokens
+
+
+def _payload(tokens: Tokens) -> dict:
+    return {"vq02": list(tokens.vq02), "vq06": list(tokens.vq06)}
 
 
 def _tokens_from_entry(entry) -> Tokens | None:
@@ -390,8 +398,8 @@ def _log_request(digest: str, hit: bool, t: StageTimings) -> None:
     ms = t.stages_ms
     line = (f"FunASR cache {'HIT' if hit else 'MISS'} {digest[:12]}: hash {ms['hash']:.1f} ms, "
             f"lookup {ms['cache_lookup']:.1f} ms")
-    if "coalesced_wait" in ms:
-        line += f"; waited {ms['coalesced_wait']:.1f} ms for a concurrent request's encoding"
+    if t.counters.get("coalesced"):
+        line += " (waiting for a concurrent request's encoding of the same clip)"
     elif not hit:
         encode_s = sum(ms[k] for k in ("preprocess", "vq02_encode", "vq06_encode", "merge")) / 1000.0
         line += (f"; FunASR encoding: {encode_s:.3f} s (preprocess {ms['preprocess']:.1f} ms, "

@@ -54,6 +54,26 @@ def test_tf32_flags_follow_configuration():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
+def test_torch_threads_setting_is_applied_and_validated():
+    from devices import configure_threads
+
+    before = torch.get_num_threads()
+    try:
+        configure_threads(1)
+        assert torch.get_num_threads() == 1
+        configure_threads(0)  # 0 keeps whatever is set
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="torch_threads"):
+        load_settings(["--torch-threads", "-1"], env={})
+
+
+def test_default_onnx_settings_really_run_in_parallel():
+    s = Settings()
+    assert s.ort_execution_mode == "parallel" and s.ort_inter_op_threads >= 2
+
+
 def test_device_and_dtype_resolution():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
