@@ -65,7 +65,7 @@ def audio_digest(samples: np.ndarray, sample_rate: int) -> str:
 
     Hash the *decoded, preprocessed* samples so that any file name or container that decodes to
     the same samples gives the same key. SHA-256 was faster than BLAKE2b on the x86 CPUs we measured
-    (SHA-NI; see docs/perf/cache.md); the choice is fixed because keys must agree across machines.
+    (SHA-NI; see docs/performance.md); the choice is fixed because keys must agree across machines.
 
     Parameters:
         samples: ``[N]`` mono audio (any float dtype; converted to float32 without a copy when it

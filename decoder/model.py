@@ -186,6 +186,7 @@ class AudioDecoder:
         with torch.random.fork_rng(devices=[]):  # the vocoder's default init must not move the global RNG
             hift = HiFTGenerator(config.hift)
         load_hift_state_dict(hift, load_state_dict_file(hift_path))
+        hift.fold_weight_norm()  # weights are fixed from here on: no per-call renormalisation
         hift = hift.to(device=device, dtype=torch.float32).eval()
         frontend = PromptFrontend(config.mel, folder / "campplus.onnx", onnx_options)
         log.info("audio decoder loaded from %s (%s, flow %s, %d Euler steps)", folder, device, dtype, n_steps)

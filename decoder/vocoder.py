@@ -300,7 +300,7 @@ class HiFTGenerator(nn.Module):
         """Replace every weight-norm parametrization by its current weight, in place.
 
         Call after loading: inference then skips renormalising each conv weight per call (1.2-1.35x
-        faster on an H100, about the same on CPU; docs/perf/vocoder.md). The state dict then holds
+        faster on an H100, about the same on CPU; docs/performance.md). The state dict then holds
         plain ``<conv>.weight`` keys, so load checkpoints before folding, not after.
         """
         for module in self.modules():

@@ -52,7 +52,7 @@ def generate_batch(llm: LoadedLLM, requests: Sequence[GenerationRequest],
 
     Each row samples with its own ``torch.Generator`` seeded from its request, so a row's ids do
     not depend on what it is batched with (up to floating-point differences that padding causes
-    in the logits; see docs/perf/engine.md).
+    in the logits; see docs/performance.md).
 
     Raises:
         ValueError: a prompt is empty or longer than ``config.max_length - 1``.
