@@ -3,9 +3,11 @@
 Owns: the ``Engine`` contract (clone, edit, prompt preparation, capabilities, readiness), the
 value types that cross it (``Result``, ``CloneOptions``, ``EngineInfo``, ``EditCapability``,
 ``PromptReport``), shared request validation, and ``create_engine`` (auto / step-audio /
-preview). The Step-Audio-EditX implementation lives further down in this module's section
-(issue 7); the preview engine lives in ``preview/``.
-Does not own: models, audio formats, caching mechanics.
+preview), and ``StepAudioEngine``: the real engine, which runs prompt work through the cache,
+asks the LLM (batched) for audio tokens, decodes them and times every stage. The preview engine
+lives in ``preview/``.
+Does not own: the models themselves (``tokenizer.py``, ``llm/``, ``decoder/``), audio formats,
+caching mechanics.
 """
 
 from __future__ import annotations
@@ -13,13 +15,28 @@ from __future__ import annotations
 import abc
 import logging
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-from audio_io import Audio, AudioSource
+import torch
+
+from audio_io import Audio, AudioSource, load_audio
+from decoder.model import AudioDecoder
+from devices import configure_tf32, resolve_device, resolve_dtype
 from edit_options import EDIT_TYPES
 from errors import InputError, ModelError, StudioError
-from timings import StageTimings
+from funasr_cache import PromptCache, audio_digest
+from llm.batching import BatchScheduler
+from llm.generation import GenerationRequest, generate_batch
+from llm.loader import load_llm
+from llm.longform import crossfade_join, split_text
+from llm.prompts import AUDIO_ID_OFFSET, clone_prompt_ids, clone_speaker_id, edit_instruction, edit_prompt_ids
+from llm.sampling import SamplingConfig, audio_answer
+from onnx_session import OnnxOptions
+from prompt_bundle import PromptBundler, features_namespace
+from timings import StageTimings, Timer
+from tokenizer import StepAudioTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -214,9 +231,6 @@ def create_engine(settings) -> Engine:
     engine, and logs why. ``step-audio`` fails loudly (ModelError) if the folders are incomplete;
     ``preview`` never looks at them.
     """
-    from errors import ModelError
-    from funasr_cache import PromptCache
-
     cache = PromptCache.from_settings(settings)
     choice = settings.engine
     if choice == "auto":
@@ -237,10 +251,10 @@ def create_engine(settings) -> Engine:
     if missing:
         raise ModelError(f"engine=step-audio but these model files are missing under {settings.model_root}: "
                          + ", ".join(missing))
-    return StepAudioEngine(settings, cache)  # noqa: F821  (defined by the Step-Audio section, issue 7)
+    return StepAudioEngine(settings, cache)
 
 
-# --------------------------------------------------------------------------- Step-Audio-EditX (issue 7)
+# --------------------------------------------------------------------------- Step-Audio-EditX
 
 CROSSFADE_MS = 30.0          # seam between long-text chunks
 _TYPES_NEEDING_AUDIO_TEXT = ("emotion", "style", "speed", "paralinguistic")
@@ -262,18 +276,6 @@ class StepAudioEngine(Engine):
     """
 
     def __init__(self, settings, cache) -> None:
-        from decoder.model import AudioDecoder
-        from devices import configure_tf32, resolve_device, resolve_dtype
-        from llm.batching import BatchScheduler
-        from llm.generation import generate_batch
-        from llm.loader import load_llm
-        from llm.sampling import SamplingConfig
-        from onnx_session import OnnxOptions
-        from prompt_bundle import PromptBundler, features_namespace
-        from tokenizer import StepAudioTokenizer
-
-        import time
-
         started = time.perf_counter()
         self.settings = settings
         self._cache = cache
@@ -318,8 +320,6 @@ class StepAudioEngine(Engine):
         return self.bundler.namespaces
 
     def ready(self) -> tuple[bool, str]:
-        import torch
-
         if self.device.type == "cuda" and not torch.cuda.is_available():
             return False, f"{self.device} is not available"
         return True, f"ok ({self.device})"
@@ -328,8 +328,6 @@ class StepAudioEngine(Engine):
         self.scheduler.close()
 
     def prepare_prompt(self, prompt_audio: AudioSource) -> PromptReport:
-        from timings import Timer
-
         timer = Timer()
         audio, digest = self._decode(prompt_audio, timer)
         _, hits = self.bundler.bundle(audio, digest, timer)
@@ -339,10 +337,6 @@ class StepAudioEngine(Engine):
 
     def clone(self, prompt_audio: AudioSource, prompt_text: str, target_text: str, *, seed: int | None = None,
               options: CloneOptions = CloneOptions(), progress: ProgressFn = no_progress) -> Result:
-        from llm.longform import split_text
-        from llm.prompts import clone_prompt_ids, clone_speaker_id
-        from timings import Timer
-
         limit = self.settings.max_text_chars
         prompt_text = validate_text(prompt_text, "the prompt text (what the prompt clip says)", limit)
         target_text = validate_text(target_text, "the target text", limit)
@@ -360,9 +354,6 @@ class StepAudioEngine(Engine):
     def edit(self, audio: AudioSource, audio_text: str, edit_type: str, edit_info: str | None = None,
              text: str | None = None, *, seed: int | None = None, options: CloneOptions = CloneOptions(),
              progress: ProgressFn = no_progress) -> Result:
-        from llm.prompts import edit_instruction, edit_prompt_ids
-        from timings import Timer
-
         edit_info = validate_edit(edit_type, edit_info, self._capabilities)
         limit = self.settings.max_text_chars
         if edit_type in _TYPES_NEEDING_AUDIO_TEXT:
@@ -385,9 +376,6 @@ class StepAudioEngine(Engine):
     # -------------------------------------------------------------- steps
 
     def _decode(self, source: AudioSource, timer) -> tuple[Audio, str]:
-        from audio_io import load_audio
-        from funasr_cache import audio_digest
-
         with timer.stage("decode_audio"):
             audio = load_audio(source, max_seconds=self.settings.max_prompt_seconds)
         with timer.stage("hash"):
@@ -397,13 +385,6 @@ class StepAudioEngine(Engine):
     def _generate(self, kind: str, prompts: list[list[int]], bundle, seed: int, options: CloneOptions,
                   progress: ProgressFn, timer, text: str) -> Result:
         """Generate one answer per prompt (chunks batch together), decode each, join; the Result."""
-        import time
-
-        from llm.generation import GenerationRequest
-        from llm.longform import crossfade_join
-        from llm.prompts import AUDIO_ID_OFFSET
-        from llm.sampling import audio_answer
-
         for ids in prompts:
             if len(ids) >= self.sampling.max_length - 5:
                 raise InputError(f"the prompt clip and text make {len(ids)} LLM tokens; the model's limit is "

@@ -22,78 +22,8 @@ from errors import ModelError
 
 DECODER = FIXTURES / "decoder"
 
-SHIPPED_YAML = """\
-mel_conf:
-    num_mels: 80
-    n_fft: 1920
-    hop_size: 480
-    win_size: 1920
-    sampling_rate: 24000
-    fmin: 0
-    fmax: 8000
-
-flow: !new:stepvocoder.cosyvoice2.flow.flow.CausalMaskedDiffWithXvec
-    input_size: 512
-    output_size: 80
-    spk_embed_dim: 192
-    output_type: 'mel'
-    vocab_size: 5121
-    input_embedding: !new:stepvocoder.cosyvoice2.embedding.dual_codebook.DualCodebookEmbedding
-        vocab_size: 5121
-        input_size: 512
-    encoder: !new:stepvocoder.cosyvoice2.transformer.upsample_encoder_v2.UpsampleConformerEncoderV2
-        input_size: 512
-        output_size: 512
-        input_layer: 'linear'
-        pre_lookahead_len: 3
-        num_blocks: 6
-        num_up_blocks: 4
-        up_stride: 2
-        up_scale_factor: 2
-        attention_heads: 8
-        pos_enc_layer_type: 'rel_pos_espnet'
-        selfattention_layer_type: 'rel_selfattn'
-        key_bias: true
-        linear_units: 2048
-        dropout_rate: 0.1
-        positional_dropout_rate: 0.1
-        attention_dropout_rate: 0.1
-        normalize_before: True
-    decoder: !new:stepvocoder.cosyvoice2.flow.flow_matching.CausalConditionalCFM
-        inference_cfg_rate: 0.7
-        estimator: !new:stepvocoder.cosyvoice2.flow.decoder_dit.DiT
-            in_channels: 320
-            out_channels: 80
-            mlp_ratio: 4.0
-            depth: 16
-            num_heads: 8
-            head_dim: 64
-            hidden_size: 512
-
-hift: !new:stepvocoder.cosyvoice2.hifigan.generator.HiFTGenerator
-    in_channels: 80
-    base_channels: 512
-    nb_harmonics: 8
-    sampling_rate: 24000
-    nsf_alpha: 0.1
-    nsf_sigma: 0.003
-    nsf_voiced_threshold: 10
-    upsample_rates: [8, 5, 3]
-    upsample_kernel_sizes: [16, 11, 7]
-    istft_params:
-        n_fft: 16
-        hop_len: 4
-    resblock_kernel_sizes: [3, 7, 11]
-    resblock_dilation_sizes: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
-    source_resblock_kernel_sizes: [7, 7, 11]
-    source_resblock_dilation_sizes: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
-    lrelu_slope: 0.1
-    audio_limit: 0.99
-    f0_predictor: !new:stepvocoder.cosyvoice2.hifigan.f0_predictor.ConvRNNF0Predictor
-        num_class: 1
-        in_channels: 80
-        cond_channels: 512
-"""
+# Shipped-size yaml (pipeline.md §3.1), kept as a data file that bench/decoder_bench.py reads too.
+SHIPPED_YAML = (DECODER / "cosyvoice_shipped.yaml").read_text()
 
 
 @pytest.fixture(scope="module")
