@@ -435,7 +435,8 @@ class StepAudioEngine(Engine):
 
 
 def _log_request(kind: str, t: StageTimings, digest: str) -> None:
-    """One summary block per request, then the greppable ``timing`` line."""
+    """One summary block per request. The greppable ``timing`` line is the edge's (UI / HTTP), which
+    knows the request id the client sees; here it is only logged at DEBUG for direct engine use."""
     req = secrets.token_hex(2)
     ms = t.stages_ms
     prompt_ms = sum(v for k, v in ms.items() if k.startswith(("tokenize_", "prompt_mel", "speaker_embedding",
@@ -452,4 +453,4 @@ def _log_request(kind: str, t: StageTimings, digest: str) -> None:
              kind.capitalize(), ms.get("prompt_build", 0.0), ms.get("llm_queue", 0.0), ms.get("llm_prefill", 0.0),
              ms.get("llm_decode", 0.0), int(c.get("llm_tokens", 0)), c.get("tokens_per_s", 0.0),
              int(c.get("batch_size", 0)), int(c.get("chunks", 0)), ms.get("token2wav", 0.0))
-    log.info("%s", t.log_line(kind.split(":")[0], req))
+    log.debug("%s", t.log_line(kind.split(":")[0], req))

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, environment_header, interleaved, repeat_ms, summary
+
 sys.path.insert(0, str(ROOT))
 
 import funasr_cache as fc  # noqa: E402
@@ -38,39 +39,10 @@ from funasr_cache import PromptCache, audio_digest  # noqa: E402
 NS = fc.make_namespace("Step-Audio-Tokenizer", "0123456789abcdef", 1)
 
 
-def summary(ms: list[float]) -> dict:
-    a = np.asarray(ms)
-    return {"n": len(a), "median": float(np.median(a)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "max": float(a.max())}
-
-
-def timed(fn, n: int, warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - start) * 1e3)
-    return out
-
-
-def timed_interleaved(fns: dict, n: int, warmup: int = 3) -> dict[str, list[float]]:
-    """Like timed(), but the functions take turns, so that load from other jobs hits all alike."""
-    out = {name: [] for name in fns}
-    for i in range(warmup + n):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            if i >= warmup:
-                out[name].append((time.perf_counter() - start) * 1e3)
-    return out
-
-
 def row(name: str, ms: list[float], baseline: dict | None = None) -> str:
     s = summary(ms)
     ratio = f"{baseline['median'] / s['median']:.2f}x" if baseline else ""
-    return f"| {name} | {s['n']} | {s['median']:.3f} | {s['p90']:.3f} | {s['p99']:.3f} | {s['max']:.3f} | {ratio} |"
+    return f"| {name} | {s['count']} | {s['median']:.3f} | {s['p90']:.3f} | {s['p99']:.3f} | {s['max']:.3f} | {ratio} |"
 
 
 def seed_digest(samples: np.ndarray, rate: int) -> str:
@@ -115,13 +87,11 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="where to build caches (default: a temp dir)")
     parser.add_argument("--n", type=int, default=200, help="repetitions per timing")
     args = parser.parse_args()
-    import torch  # only to report its version, as every benchmark here does
-
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    # the header's +dirty covers the whole tree; this says whether the cache code itself changed
     dirty = subprocess.run(["git", "status", "--porcelain", "funasr_cache.py", "cache_files.py", "cache_index.py",
                             "cache_stats.py"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    print(f"git {sha}{' (cache modules modified)' if dirty else ''}  device: cpu ({platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores)  torch {torch.__version__}  dtype: float32 samples  python {platform.python_version()}")
+    print(environment_header("cpu", "float32 samples", [f"python {platform.python_version()}"]
+                             + (["cache modules modified"] if dirty else [])))
     base = Path(tempfile.mkdtemp(dir=args.dir))
     fs = subprocess.run(["df", "-T", str(base)], capture_output=True, text=True).stdout.splitlines()[-1].split()[1]
     print(f"cache folders under {base} ({fs}); load average {os.getloadavg()[0]:.1f} at start\n")
@@ -135,7 +105,7 @@ def main() -> None:
     digest = audio_digest(clip, 48000)
     cache.put("tokens", NS, digest, token_payload(rng), 0.5)
     cache.put("prompt_features", NS, digest, token_payload(rng), 0.5, feature_arrays(rng))
-    runs = timed_interleaved({
+    runs = interleaved({
         "baseline: seed key (BLAKE2b of a tobytes() copy)": lambda: seed_digest(clip, 48000),
         "BLAKE2b-256, no copy": lambda: hashlib.blake2b(memoryview(clip).cast("B"), digest_size=32).hexdigest(),
         "SHA-256, no copy": lambda: hashlib.sha256(memoryview(clip).cast("B")).hexdigest(),
@@ -145,19 +115,20 @@ def main() -> None:
         "audio_digest + get, disk hit (prompt_features, 160 kB sidecar)":
             lambda: cold.get("prompt_features", NS, audio_digest(clip, 48000)),
         "audio_digest + get, miss": lambda: cold.get("tokens", "other", audio_digest(clip, 48000)),
-    }, n)
+    }, n, warmup=3)
     seed = summary(runs["baseline: seed key (BLAKE2b of a tobytes() copy)"])
     print("## Key hashing and hash + lookup, 10 s of 48 kHz audio (all rows interleaved)\n\n" + header)
     for name, ms in runs.items():
         print(row(name, ms, seed))
 
     print("\n## get and put, one entry at a time\n\n" + header)
-    print(row("get, RAM hit (tokens)", timed(lambda: cache.get("tokens", NS, digest), n)))
-    print(row("get, disk hit (tokens)", timed(lambda: cold.get("tokens", NS, digest), n)))
+    print(row("get, RAM hit (tokens)", repeat_ms(lambda: cache.get("tokens", NS, digest), n, warmup=3)))
+    print(row("get, disk hit (tokens)", repeat_ms(lambda: cold.get("tokens", NS, digest), n, warmup=3)))
     counter = iter(range(10**9))
     payload, arrays = token_payload(rng), feature_arrays(rng)
-    puts_tok = timed(lambda: cache.put("tokens", NS, key(next(counter)), payload, 0.5), min(n, 100))
-    puts_feat = timed(lambda: cache.put("prompt_features", NS, key(next(counter)), payload, 0.5, arrays), min(n, 100))
+    puts_tok = repeat_ms(lambda: cache.put("tokens", NS, key(next(counter)), payload, 0.5), min(n, 100), warmup=3)
+    puts_feat = repeat_ms(lambda: cache.put("prompt_features", NS, key(next(counter)), payload, 0.5, arrays),
+                          min(n, 100), warmup=3)
     print(row("put (tokens: JSON only, 1 fsync)", puts_tok))
     print(row("put (prompt_features: 160 kB sidecar + JSON, 2 fsyncs)", puts_feat))
 
@@ -166,9 +137,9 @@ def main() -> None:
     full = PromptCache(base / "full", max_entries=100)
     for i in range(100):
         full.put("tokens", NS, key(10**6 + i), payload, 0.5)
-    evict_runs = timed_interleaved({"roomy": lambda: roomy.put("tokens", NS, key(next(counter)), payload, 0.5),
-                                    "full": lambda: full.put("tokens", NS, key(next(counter)), payload, 0.5)},
-                                   min(n, 100))
+    evict_runs = interleaved({"roomy": lambda: roomy.put("tokens", NS, key(next(counter)), payload, 0.5),
+                              "full": lambda: full.put("tokens", NS, key(next(counter)), payload, 0.5)},
+                             min(n, 100), warmup=3)
     roomy_ms, evicting = evict_runs["roomy"], evict_runs["full"]
     not_full = summary(roomy_ms)
     print(row("baseline: put, no eviction", roomy_ms, not_full))

@@ -4,7 +4,7 @@ Owns: ``git_sha`` (the revision a number was measured at, ``+dirty`` when the tr
 ``environment_header`` (the first line each benchmark prints: git sha, device, torch version,
 dtype, threads), ``summary`` (count, median, p90, p99, max of a list of timings; never a mean)
 with its two text forms (``cells`` for markdown rows, ``inline`` for ``key=value`` lines), and
-the timing loops ``time_ms`` / ``interleaved``.
+the timing loops ``time_ms``, ``repeat_ms`` and ``interleaved``.
 
 Does not own: what a benchmark measures, its baselines, ratios or table layout beyond those
 five columns; those stay in each script.
@@ -118,6 +118,13 @@ def time_ms(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return (time.perf_counter() - start) * 1000.0
+
+
+def repeat_ms(fn: Callable[[], object], n: int, warmup: int = 0) -> list[float]:
+    """Call ``fn`` ``warmup`` times untimed, then ``n`` times; the ``n`` wall times in ms."""
+    for _ in range(warmup):
+        fn()
+    return [time_ms(fn) for _ in range(n)]
 
 
 def interleaved(fns: dict[str, Callable[[], object]], n: int, warmup: int = 1) -> dict[str, list[float]]:

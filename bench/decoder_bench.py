@@ -14,9 +14,7 @@ against 10 steps measured in the same process. No warm-up runs are counted.
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, environment_header, inline, summary
+
 sys.path.insert(0, str(ROOT))
 
 from audio_io import load_audio  # noqa: E402
@@ -37,47 +36,8 @@ from timings import Timer  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
-SHIPPED_YAML = """\
-mel_conf: {num_mels: 80, n_fft: 1920, hop_size: 480, win_size: 1920, sampling_rate: 24000, fmin: 0, fmax: 8000}
-flow: !new:stepvocoder.cosyvoice2.flow.flow.CausalMaskedDiffWithXvec
-    input_size: 512
-    output_size: 80
-    spk_embed_dim: 192
-    output_type: mel
-    vocab_size: 5121
-    input_embedding: !new:stepvocoder.cosyvoice2.embedding.dual_codebook.DualCodebookEmbedding
-        {vocab_size: 5121, input_size: 512}
-    encoder: !new:stepvocoder.cosyvoice2.transformer.upsample_encoder_v2.UpsampleConformerEncoderV2
-        {input_size: 512, output_size: 512, input_layer: linear, pre_lookahead_len: 3, num_blocks: 6,
-         num_up_blocks: 4, up_stride: 2, up_scale_factor: 2, attention_heads: 8,
-         pos_enc_layer_type: rel_pos_espnet, selfattention_layer_type: rel_selfattn, key_bias: true,
-         linear_units: 2048, dropout_rate: 0.1, positional_dropout_rate: 0.1, attention_dropout_rate: 0.1,
-         normalize_before: true}
-    decoder: !new:stepvocoder.cosyvoice2.flow.flow_matching.CausalConditionalCFM
-        inference_cfg_rate: 0.7
-        estimator: !new:stepvocoder.cosyvoice2.flow.decoder_dit.DiT
-            {in_channels: 320, out_channels: 80, mlp_ratio: 4.0, depth: 16, num_heads: 8, head_dim: 64,
-             hidden_size: 512}
-hift: !new:stepvocoder.cosyvoice2.hifigan.generator.HiFTGenerator
-    in_channels: 80
-    base_channels: 512
-    nb_harmonics: 8
-    sampling_rate: 24000
-    nsf_alpha: 0.1
-    nsf_sigma: 0.003
-    nsf_voiced_threshold: 10
-    upsample_rates: [8, 5, 3]
-    upsample_kernel_sizes: [16, 11, 7]
-    istft_params: {n_fft: 16, hop_len: 4}
-    resblock_kernel_sizes: [3, 7, 11]
-    resblock_dilation_sizes: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
-    source_resblock_kernel_sizes: [7, 7, 11]
-    source_resblock_dilation_sizes: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
-    lrelu_slope: 0.1
-    audio_limit: 0.99
-    f0_predictor: !new:stepvocoder.cosyvoice2.hifigan.f0_predictor.ConvRNNF0Predictor
-        {num_class: 1, in_channels: 80, cond_channels: 512}
-"""
+# The shipped hyper-parameters (pipeline.md §3.1), shared with tests/test_decoder_flow.py.
+SHIPPED_YAML = (FIXTURES / "decoder" / "cosyvoice_shipped.yaml").read_text()
 
 
 def build_folder(folder: Path) -> None:
@@ -106,12 +66,6 @@ def mixed_tokens(groups: int, rng: np.random.Generator) -> list[int]:
     return out
 
 
-def stats(values: list[float]) -> str:
-    a = np.asarray(values)
-    return (f"n={a.size} median={np.median(a):.3f} p90={np.percentile(a, 90):.3f} "
-            f"p99={np.percentile(a, 99):.3f} max={a.max():.3f}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -122,16 +76,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        sha = "unknown"
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"git {sha} | torch {torch.__version__} | device {device} ({name}) | dtype {args.dtype} | "
-          f"threads {torch.get_num_threads()} | repeats {args.repeats}")
+    print(environment_header(device, args.dtype, [f"repeats {args.repeats}"]))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         t0 = time.perf_counter()
@@ -165,10 +112,10 @@ def main() -> None:
                 for k, v in timer.finish().stages_ms.items():
                     parts[k].append(v / 1000.0)
             totals[steps] = runs
-            print(f"\n{audio_s:.2f} s generated, {steps} Euler steps: total s {stats(runs)} | "
+            print(f"\n{audio_s:.2f} s generated, {steps} Euler steps: total s {inline(summary(runs), 3)} | "
                   f"RTF median {np.median(runs) / audio_s:.3f}")
             for k, v in parts.items():
-                print(f"    {k:16s} s {stats(v)}")
+                print(f"    {k:16s} s {inline(summary(v), 3)}")
             rows.append((audio_s, steps, np.median(runs), np.median(runs) / audio_s,
                          *(np.median(parts[k]) for k in parts)))
         print(f"  5 steps vs 10 steps: {np.median(totals[10]) / np.median(totals[5]):.2f}x faster (median total)")

@@ -18,7 +18,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, environment_header, summary
+
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -37,16 +37,6 @@ from llm.batching import BatchScheduler  # noqa: E402
 from llm.generation import GenerationRequest, generate_batch  # noqa: E402
 from llm.loader import load_llm  # noqa: E402
 from llm.sampling import SamplingConfig  # noqa: E402
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip() + ("+dirty" if subprocess.run(
-                                  ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
-                                  text=True).stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def make_prompt(rng: np.random.Generator, n: int) -> tuple[int, ...]:
@@ -92,10 +82,6 @@ def run_clients(llm, config, clients: int, per_client: int, window_s: float, max
     return latencies, wall, sizes
 
 
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
@@ -127,12 +113,10 @@ def main() -> None:
                             min_new_tokens=args.new_tokens)
     rng = np.random.default_rng(0)
     prompts = [make_prompt(rng, args.prompt_tokens + int(rng.integers(-30, 30))) for _ in range(16)]
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    header = (f"git {git_sha()} | device {device} ({gpu}) | torch {torch.__version__} | dtype "
-              f"{str(dtype).replace('torch.', '')} | threads {torch.get_num_threads()} | "
-              f"LLM {llm.parameters / 1e6:.1f} M "
-              f"params (Llama, hidden {args.hidden}, {args.layers} layers) | prompt ~{args.prompt_tokens} ids | "
-              f"{args.new_tokens} new tokens | window {args.window_ms:g} ms, max batch {args.max_batch}")
+    header = environment_header(device, dtype, [
+        f"LLM {llm.parameters / 1e6:.1f} M params (Llama, hidden {args.hidden}, {args.layers} layers)",
+        f"prompt ~{args.prompt_tokens} ids", f"{args.new_tokens} new tokens",
+        f"window {args.window_ms:g} ms, max batch {args.max_batch}"])
     print(header, flush=True)
     steps = ["| batch | decode ms/step | of which sampling ms/step | prefill ms |", "|---|---|---|---|"]
     for batch in (1, 2, 4, 8):
@@ -157,8 +141,9 @@ def main() -> None:
             rps = len(lat) / wall
             result[mode] = rps
             ratio = f"{result['on'] / result['off']:.2f}x" if mode == "on" else ""
-            row = (f"| {clients} | {mode} | {len(lat)} | {rps:.2f} | {pct(lat, 50):.3f} | {pct(lat, 90):.3f} | "
-                   f"{pct(lat, 99):.3f} | {max(lat):.3f} | {','.join(map(str, sizes))} | {ratio} |")
+            s = summary(lat)   # seconds
+            row = (f"| {clients} | {mode} | {s['count']} | {rps:.2f} | {s['median']:.3f} | {s['p90']:.3f} | "
+                   f"{s['p99']:.3f} | {s['max']:.3f} | {','.join(map(str, sizes))} | {ratio} |")
             rows.append(row)
             print(row, flush=True)
     if args.markdown:

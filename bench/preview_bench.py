@@ -13,8 +13,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,9 +20,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, cells, environment_header, summary
+
 sys.path.insert(0, str(ROOT))
 
 with warnings.catch_warnings():
@@ -41,16 +39,6 @@ TARGET = "Good morning everyone. Welcome to the preview of the voice studio, run
 EDITS = (("speed", "faster"), ("emotion", "happy"), ("style", "whisper"), ("denoise", None), ("vad", None))
 
 
-def git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return sha + ("+dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def make_prompt() -> Audio:
     speech = espeak.speak(PROMPT_TEXT, "en-gb-x-rp")
     base = resample(speech.samples, speech.sample_rate, voice.SAMPLE_RATE)
@@ -60,10 +48,8 @@ def make_prompt() -> Audio:
     return Audio(out / np.abs(out).max() * 0.5, voice.SAMPLE_RATE)
 
 
-def summary(values_ms: list[float]) -> str:
-    v = np.asarray(values_ms)
-    return (f"| {len(v)} | {np.median(v):.0f} | {np.percentile(v, 90):.0f} | {np.percentile(v, 99):.0f} "
-            f"| {v.max():.0f} |")
+def table_tail(values_ms: list[float]) -> str:
+    return f"| {cells(summary(values_ms), 0)} |"
 
 
 def main() -> None:
@@ -73,8 +59,8 @@ def main() -> None:
     args = parser.parse_args()
 
     prompt = make_prompt()
-    lines = [f"git {git_sha()} | device cpu ({platform.processor() or platform.machine()}) | torch {torch.__version__} "
-             f"| dtype float32 | eSpeak NG {espeak.version()} | prompt {prompt.duration:.1f} s | runs {args.runs}", ""]
+    lines = [environment_header("cpu", "float32", [f"eSpeak NG {espeak.version()}", f"prompt {prompt.duration:.1f} s",
+                                                   f"runs {args.runs}"]), ""]
     with tempfile.TemporaryDirectory() as tmp:
         def engine_with_fresh_cache(i: int) -> PreviewEngine:
             settings = Settings(cache_dir=Path(tmp) / f"c{i}")
@@ -108,9 +94,9 @@ def main() -> None:
               + ", ".join(f"{k} {v:.0f} ms" + (" (hit)" if k in result.timings.cached else "")
                           for k, v in result.timings.stages_ms.items()), "",
               "| request | count | median ms | p90 ms | p99 ms | max ms |", "|---|---|---|---|---|---|",
-              "| clone, prompt not cached (baseline) " + summary(cold),
-              "| clone, prompt cached " + summary(warm)]
-    lines += [f"| edit {t}{'/' + i if i else ''} " + summary(v) for (t, i), v in edits.items()]
+              "| clone, prompt not cached (baseline) " + table_tail(cold),
+              "| clone, prompt cached " + table_tail(warm)]
+    lines += [f"| edit {t}{'/' + i if i else ''} " + table_tail(v) for (t, i), v in edits.items()]
     lines += ["", f"warm/cold median latency ratio: {np.median(warm) / np.median(cold):.2f} "
               f"(cached prompt is {np.median(cold) / np.median(warm):.2f}x faster); "
               f"median RTF cold {np.median(cold_rtf):.3f}, warm {np.median(warm_rtf):.3f}"]

@@ -20,18 +20,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
-import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
+from common import ROOT, cells, environment_header, interleaved, summary
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -47,28 +42,6 @@ with warnings.catch_warnings():
 PROMPT = ROOT / "examples" / "en_low.flac"
 PROMPT_TEXT = "The quiet harbour woke slowly as the first boats went out."
 TARGET = "Good morning. This sentence is spoken for the benchmark."
-
-
-def git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return sha + ("+dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def summary(ms: list[float]) -> dict[str, float]:
-    a = np.asarray(ms)
-    return {"count": len(a), "median": float(np.median(a)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "max": float(a.max())}
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1000.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,19 +70,13 @@ def main(argv: list[str] | None = None) -> int:
             "metrics": lambda: http.get("/metrics").raise_for_status(),
             "cache_stats": lambda: http.get("/v1/cache/stats").raise_for_status(),
         }
-        times: dict[str, list[float]] = {name: [] for name in cases}
-        for round_index in range(args.runs + 1):
-            for name, fn in cases.items():
-                ms = timed(fn)
-                if round_index:  # round 0 is the warm-up
-                    times[name].append(ms)
+        times = interleaved(cases, args.runs, warmup=1)
     finally:
         studio.stop()
 
     base = summary(times["engine"])["median"]
     header = [
-        f"git {git_sha()} · device cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()}) · "
-        f"torch {torch.__version__} · dtype float32 · engine {engine.describe().name}",
+        environment_header("cpu", "float32", [f"engine {engine.describe().name}"]),
         "", "| path | count | median ms | p90 ms | p99 ms | max ms | median / engine |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -117,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, ms in times.items():
         s = summary(ms)
         ratio = f"{s['median'] / base:.2f}×" if name in ("engine", "http", "gradio") else "–"
-        rows.append(f"| {name} | {s['count']} | {s['median']:.1f} | {s['p90']:.1f} | {s['p99']:.1f} | {s['max']:.1f} "
-                    f"| {ratio} |")
+        rows.append(f"| {name} | {cells(s, 1)} | {ratio} |")
     text = "\n".join(header + rows)
     print(text)
     if args.markdown:

@@ -23,9 +23,6 @@ import argparse
 import io
 import json
 import logging
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +33,8 @@ import onnxruntime as ort
 import soundfile as sf
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, cells, environment_header, summary, time_ms
+
 sys.path.insert(0, str(ROOT))
 
 import tokenizer as tk  # noqa: E402
@@ -54,14 +52,8 @@ REAL_ENCODER = dict(output_size=512, attention_heads=4, linear_units=2048, num_b
                     pad_left=[0, 0], encoder_att_look_back_factor=[4, 4], decoder_att_look_back_factor=[1, 1])
 
 
-def stats(ms: list[float]) -> dict:
-    a = np.asarray(ms)
-    return {"n": len(a), "median": float(np.median(a)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "max": float(a.max())}
-
-
 def row(label: str, s: dict) -> str:
-    return f"| {label} | {s['n']} | {s['median']:.1f} | {s['p90']:.1f} | {s['p99']:.1f} | {s['max']:.1f} |"
+    return f"| {label} | {cells(s, 1)} |"
 
 
 def build_real_size(folder: Path) -> Path:
@@ -120,12 +112,6 @@ def clip(seconds: float) -> Audio:
     return Audio(np.resize(base.samples, n), base.sample_rate)
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1000.0
-
-
 def bench_model(name: str, folder: Path, device: str, cold_reps: int, warm_reps: int) -> list[str]:
     start = time.perf_counter()
     tok = tk.StepAudioTokenizer.load(folder, Settings(), PromptCache(tempfile.mkdtemp()), device)
@@ -142,12 +128,12 @@ def bench_model(name: str, folder: Path, device: str, cold_reps: int, warm_reps:
         for rep in range(cold_reps):
             variant = Audio(audio.samples * np.float32(1.0 - 1e-4 * (rep + 1)), audio.sample_rate)
             result_holder = {}
-            cold.append(timed(lambda: result_holder.setdefault("r", tok.tokenize(variant))))
+            cold.append(time_ms(lambda: result_holder.setdefault("r", tok.tokenize(variant))))
             assert not result_holder["r"].hit
             stages.append(result_holder["r"].timings.stages_ms)
-            base.append(timed(lambda: baseline_tokenize(tok, variant, folder / "speech_tokenizer_v1.onnx")))
-        warm = [timed(lambda: tok.tokenize(variant)) for _ in range(warm_reps)]
-        s_cold, s_base, s_warm = stats(cold), stats(base), stats(warm)
+            base.append(time_ms(lambda: baseline_tokenize(tok, variant, folder / "speech_tokenizer_v1.onnx")))
+        warm = [time_ms(lambda: tok.tokenize(variant)) for _ in range(warm_reps)]
+        s_cold, s_base, s_warm = summary(cold), summary(base), summary(warm)
         lines += [row(f"{seconds} s baseline (reference-style)", s_base), row(f"{seconds} s cold (miss)", s_cold),
                   row(f"{seconds} s warm (hit)", s_warm)]
         stage_medians = {k: float(np.median([s[k] for s in stages])) for k in stages[0]}
@@ -174,14 +160,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True).stdout.strip()
-    except OSError:
-        sha = "unknown"
-    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
-    header = [f"git {sha}; device {args.device} ({device_name}, {os.cpu_count()} cores); torch {torch.__version__}; "
-              f"onnxruntime {ort.__version__}; dtype float32; torch threads {torch.get_num_threads()}"]
+    header = [environment_header(args.device, "float32", [f"onnxruntime {ort.__version__}"])]
     print(header[0], flush=True)
     lines = header + bench_model("tiny fixture model", FIXTURE, args.device, args.cold_reps, args.warm_reps)
     print("\n".join(lines[1:]), flush=True)

@@ -15,16 +15,14 @@ Reports count / median / p90 / p99 / max in ms, the real-time factor and speed r
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, environment_header, inline, repeat_ms, summary
+
 sys.path.insert(0, str(ROOT))
 
 from audio_io import Audio, load_audio  # noqa: E402
@@ -33,12 +31,6 @@ from decoder.vocoder import HiFTConfig, HiFTGenerator  # noqa: E402
 from onnx_session import OnnxOptions  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
-
-
-def stats(ms: list[float]) -> str:
-    a = np.asarray(ms)
-    return (f"n={len(a)} median={np.median(a):.1f} p90={np.percentile(a, 90):.1f} "
-            f"p99={np.percentile(a, 99):.1f} max={a.max():.1f}")
 
 
 def folded_copy(model: HiFTGenerator) -> HiFTGenerator:
@@ -69,12 +61,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    print(f"git {sha or '?'} | {platform.processor() or platform.machine()} | torch {torch.__version__} | "
-          f"threads {torch.get_num_threads()} | device {args.device} | dtype {args.dtype}")
+    print(environment_header(args.device, args.dtype))
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    if device.type == "cuda":
-        print(f"GPU: {torch.cuda.get_device_name(device)}")
 
     torch.manual_seed(0)
     model = HiFTGenerator(HiFTConfig()).eval()
@@ -93,20 +81,16 @@ def main() -> None:
         print(f"\nHiFT, {seconds} s of audio ({seconds * 50} mel frames):")
         for name, ms in times.items():
             med = np.median(ms)
-            print(f"  {name:8s} {stats(ms)} ms | RTF {med / 1000 / seconds:.3f} | speed x{base / med:.2f} vs baseline")
+            print(f"  {name:8s} {inline(summary(ms))} ms | RTF {med / 1000 / seconds:.3f} | "
+                  f"speed x{base / med:.2f} vs baseline")
 
     frontend = PromptFrontend(MelConfig(), FIXTURES / "decoder" / "campplus.onnx", OnnxOptions())
     clip = load_audio(FIXTURES / "prompt_22k.wav")
     for seconds in (5, 20):
         samples = np.resize(clip.samples, int(seconds * clip.sample_rate))
         audio = Audio(samples, clip.sample_rate)
-        frontend.features(audio)  # warm-up
-        ms = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            frontend.features(audio)
-            ms.append((time.perf_counter() - start) * 1000)
-        print(f"\nfrontend features, {seconds} s clip at {clip.sample_rate} Hz: {stats(ms)} ms")
+        ms = repeat_ms(lambda: frontend.features(audio), args.repeats, warmup=1)
+        print(f"\nfrontend features, {seconds} s clip at {clip.sample_rate} Hz: {inline(summary(ms))} ms")
 
 
 if __name__ == "__main__":

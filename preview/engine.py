@@ -159,7 +159,7 @@ class PreviewEngine(Engine):
         samples, digest = self._decode(prompt_audio, timer)
         _, hit = self._profile(samples, digest, timer)
         timings = timer.finish()
-        log.info(timings.log_line("prepare_prompt", secrets.token_hex(4)))
+        log.debug(timings.log_line("prepare_prompt", secrets.token_hex(4)))
         kinds = frozenset({PROFILE_KIND})
         return PromptReport(digest=digest, hits=kinds if hit else frozenset(), misses=frozenset() if hit else kinds,
                             timings=timings, namespaces={PROFILE_KIND: self._namespace})
@@ -255,7 +255,7 @@ class PreviewEngine(Engine):
             raise ModelError(f"the preview engine produced no usable audio for this {kind}")
         audio = Audio(samples, SAMPLE_RATE)
         timings = timer.finish(audio_seconds=audio.duration)
-        log.info(timings.log_line(kind, secrets.token_hex(4)))
+        log.debug(timings.log_line(kind, secrets.token_hex(4)))
         progress(1.0, "done")
         return Result(audio=audio, text=said, timings=timings, seed=seed, prompt_digest=digest)
 
