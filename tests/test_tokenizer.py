@@ -377,9 +377,10 @@ def test_concurrent_requests_for_one_clip_encode_once(tok, tmp_path, monkeypatch
 def test_cuda_matches_golden_without_tf32(tmp_path):
     try:
         cuda_tok = tk.StepAudioTokenizer.load(TOK_DIR, Settings(tf32=False), PromptCache(tmp_path / "c"), "cuda")
-    finally:
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        out = cuda_tok.paraformer.encode(GOLDEN["wav16k_pre"][0])
+        assert out.enc_out.device.type == "cuda"
+        np.testing.assert_allclose(out.enc_out.cpu().numpy(), GOLDEN["enc_out"][0], atol=1e-4, rtol=1e-4)
+        assert cuda_tok.tokenize(WAV_IN).tokens == golden_tokens()
+    finally:  # TF32 flags are process-wide: leave them as the other tests expect
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    out = cuda_tok.paraformer.encode(GOLDEN["wav16k_pre"][0])
-    assert out.enc_out.device.type == "cuda"
-    np.testing.assert_allclose(out.enc_out.cpu().numpy(), GOLDEN["enc_out"][0], atol=1e-4, rtol=1e-4)
-    assert cuda_tok.tokenize(WAV_IN).tokens == golden_tokens()
