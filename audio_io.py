@@ -23,11 +23,13 @@ from typing import Union
 
 import numpy as np
 import soundfile as sf
+import soxr
 import torch
 
 from errors import InputError
 
 OUTPUT_FORMATS = ("wav", "flac", "mp3", "opus", "pcm")
+_MAX_KERNEL_TAPS = 4_000_000  # standard rate pairs need < 300k (11025 -> 16000 is the largest)
 _MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg", "opus": "audio/ogg",
                 "pcm": "audio/L16"}
 
@@ -97,6 +99,11 @@ def _decode_file(source: str | Path | bytes) -> Audio:
 
 def _from_array(sample_rate: int, array: np.ndarray) -> Audio:
     array = np.asarray(array)
+    if array.size == 0:  # before mixing: the mean of no samples is NaN, which would be misreported
+        raise InputError("the audio clip is empty (0 samples)")
+    rate = sample_rate.item() if isinstance(sample_rate, np.generic) else sample_rate
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < 10**7 or rate != int(rate):
+        raise InputError(f"the audio sample rate must be a positive whole number of Hz, got {sample_rate!r}")
     if array.ndim == 2:
         # Gradio gives [N, channels]; accept [channels, N] too when it is clearly that.
         array = array.T if array.shape[0] < array.shape[1] and array.shape[0] <= 8 else array
@@ -105,7 +112,7 @@ def _from_array(sample_rate: int, array: np.ndarray) -> Audio:
         array = _int_to_float(array).mean(axis=1)
     elif array.ndim != 1:
         raise InputError(f"audio array must be 1-D or 2-D, got shape {array.shape}")
-    return Audio(_int_to_float(array), int(sample_rate))
+    return Audio(_int_to_float(array), int(rate))
 
 
 def _int_to_float(array: np.ndarray) -> np.ndarray:
@@ -157,6 +164,12 @@ def resample(samples: np.ndarray, orig_rate: int, new_rate: int, *, float32_kern
         return np.asarray(samples, dtype=np.float32)
     gcd = math.gcd(int(orig_rate), int(new_rate))
     orig, new = orig_rate // gcd, new_rate // gcd
+    if new * (orig + 2 * math.ceil(6 * orig / (min(orig, new) * 0.99))) > _MAX_KERNEL_TAPS:
+        # An odd rate (e.g. 44101 Hz in a crafted header) would need a gigabyte-sized polyphase
+        # kernel; no reference parity is at stake for such rates, so let soxr do it.
+        out = soxr.resample(np.asarray(samples, dtype=np.float32), orig_rate, new_rate, quality="HQ")
+        target = math.ceil(new * len(samples) / orig)
+        return np.pad(out, (0, max(0, target - len(out))))[:target].astype(np.float32, copy=False)
     kernel, width = _sinc_kernel(orig, new, float32_kernel=float32_kernel)
     x = torch.from_numpy(np.require(samples, np.float32, ("C", "W")))  # Audio.samples are read-only
     length = x.shape[-1]

@@ -178,7 +178,9 @@ class PromptCache:
         folder = self._folder(kind, namespace, digest)
         entry, text, blob, sidecar = encode_entry(kind, namespace, digest, payload, cost_s, arrays)
         self._counts.add(kind, "puts")
-        on_disk = self._disk_ok() and self._publish(folder, entry, text, blob, sidecar)
+        # An entry over max_bytes on its own would first evict every other entry, then itself.
+        fits = len(text) + len(blob) <= self.max_bytes
+        on_disk = fits and self._disk_ok() and self._publish(folder, entry, text, blob, sidecar)
         self._remember(entry, on_disk)
         return entry
 
@@ -438,9 +440,7 @@ class PromptCache:
             for leftover in (tmp, side_path):
                 if leftover:
                     unlink_quiet(leftover)
-        if self._degraded:
-            log.info("prompt cache: %s is writable again; leaving memory-only mode", self.root)
-            self._degraded = ""
+        self._recovered()
         return key in self._ix.entries
 
     def _ensure_folder(self, folder: str, kind: str, namespace: str) -> None:
@@ -462,7 +462,7 @@ class PromptCache:
                 self._ix.rebuild_locked()
                 self._evict_locked()
                 self._flush_locked()
-            self._degraded = ""
+            self._recovered()
         except (OSError, Timeout) as exc:
             self._degrade(exc)
 
@@ -512,6 +512,11 @@ class PromptCache:
             log.warning("prompt cache: cannot write %s (%s); caching in memory only, retrying the disk every %.0f s",
                         self.root, exc, _RETRY_DISK_S)
         self._degraded = f"{type(exc).__name__}: {exc}"
+
+    def _recovered(self) -> None:
+        if self._degraded:
+            log.info("prompt cache: %s is writable again; leaving memory-only mode", self.root)
+            self._degraded = ""
 
     def _warn_once(self, key, msg: str, *args) -> None:
         if key not in self._warned:

@@ -95,13 +95,17 @@ def locate_files(folder: Path) -> ParaformerFiles:
     meta_path = folder / "configuration.json"
     if meta_path.is_file():
         try:
-            metas = json.loads(meta_path.read_text(encoding="utf-8")).get("file_path_metas", {})
-        except (ValueError, AttributeError) as exc:
+            metas = json.loads(meta_path.read_text(encoding="utf-8")).get("file_path_metas") or {}
+            names["config"] = metas.get("config", names["config"])
+            names["init_param"] = metas.get("init_param", names["init_param"])
+            names["cmvn"] = (metas.get("frontend_conf") or {}).get("cmvn_file", names["cmvn"])
+            names["tokens"] = (metas.get("tokenizer_conf") or {}).get("token_list")
+        except (ValueError, OSError) as exc:  # UnicodeDecodeError is a ValueError
             raise ModelError(f"{meta_path} is not valid JSON: {exc}") from None
-        names["config"] = metas.get("config", names["config"])
-        names["init_param"] = metas.get("init_param", names["init_param"])
-        names["cmvn"] = (metas.get("frontend_conf") or {}).get("cmvn_file", names["cmvn"])
-        names["tokens"] = (metas.get("tokenizer_conf") or {}).get("token_list")
+        except AttributeError:  # a list or string where a mapping belongs
+            raise ModelError(f"{meta_path} does not map file_path_metas to file names") from None
+        if not all(isinstance(v, str) for v in names.values() if v is not None):
+            raise ModelError(f"{meta_path} does not map file_path_metas to file names")
 
     def need(name: str) -> Path:
         path = folder / name
@@ -194,10 +198,13 @@ class ParaformerStream:
         device = torch.device(device)
         try:
             conf = yaml.safe_load(files.config.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ModelError(f"{files.config} is not valid YAML: {exc}") from None
-        if not isinstance(conf, dict) or "model" not in conf or "encoder_conf" not in conf:
+        except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
+            raise ModelError(f"{files.config} is not readable YAML: {exc}") from None
+        if not isinstance(conf, dict) or "model" not in conf or not isinstance(conf.get("encoder_conf"), dict):
             raise ModelError(f"{files.config} does not describe a FunASR model (no model/encoder_conf)")
+        for section in ("model_conf", "tokenizer_conf", "frontend_conf"):
+            if not isinstance(conf.get(section) or {}, dict):
+                raise ModelError(f"{files.config}: {section} must be a mapping")
         conf.setdefault("model_conf", {})  # present => AutoModel skips its hub/download resolution
         conf["tokenizer_conf"] = {**(conf.get("tokenizer_conf") or {}), "token_list": str(files.tokens)}
         conf["frontend_conf"] = {**(conf.get("frontend_conf") or {}), "cmvn_file": str(files.cmvn), "dither": 0.0}
@@ -231,7 +238,8 @@ class ParaformerStream:
         Returns:
             :class:`StreamOutput` with ``enc_out`` ``[T, D]``.
         Raises:
-            ModelError: a non-final chunk failed in the frontend, or nothing was encoded.
+            ModelError: a non-final chunk failed in the frontend, the encoder failed, or nothing was
+                encoded.
         """
         from funasr.utils.load_utils import extract_fbank
 
@@ -258,8 +266,11 @@ class ParaformerStream:
                 if final and len(speech) == 0:
                     break
                 new = int(lens[0])
-                enc, _ = self.model.encode_chunk(speech.to(self.device), lens.to(self.device), cache=cache,
-                                                 is_final=final)
+                try:
+                    enc, _ = self.model.encode_chunk(speech.to(self.device), lens.to(self.device), cache=cache,
+                                                     is_final=final)
+                except RuntimeError as exc:  # e.g. out of memory on the device
+                    raise ModelError(f"the Paraformer encoder failed on chunk {i}: {exc}") from None
                 outs.append(enc[0, -new:] if new else enc[0])  # -0 would keep everything; so does the reference
                 lengths.append(new)
                 if keep_inputs:

@@ -33,10 +33,10 @@ log = logging.getLogger(__name__)
 FEATURES_KIND = "prompt_features"
 TOKENS_KIND = "tokens"
 FEATURES_VERSION = 1   # bump when the frontend's output changes for the same files
-# Tokenizer stage -> engine stage name; the rest (hash, its own lookup) fold into ours.
+# Tokenizer stage -> engine stage name. Its lookup adds to ours; its hash is skipped (we pass the
+# digest, computed once per request by the engine).
 _TOKENIZER_STAGES = {"preprocess": "tokenize_preprocess", "vq02_encode": "tokenize_vq02",
-                     "vq06_encode": "tokenize_vq06", "merge": "tokenize_merge", "cache_store": "cache_store",
-                     "cache_lookup": "cache_lookup"}
+                     "vq06_encode": "tokenize_vq06", "merge": "tokenize_merge", "cache_lookup": "cache_lookup"}
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,15 @@ class Settings:
                      "text_chunk_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        for name in ("queue_size", "max_upload_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        # 0 means "off" or "none" for these; a negative value is always a typo.
+        for name in ("cache_memory_entries", "batch_window_ms", "llm_max_new_tokens"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)!r}")
+        if not 0 < self.max_prompt_seconds < float("inf"):  # also refuses NaN
+            raise ValueError(f"max_prompt_seconds must be a positive number of seconds, not {self.max_prompt_seconds!r}")
 
     @property
     def tokenizer_dir(self) -> Path:

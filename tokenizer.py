@@ -147,10 +147,10 @@ def trim_silence(wav: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
     return body.astype(np.float32, copy=False), (start, end)
 
 
-@lru_cache(maxsize=4)
-def _mel_filters(device: str) -> torch.Tensor:
+@lru_cache(maxsize=1)
+def _mel_filters() -> torch.Tensor:
     # Equal to whisper's mel_filters.npz["mel_128"] (max diff 0), so no openai-whisper dependency.
-    return torch.from_numpy(librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS)).to(device)
+    return torch.from_numpy(librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS))
 
 
 def whisper_log_mel(wav: np.ndarray) -> np.ndarray:
@@ -162,7 +162,7 @@ def whisper_log_mel(wav: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
     stft = torch.stft(x, N_FFT, MEL_HOP, window=torch.hann_window(N_FFT), return_complex=True)
     power = stft[..., :-1].abs() ** 2
-    mel = _mel_filters("cpu") @ power
+    mel = _mel_filters() @ power
     logmel = torch.clamp(mel, min=1e-10).log10()
     logmel = torch.maximum(logmel, logmel.max() - 8.0)
     return ((logmel + 4.0) / 4.0)[None].numpy()
@@ -264,13 +264,16 @@ class StepAudioTokenizer:
         """Semantic codes (25 Hz) of a preprocessed clip, 30 s per ONNX call.
 
         Raises:
-            ModelError: the ONNX model returned a count far from 25 per second.
+            ModelError: the ONNX model failed or returned a count far from 25 per second.
         """
         codes: list[int] = []
         for chunk in vq06_chunks(wav):
             mel = whisper_log_mel(chunk)
             feeds = {self._vq06_inputs[0]: mel, self._vq06_inputs[1]: np.array([mel.shape[2]], np.int32)}
-            out = np.asarray(self.vq06_session.run(None, feeds)[0]).reshape(-1)
+            try:
+                out = np.asarray(self.vq06_session.run(None, feeds)[0]).reshape(-1)
+            except Exception as exc:  # noqa: BLE001 - ORT raises its own types (bad model, out of memory)
+                raise ModelError(f"{ONNX_FILE} failed on a {len(chunk) / SAMPLE_RATE:.2f} s chunk: {exc}") from None
             expected = round(len(chunk) / SAMPLE_RATE, 2) * 25
             if abs(len(out) - expected) > VQ06_TOLERANCE:
                 raise ModelError(f"{ONNX_FILE} returned {len(out)} codes for {len(chunk) / SAMPLE_RATE:.2f} s; "
@@ -369,7 +372,10 @@ def _tokens_from_entry(entry) -> Tokens | None:
     if entry is None:
         return None
     try:
-        return Tokens(tuple(entry.payload["vq02"]), tuple(entry.payload["vq06"]))
+        tokens = Tokens(tuple(entry.payload["vq02"]), tuple(entry.payload["vq06"]))
+        if tokens.n_groups == 0:  # _merge never stores these; a bundle cannot be built from them
+            raise ValueError("no whole token group")
+        return tokens
     except (KeyError, TypeError, ValueError):
         log.warning("ignoring a malformed tokens cache entry %s", entry.digest[:12])
         return None
@@ -391,6 +397,8 @@ def _load_codebook(path: Path, dim: int) -> torch.Tensor:
         raise ModelError(f"could not read {path.name}: {exc}") from None
     if codebook.ndim != 2 or codebook.shape[1] != dim or not 0 < codebook.shape[0] <= VQ02_CODES:
         raise ModelError(f"{path.name} has shape {codebook.shape}; expected [K <= {VQ02_CODES}, {dim}]")
+    if not np.issubdtype(codebook.dtype, np.number) or not np.isfinite(codebook).all():
+        raise ModelError(f"{path.name} holds non-numeric or non-finite centroids")
     return torch.from_numpy(codebook.astype(np.float32))
 
 

@@ -162,10 +162,11 @@ class Engine(abc.ABC):
 # --------------------------------------------------------------------------- validation
 
 def new_seed(seed: int | None) -> int:
-    """The request's seed: the caller's, or a fresh random one (reported back in the Result)."""
+    """The request's seed: the caller's (folded into [0, 2**31), the range every generator here
+    accepts), or a fresh random one; it is reported back in the Result."""
     if seed is None or seed < 0:
         return secrets.randbelow(2**31)
-    return int(seed)
+    return int(seed) % 2**31
 
 
 def validate_text(text: str | None, what: str, max_chars: int) -> str:
@@ -200,7 +201,7 @@ def validate_edit(edit_type: str, edit_info: str | None, capabilities: tuple[Edi
 
 # Files without which the real engine cannot start; "a|b" means either name will do.
 REQUIRED_TOKENIZER_FILES = ("linguistic_tokenizer.npy", "speech_tokenizer_v1.onnx")
-REQUIRED_FUNASR_FILES = ("config.yaml", "am.mvn", "model.pt|model.safetensors")
+REQUIRED_FUNASR_FILES = ("config.yaml", "am.mvn", "model.pt|model.safetensors", "tokens.json|tokens.txt")
 REQUIRED_EDITX_FILES = ("config.json",)
 REQUIRED_DECODER_FILES = ("cosyvoice.yaml", "flow.pt|flow.safetensors", "hift.pt|hift.safetensors", "campplus.onnx")
 DECODER_SUBDIR = "CosyVoice-300M-25Hz"

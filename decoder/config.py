@@ -91,8 +91,14 @@ _TaggedLoader.add_constructor("!copy", _construct_ref)
 # --------------------------------------------------------------------------- references
 
 _REF = re.compile(r"<([^<>]+)>")
+def _pow(base: Any, exponent: Any) -> Any:
+    if abs(exponent) > 64:  # 10 ** 10 ** 10 would compute for minutes; no config value needs this
+        raise ValueError("exponent too large")
+    return operator.pow(base, exponent)
+
+
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: _pow}
 
 
 def _lookup(root: Mapping[str, Any], key: str) -> Any:
@@ -130,7 +136,7 @@ def _resolve(value: Any, root: Mapping[str, Any], depth: int = 0) -> Any:
         text = _REF.sub(lambda m: str(_resolve(_lookup(root, m.group(1)), root, depth + 1)), value.expression)
         try:
             return _arith(ast.parse(text, mode="eval"))
-        except (SyntaxError, ValueError, ZeroDivisionError):
+        except (SyntaxError, ValueError, ArithmeticError, RecursionError):
             return text  # string interpolation, e.g. "<folder>/file.txt"
     if isinstance(value, TaggedNode):
         return TaggedNode(value.tag, value.path, {k: _resolve(v, root, depth) for k, v in value.kwargs.items()},
@@ -381,6 +387,6 @@ def load_decoder_config(path: str | Path) -> DecoderConfig:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ModelError(f"cannot read the decoder config {path}: {exc.strerror or exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:  # a binary or corrupt file is not UTF-8
+        raise ModelError(f"cannot read the decoder config {path}: {getattr(exc, 'strerror', None) or exc}") from None
     return parse_decoder_config(text)

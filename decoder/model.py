@@ -266,7 +266,8 @@ class AudioDecoder:
 
         to_flow = dict(device=self.device, dtype=self.dtype)
         timer = timer or Timer()
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        # Stage times are only honest once the decoder's own device (not the current one) is idle.
+        sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
         with timer.stage("decoder_encoder"):
             spks = self.flow.project_speaker(bf16_round(emb).to(**to_flow))
             mu = self.flow.encode(torch.cat([prompt, gen]).unsqueeze(0).to(self.device))

@@ -54,10 +54,11 @@ class BatchScheduler(Generic[Req, Out]):
 
     def submit(self, request: Req) -> "Future[Out]":
         """Queue ``request``; the future resolves to its output or raises the batch's error."""
-        if self._closed:
-            raise RuntimeError("the LLM scheduler is closed")
         future: Future[Out] = Future()
-        self._queue.put((request, future))
+        with self._lock:   # with close(): nothing is queued behind the stop marker, where no one would serve it
+            if self._closed:
+                raise RuntimeError("the LLM scheduler is closed")
+            self._queue.put((request, future))
         return future
 
     def run(self, request: Req) -> Out:
@@ -82,10 +83,12 @@ class BatchScheduler(Generic[Req, Out]):
 
     def close(self, timeout: float = 5.0) -> None:
         """Finish queued work and stop the worker."""
-        if not self._closed:
+        with self._lock:
+            if self._closed:
+                return
             self._closed = True
             self._queue.put((_STOP, None))
-            self._thread.join(timeout)
+        self._thread.join(timeout)
 
     def _collect(self, first) -> tuple[list, bool]:
         batch, stop = [first], False

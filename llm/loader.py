@@ -76,7 +76,7 @@ def load_llm(folder: Path, device: torch.device, dtype: torch.dtype, trust_remot
     except ValueError as exc:
         hint = "" if trust_remote_code else " (if the folder ships its own modelling code, enable --trust-remote-code)"
         raise ModelError(f"could not load the LLM from {folder}: {exc}{hint}") from None
-    except (OSError, RuntimeError, KeyError, ImportError) as exc:
+    except Exception as exc:  # noqa: BLE001 - safetensors and tokenizers raise their own (or bare) types
         raise ModelError(f"could not load the LLM from {folder}: {exc}") from None
     model.to(device).eval()
 

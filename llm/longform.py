@@ -69,7 +69,7 @@ def split_text(text: str, max_chars: int) -> list[str]:
     Sentences are packed greedily; a sentence longer than ``max_chars`` is split at clause
     punctuation, then at spaces, then anywhere. A leading tag such as ``[Cantonese]`` applies to
     the whole text, so it is repeated at the start of every chunk. Joining the chunks (ignoring
-    the repeated tags and whitespace at the cuts) gives back the text.
+    the repeated tags and whitespace at the cuts) gives back the text. Never returns an empty list.
 
     Raises:
         ValueError: ``max_chars`` < 1.
@@ -88,7 +88,8 @@ def split_text(text: str, max_chars: int) -> list[str]:
         current += unit
     if current.strip():
         chunks.append(current)
-    return [tag + c.strip() if tag else c.strip() for c in chunks]
+    chunks = [tag + c.strip() if tag else c.strip() for c in chunks if c.strip()]
+    return chunks or [text]   # only a tag and whitespace: nothing to split, but never no chunk
 
 
 def crossfade_join(pieces: list[np.ndarray], sample_rate: int, fade_ms: float = 30.0) -> np.ndarray:

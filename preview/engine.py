@@ -144,9 +144,18 @@ class PreviewEngine(Engine):
 
         start = time.perf_counter()
         entry, hit = self._cache.get_or_compute(PROFILE_KIND, self._namespace, digest, compute)
+        try:
+            profile = voice.VoiceProfile.from_cache(entry.payload, entry.arrays)
+        except ValueError as exc:
+            # A damaged entry (or one imported from a foreign bundle) must not break this voice for
+            # good: recompute it and overwrite the entry.
+            log.warning("preview: cached profile %s is unusable (%s); recomputing it", digest[:12], exc)
+            payload, arrays = compute()
+            self._cache.put(PROFILE_KIND, self._namespace, digest, payload, analysis_ms / 1000.0, arrays)
+            profile, hit = voice.VoiceProfile.from_cache(payload, arrays), False
         timer.record("cache_lookup", (time.perf_counter() - start) * 1000.0 - analysis_ms)
         timer.record("prompt_analysis", analysis_ms, cached=hit)
-        return voice.VoiceProfile.from_cache(entry.payload, entry.arrays), hit
+        return profile, hit
 
     def prepare_prompt(self, prompt_audio: AudioSource) -> PromptReport:
         """Analyse (or fetch from the cache) the voice profile of a clip.

@@ -94,9 +94,21 @@ class VoiceProfile:
 
     @classmethod
     def from_cache(cls, payload, arrays) -> "VoiceProfile":
-        return cls(float(payload["f0_log_mean"]), float(payload["f0_log_std"]), float(payload["voiced_fraction"]),
-                   float(payload["loudness_db"]), float(payload["speech_seconds"]),
-                   np.asarray(arrays["envelope_db"], dtype=np.float64))
+        """The profile :meth:`to_cache` stored.
+
+        Raises:
+            ValueError: a field is missing, not a finite number, or the envelope is not ``[K]``
+                (a damaged entry, or one imported from a bundle that this engine did not write).
+        """
+        try:
+            numbers = [float(payload[name]) for name in
+                       ("f0_log_mean", "f0_log_std", "voiced_fraction", "loudness_db", "speech_seconds")]
+            envelope = np.asarray(arrays["envelope_db"], dtype=np.float64)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed voice profile ({type(exc).__name__}: {exc})") from None
+        if not np.isfinite(numbers).all() or envelope.shape != (_envelope_bins(),) or not np.isfinite(envelope).all():
+            raise ValueError(f"malformed voice profile (envelope shape {envelope.shape})")
+        return cls(*numbers, envelope)
 
 
 def analyse(samples: np.ndarray, precise: bool = False) -> WorldParams:
@@ -175,6 +187,11 @@ def analyse_prompt(samples: np.ndarray) -> VoiceProfile:
         InputError: no voiced speech in the clip.
     """
     return profile(samples, analyse(samples, precise=True))
+
+
+def _envelope_bins() -> int:
+    """K: the spectral-envelope bins :func:`analyse` produces (CheapTrick's default F0 floor)."""
+    return pyworld.get_cheaptrick_fft_size(SAMPLE_RATE) // 2 + 1
 
 
 def _bin_hz(bins: int) -> np.ndarray:

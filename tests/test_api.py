@@ -222,6 +222,13 @@ def test_error_bodies_are_json(studio, http):
     assert missing_field.status_code == 400 and "input" in missing_field.json()["error"]["message"]
     body = missing_field.json()["error"]
     assert body["request_id"] == missing_field.headers["x-request-id"]
+    no_id = http.post("/v1/audio/speech", json={"input": "x", "voice": {"name": "v"}})
+    assert no_id.status_code == 400 and "stored voice id" in no_id.json()["error"]["message"]
+    wrong_method = http.put("/v1/audio/speech", json={})
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
+    assert wrong_method.headers["allow"] == "POST"
+    assert http.put("/v1/audio/voices/some-id").status_code == 405
+    assert http.get("/v1/no/such/endpoint").json()["error"]["code"] == "not_found"
 
 
 def test_oversize_upload_is_413(http):
@@ -256,6 +263,44 @@ def test_unexpected_failure_is_500_with_request_id_and_no_internals(http, studio
     error = r.json()["error"]
     assert "secret" not in error["message"] and error["request_id"] in error["message"]
     assert any("secret internal detail" in (rec.exc_text or "") for rec in caplog.records)
+
+
+def test_failure_outside_the_engine_is_a_json_500_too(http, studio, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret store detail")
+
+    monkeypatch.setattr(studio.app.state.voices, "list", broken)  # fault injection
+    r = http.get("/v1/audio/voices")
+    assert r.status_code == 500
+    error = r.json()["error"]
+    assert "secret" not in error["message"] and error["request_id"] in error["message"]
+    assert r.headers["x-request-id"] == error["request_id"]
+
+
+@pytest.mark.parametrize("field, value", [("payload", {"junk": 1}), ("cost_s", -1.0)])
+def test_a_bundle_with_a_malformed_entry_cannot_break_the_voice(http, studio, voice, field, value):
+    # Same audio and namespace as the stored voice, but an entry the engine (payload) or the cache
+    # (negative cost) cannot use: the import still works, and the voice keeps working.
+    bundle = http.get(f"/v1/audio/voices/{voice['id']}/export").content
+    source = zipfile.ZipFile(io.BytesIO(bundle))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as target:
+        for name in source.namelist():
+            data = source.read(name)
+            if name == "voice.json":
+                meta = json.loads(data)
+                meta["entries"][0][field] = value
+                data = json.dumps(meta).encode()
+            target.writestr(name, data)
+    r = http.post("/v1/audio/voices/import", files={"file": ("v.zip", out.getvalue(), "application/zip")})
+    assert r.status_code == 201, r.text
+    if field == "payload":  # stored over the good entry, then found unusable and recomputed
+        assert r.json()["imported"] == ["preview_voice"] and r.json()["recomputed"] == ["preview_voice"]
+    else:                   # refused by the cache; the good entry stays
+        assert r.json()["imported"] == [] and r.json()["prepared"]["hits"] == ["preview_voice"]
+    assert http.delete(f"/v1/audio/voices/{r.json()['id']}").status_code == 200
+    r = http.post("/v1/audio/speech", json={"input": "Still here.", "voice": voice["id"], "response_format": "wav"})
+    assert r.status_code == 200, r.text
 
 
 def test_cache_stats_and_clear(http, studio, voice):

@@ -172,6 +172,21 @@ def test_handlers_write_playable_files(handlers):
     assert path.endswith(".ogg") and rate in (24000, 48000) and np.abs(samples).max() > 0.01
 
 
+def test_unwritable_output_folder_is_a_clear_error(handlers):
+    import shutil
+
+    from web.ui_handlers import guarded, new_state
+
+    shutil.rmtree(handlers.output_dir)
+    handlers.output_dir.write_text("a file where the output folder should be")  # root ignores chmod
+    try:
+        with pytest.raises(gr.Error, match="could not be saved"):
+            guarded(handlers.clone)(str(EXAMPLE), EXAMPLE_TEXT, "No room.", 4, 10, "wav", new_state())
+    finally:
+        handlers.output_dir.unlink()
+        handlers.output_dir.mkdir()
+
+
 # ------------------------------------------------------------------ the Step-Audio engine on tiny models
 
 @pytest.mark.slow

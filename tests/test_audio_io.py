@@ -60,6 +60,39 @@ def test_gradio_int16_tuple_is_scaled_to_float():
     np.testing.assert_allclose(audio.samples, [0, 0.5, -1.0, 32767 / 32768])
 
 
+@pytest.mark.parametrize("source,message", [
+    ((16000, np.zeros((0, 2), np.int16)), "empty"),
+    ((0, np.zeros(100, np.float32)), "sample rate"),
+])
+def test_bad_gradio_tuples_give_specific_errors(source, message):
+    with pytest.raises(InputError, match=message):
+        load_audio(source)
+
+
+_ODD_RATE_SCRIPT = """
+import resource, sys
+import numpy as np
+resource.setrlimit(resource.RLIMIT_AS, (3 * 1024**3, 3 * 1024**3))
+from audio_io import resample
+t = np.arange(44101 // 2) / 44101
+out = resample((0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 44101, 16000)
+peak = np.argmax(np.abs(np.fft.rfft(out * np.hanning(len(out))))) * 16000 / len(out)
+print(len(out), out.dtype, round(float(peak)))
+"""
+
+
+def test_an_odd_sample_rate_resamples_in_bounded_memory():
+    # 44101 Hz has no common factor with 16 kHz: the polyphase kernel would need several GB.
+    import subprocess
+    import sys
+    from pathlib import Path
+    done = subprocess.run([sys.executable, "-c", _ODD_RATE_SCRIPT], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr[-500:]
+    length, dtype, peak = done.stdout.split()
+    assert int(length) == -(-22050 * 16000 // 44101) and dtype == "float32" and abs(int(peak) - 440) < 5
+
+
 @pytest.mark.parametrize("payload,message", [
     (b"this is not audio at all", "could not decode"),
     (b"", "could not decode"),

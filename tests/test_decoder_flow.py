@@ -128,6 +128,15 @@ def test_malformed_or_incomplete_yaml_is_a_model_error(tmp_path):
         parse_decoder_config(SHIPPED_YAML.split("hift:")[0])
     with pytest.raises(ModelError, match="cannot read"):
         load_decoder_config(tmp_path / "missing.yaml")
+    (tmp_path / "binary.yaml").write_bytes(b"mel_conf: \xff\xfe\x00 not utf-8")
+    with pytest.raises(ModelError, match="cannot read"):
+        load_decoder_config(tmp_path / "binary.yaml")
+
+
+@pytest.mark.parametrize("expression", ["10.0 ** 400", "10 ** 10 ** 10", "1" + "+1" * 3000])
+def test_runaway_ref_arithmetic_is_a_model_error(expression):
+    with pytest.raises(ModelError, match="depth"):
+        parse_decoder_config(SHIPPED_YAML.replace("            depth: 16", f"            depth: !ref {expression}"))
 
 
 # --------------------------------------------------------------------------- flow parity

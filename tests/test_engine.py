@@ -282,3 +282,27 @@ def test_create_engine_auto_picks_step_audio_for_a_complete_root(engine):
         assert created.prompt_namespaces() == engine.prompt_namespaces()   # same files, same cache keys
     finally:
         created.close()
+
+
+def test_a_folder_without_the_paraformer_token_list_is_incomplete(engine, tmp_path):
+    """paraformer_stream cannot build the model without it, so engine=auto must not pick step-audio."""
+    import shutil
+
+    from settings import FUNASR_SUBDIR
+    from tts_engine import missing_model_files
+
+    root = tmp_path / "models"
+    shutil.copytree(engine.settings.model_root / "Step-Audio-Tokenizer", root / "Step-Audio-Tokenizer")
+    shutil.copytree(engine.settings.editx_dir, root / "Step-Audio-EditX", ignore=shutil.ignore_patterns("*.safetensors"))
+    settings = engine.settings.replace(model_root=root)
+    before = set(missing_model_files(settings))
+    (root / "Step-Audio-Tokenizer" / FUNASR_SUBDIR / "tokens.json").unlink()
+    assert set(missing_model_files(settings)) - before == {f"Step-Audio-Tokenizer/{FUNASR_SUBDIR}/tokens.json"}
+
+
+def test_seeds_are_folded_into_the_generators_range():
+    from tts_engine import new_seed
+
+    assert new_seed(7) == 7
+    assert new_seed(2**64 + 5) == (2**64 + 5) % 2**31
+    assert 0 <= new_seed(None) < 2**31 and 0 <= new_seed(-1) < 2**31

@@ -243,9 +243,13 @@ def test_capacity_by_count_and_bytes(root):
 
 def test_an_entry_larger_than_max_bytes_stays_in_memory_only(root):
     cache = PromptCache(root, max_bytes=1000)
+    for i in (1, 2):
+        cache.put("tokens", NS, key(i), {"i": i}, 0.0)
+    small = entry_files(root)
     entry = cache.put("prompt_features", NS, key(0), {}, 0.0, {"mel": np.zeros(1000, np.float32)})
-    assert entry_files(root) == [] and len(cache) == 0
+    assert entry_files(root) == small and len(cache) == 2  # and it did not push the others out first
     assert cache.get("prompt_features", NS, key(0)) is entry
+    assert cache.stats()["evictions"] == 0 and cache.check() == []
 
 
 # ------------------------------------------------------------------ corruption
@@ -457,6 +461,19 @@ def test_unusable_root_degrades_to_memory_only(tmp_path, caplog):
     assert len(warnings_of(caplog)) == 1 and "memory only" in warnings_of(caplog)[0]
     stats = cache.stats()
     assert stats["degraded"] and "NotADirectoryError" in stats["degraded_reason"] and stats["hits"] == 0
+
+
+def test_a_root_that_becomes_usable_is_used_and_logged(tmp_path, caplog, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    monkeypatch.setattr(funasr_cache, "_RETRY_DISK_S", 0.0)
+    cache = PromptCache(blocker / "cache")
+    assert cache.stats()["degraded"]
+    blocker.unlink()
+    with caplog.at_level(logging.INFO, logger="funasr_cache"):
+        cache.put("tokens", NS, key(0), {"v": 0}, 0.0)
+    assert not cache.stats()["degraded"] and len(entry_files(blocker / "cache")) == 1
+    assert any("writable again" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])

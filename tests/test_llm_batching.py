@@ -106,3 +106,23 @@ def test_a_failing_batch_fails_every_caller():
 def test_bad_parameters():
     with pytest.raises(ValueError):
         BatchScheduler(Recorder(), window_s=0.0, max_batch=0)
+
+
+def test_a_request_racing_close_is_still_served():
+    """A submit that passed the closed check while close() ran must not land behind the stop
+    marker (its caller would wait forever)."""
+    scheduler = BatchScheduler(Recorder(), window_s=0.0, max_batch=4)
+    real_put = scheduler._queue.put
+
+    def put_while_closing(item, *args, **kwargs):   # fault injection: close() runs mid-submit
+        closer = threading.Thread(target=scheduler.close)
+        closer.start()
+        closer.join(0.3)
+        real_put(item, *args, **kwargs)
+
+    scheduler._queue.put = put_while_closing
+    future = scheduler.submit(7)
+    scheduler._queue.put = real_put
+    assert future.result(timeout=5) == 70
+    with pytest.raises(RuntimeError, match="closed"):
+        scheduler.submit(8)

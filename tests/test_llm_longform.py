@@ -44,6 +44,13 @@ def test_language_tag_is_carried_into_every_chunk():
     assert _squash("".join(c.replace("[Cantonese]", "") for c in chunks)) == _squash(text.replace("[Cantonese]", ""))
 
 
+@pytest.mark.parametrize("text", ["[Cantonese]" + " " * 30, "word" + " " * 40 + "word"])
+def test_blank_stretches_never_give_an_empty_chunk_list_or_blank_chunks(text):
+    chunks = split_text(text, 10)   # the engine generates one answer per chunk; [] crashed it
+    assert chunks and all(c.strip() for c in chunks)
+    assert _squash("".join(chunks)) == _squash(text)
+
+
 def test_over_long_sentence_falls_back_to_clauses_then_words():
     text = "one two three four five six seven eight nine ten, eleven twelve thirteen fourteen fifteen sixteen."
     chunks = split_text(text, 30)

@@ -122,6 +122,25 @@ def test_loader_reads_eos_and_pad(llm):
     assert (llm.top_k, llm.top_p) == (50, 1.0)
 
 
+@pytest.mark.parametrize("damage", ["truncated weights", "unknown tokenizer model"])
+def test_a_corrupt_llm_folder_is_a_model_error(llm, tmp_path, damage):
+    import json
+    import shutil
+
+    from errors import ModelError
+    from llm.loader import load_llm
+
+    folder = tmp_path / "llm"
+    shutil.copytree(llm.folder, folder)
+    if damage == "truncated weights":    # safetensors raises its own SafetensorError
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:                                # tokenizers raises a bare Exception
+        (folder / "tokenizer.json").write_text(json.dumps({"model": {"type": "Nope"}}))
+    with pytest.raises(ModelError, match="could not load the LLM"):
+        load_llm(folder, torch.device("cpu"), torch.float32, trust_remote_code=False)
+
+
 def test_seed_reproducibility_and_slot_pattern(llm):
     config = SamplingConfig(max_new_tokens=30)
     req = GenerationRequest(_prompt(llm, "speak"), seed=11)

@@ -239,6 +239,28 @@ def test_second_request_with_same_prompt_skips_the_analysis(tmp_path, monkeypatc
     assert reopened.prepare_prompt(str(clip)).hits == {PROFILE_KIND} and len(calls) == 1
 
 
+@pytest.mark.parametrize("payload, envelope", [
+    ({"junk": 1}, np.zeros(513, np.float32)),                                       # fields missing
+    ({"f0_log_mean": 5.0, "f0_log_std": 0.1, "voiced_fraction": 0.9, "loudness_db": -20.0,
+      "speech_seconds": 1.0}, np.zeros(7, np.float32)),                             # envelope not [K]
+])
+def test_a_malformed_cached_profile_is_recomputed_not_fatal(tmp_path, payload, envelope):
+    # Such entries arrive from imported voice bundles; they must not break the voice for good.
+    from conftest import FIXTURES
+
+    clip = str(FIXTURES / "prompt_22k.wav")
+    settings = Settings(cache_dir=tmp_path)
+    engine = PreviewEngine(settings, PromptCache.from_settings(settings))
+    digest = engine.prepare_prompt(clip).digest
+    engine.cache.put(PROFILE_KIND, engine.namespace, digest, payload, 1.0, {"envelope_db": envelope})
+
+    repaired = engine.prepare_prompt(clip)
+    assert repaired.misses == {PROFILE_KIND}
+    assert engine.prepare_prompt(clip).hits == {PROFILE_KIND}  # the entry was overwritten
+    entry = engine.cache.get(PROFILE_KIND, engine.namespace, digest)
+    assert voice.VoiceProfile.from_cache(entry.payload, entry.arrays).envelope_db.shape == (513,)
+
+
 # ----------------------------------------------------------------------------- seeds
 
 def test_same_seed_same_audio_other_seed_other_take(engine, low_prompt):

@@ -29,6 +29,11 @@ def test_cli_beats_environment_beats_default():
     ([], {"STUDIO_PORT": "eighty"}, "port"),
     ([], {"STUDIO_TF32": "maybe"}, "tf32"),
     (["--cache-max-entries", "0"], {}, "cache_max_entries"),
+    (["--cache-memory-entries", "-1"], {}, "cache_memory_entries"),
+    ([], {"STUDIO_MAX_PROMPT_SECONDS": "0"}, "max_prompt_seconds"),
+    ([], {"STUDIO_MAX_PROMPT_SECONDS": "nan"}, "max_prompt_seconds"),
+    (["--max-upload-bytes", "0"], {}, "max_upload_bytes"),
+    (["--batch-window-ms", "-5"], {}, "batch_window_ms"),
 ])
 def test_bad_values_name_the_setting(argv, env, field):
     with pytest.raises(ValueError, match=field):

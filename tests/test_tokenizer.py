@@ -186,6 +186,23 @@ def test_malformed_cache_entry_is_recomputed(tok):
     result = tok.tokenize(audio, digest=digest)
     assert not result.hit and result.tokens == golden_tokens()
     assert tok.tokenize(audio, digest=digest).hit
+    # In range but without a whole group: a prompt bundle could not be built from it.
+    tok.cache.put(tk.CACHE_KIND, tok.namespace, digest, {"vq02": [1], "vq06": [2]}, 0.1)
+    result = tok.tokenize(audio, digest=digest)
+    assert not result.hit and result.tokens == golden_tokens()
+
+
+@pytest.mark.parametrize("target", ["vq06", "vq02"])
+def test_a_failing_model_is_a_model_error(tok, tmp_path, monkeypatch, target):
+    def explode(*args, **kwargs):   # fault injection, like an out-of-memory error on the device
+        raise RuntimeError("out of memory")
+
+    tok = tk.StepAudioTokenizer(tok.paraformer, tok.codebook, tok.vq06_session, tok.onnx_options,
+                                PromptCache(tmp_path / "cache"), tok.namespace, tok.device)
+    owner = tok.vq06_session if target == "vq06" else tok.paraformer.model
+    monkeypatch.setattr(owner, "run" if target == "vq06" else "encode_chunk", explode)
+    with pytest.raises(ModelError, match="failed on .*out of memory"):
+        tok.tokenize(WAV_IN)
 
 
 # --------------------------------------------------------------------------- loading
@@ -272,10 +289,26 @@ def test_mismatched_weights_list_keys(tmp_path):
         tk.StepAudioTokenizer.load(folder, Settings(), PromptCache(tmp_path / "c"))
 
 
+@pytest.mark.parametrize("name, content", [
+    ("config.yaml", b"\xff\xfe not utf-8"),
+    ("config.yaml", b"model: X\nencoder_conf: {}\nfrontend_conf: [1]\n"),
+    ("configuration.json", b'{"file_path_metas": {"frontend_conf": ["am.mvn"]}}'),
+    ("configuration.json", b'{"file_path_metas": {"config": 5}}'),
+])
+def test_corrupt_config_files_are_model_errors(tmp_path, name, content):
+    folder = copy_model(tmp_path)
+    (folder / FUNASR_SUBDIR / name).write_bytes(content)
+    with pytest.raises(ModelError, match=name):
+        tk.StepAudioTokenizer.load(folder, Settings(), PromptCache(tmp_path / "c"))
+
+
 def test_bad_codebook_shape(tmp_path):
     folder = copy_model(tmp_path)
     np.save(folder / "linguistic_tokenizer.npy", np.zeros((24, 63), np.float32))
     with pytest.raises(ModelError, match=r"\[K <= 1024, 64\]"):
+        tk.StepAudioTokenizer.load(folder, Settings(), PromptCache(tmp_path / "c"))
+    np.save(folder / "linguistic_tokenizer.npy", np.full((24, 64), np.nan, np.float32))  # every code would be 0
+    with pytest.raises(ModelError, match="non-finite"):
         tk.StepAudioTokenizer.load(folder, Settings(), PromptCache(tmp_path / "c"))
 
 

@@ -11,9 +11,10 @@ import zipfile
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from audio_io import Audio
-from errors import InputError
+from errors import InputError, StudioError
 from funasr_cache import audio_digest
 from web.voices import BundleEntry, VoiceNotFound, VoiceStore, check_voice_id
 
@@ -98,3 +99,48 @@ def test_bad_bundles_are_refused(store):
     bundle = VoiceStore.read_bundle(_zip({**members, "voice.json": json.dumps(meta).encode(),
                                           "entries/0/evil.npy": pickled.getvalue()}))
     assert bundle.entries == ()
+
+
+def test_damaged_or_odd_bundles_are_refused_with_a_reason(store):
+    voice = store.create(_audio(3), "t", "v")
+    valid = store.export_bundle(voice.id, [], "e")
+    members = {n: zipfile.ZipFile(io.BytesIO(valid)).read(n) for n in ("voice.json", "audio.wav")}
+    meta = json.loads(members["voice.json"])
+
+    # A flipped byte inside a deflated member: zipfile raises zlib.error or a CRC BadZipFile.
+    damaged = bytearray(valid)
+    start = damaged.find(b"audio.wav") + 40
+    damaged[start:start + 64] = bytes(b ^ 0xFF for b in damaged[start:start + 64])
+    with pytest.raises(InputError, match="damaged"):
+        VoiceStore.read_bundle(bytes(damaged))
+    with pytest.raises(InputError, match="entries are not a list"):
+        VoiceStore.read_bundle(_zip({**members, "voice.json": json.dumps({**meta, "entries": 5}).encode()}))
+    nan_wav = io.BytesIO()
+    sf.write(nan_wav, np.full(1000, np.nan, np.float32), 16000, format="WAV", subtype="FLOAT")
+    with pytest.raises(InputError, match="NaN"):
+        VoiceStore.read_bundle(_zip({**members, "audio.wav": nan_wav.getvalue()}))
+    # A truncated .npy drops its entry; the voice still reads.
+    meta["entries"] = [{"kind": "tokens", "namespace": "n@1/v1", "digest": voice.digest, "payload": {},
+                        "arrays": ["codes"]}]
+    full = io.BytesIO()
+    np.save(full, np.arange(100, dtype=np.int64))
+    bundle = VoiceStore.read_bundle(_zip({**members, "voice.json": json.dumps(meta).encode(),
+                                          "entries/0/codes.npy": full.getvalue()[:90]}))
+    assert bundle.entries == ()
+
+
+def test_an_unwritable_voice_folder_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "voices"
+    blocker.write_text("a file where the folder should be")  # chmod does not stop root; this does
+    with pytest.raises(StudioError, match="could not store the voice"):
+        VoiceStore(blocker).create(_audio(4), "t", "v")
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"id": "x"}'])
+def test_a_damaged_voice_json_hides_that_voice_only(store, content):
+    good = store.create(_audio(5), "fine", "good")
+    bad = store.create(_audio(6), "soon damaged", "bad")
+    (store.root / bad.id / "voice.json").write_text(content)
+    with pytest.raises(VoiceNotFound, match="damaged"):
+        store.get(bad.id)
+    assert [v.id for v in store.list()] == [good.id]

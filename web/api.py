@@ -20,13 +20,16 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.routing import Match
 
 from audio_io import OUTPUT_FORMATS, encode_audio, load_audio, media_type
 from edit_options import EDIT_TYPES
 from errors import InputError
 from settings import Settings
 from tts_engine import CloneOptions, Engine, validate_text
+from web import api_voices
 from web.deps import (APIError, get_engine, get_metrics, get_settings, get_voices, jsonable, read_upload,
                       require_api_key, result_headers, run_engine)
 from web.metrics import CONTENT_TYPE, Metrics
@@ -79,6 +82,8 @@ def _check_format(fmt: str) -> str:
 def create_speech(body: SpeechRequest, request: Request, engine: Engine = Depends(get_engine),
                   voices: VoiceStore = Depends(get_voices), settings: Settings = Depends(get_settings)) -> Response:
     voice_id = body.voice.get("id") if isinstance(body.voice, dict) else body.voice
+    if not isinstance(voice_id, str):
+        raise InputError('voice must be a stored voice id (POST /v1/audio/voices) or {"id": "<voice id>"}')
     if body.model not in MODEL_ALIASES:
         raise InputError(f"unknown model {body.model!r}; use {MODEL_ID}")
     fmt = _check_format(body.response_format)
@@ -90,7 +95,7 @@ def create_speech(body: SpeechRequest, request: Request, engine: Engine = Depend
     if body.stream_format == "sse":
         raise InputError("stream_format 'sse' is not supported; use 'audio' or leave it out")
     text = validate_text(body.input, "input", settings.max_text_chars)
-    voice = voices.get(check_voice_id(str(voice_id)))
+    voice = voices.get(check_voice_id(voice_id))
     prompt = voices.audio(voice.id)
     options = CloneOptions(flow_steps=body.flow_steps)
     result = run_engine(request, "speech", lambda: engine.clone(prompt, voice.transcript, text, seed=body.seed,
@@ -198,6 +203,15 @@ def _device_check(device: str) -> tuple[bool, str]:
 
 
 @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
-def unknown_endpoint(path: str) -> None:
-    """Unknown /v1 paths answer a JSON 404 (without this the mounted UI would answer them)."""
+def unknown_endpoint(path: str, request: Request) -> None:
+    """Unknown /v1 paths answer a JSON 404 (without this the mounted UI would answer them); a known
+    path with the wrong method answers 405 (this catch-all would otherwise turn it into a 404)."""
+    allowed = set()
+    for route in (*api_voices.router.routes, *router.routes):
+        if isinstance(route, APIRoute) and route.endpoint is not unknown_endpoint \
+                and route.matches(request.scope)[0] == Match.PARTIAL:
+            allowed |= route.methods
+    if allowed:
+        raise APIError(405, f"{request.method} is not allowed on /v1/{path}; use {', '.join(sorted(allowed))}",
+                       "invalid_request_error", "method_not_allowed", headers={"Allow": ", ".join(sorted(allowed))})
     raise APIError(404, f"no API endpoint /v1/{path}; see /docs", "invalid_request_error", "not_found")

@@ -15,6 +15,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from audio_io import load_audio
+from errors import CacheError
 from settings import Settings
 from tts_engine import Engine, PromptReport, validate_text
 from web.deps import get_engine, get_settings, get_voices, read_upload, require_api_key, run_engine
@@ -125,8 +126,13 @@ def import_voice(request: Request, file: UploadFile = File(..., description="a b
     imported = []
     for entry in bundle.entries:
         if wanted.get(entry.kind) == entry.namespace:
-            engine.cache.put(entry.kind, entry.namespace, entry.digest, dict(entry.payload), entry.cost_s,
-                             dict(entry.arrays))
+            try:
+                engine.cache.put(entry.kind, entry.namespace, entry.digest, dict(entry.payload), entry.cost_s,
+                                 dict(entry.arrays))
+            except CacheError as exc:  # e.g. a negative cost or an array the cache cannot store
+                log.info("bundle entry %s/%s rejected by the cache (%s); it will be recomputed",
+                         entry.kind, entry.namespace, exc)
+                continue
             imported.append(entry.kind)
         else:
             log.info("bundle entry %s/%s does not match this engine (%s); it will be recomputed",

@@ -2,9 +2,9 @@
 
 Owns: the overridable dependencies (``get_engine``, ``get_settings``, ``get_voices``,
 ``get_metrics``), the optional Bearer key check, the JSON error body and the mapping from studio
-errors to status codes, the request-id / upload-size ASGI middleware, and ``run_engine`` (the one
-place an engine call is timed, counted, logged and has unexpected errors turned into a 500 with
-a request id).
+errors to status codes, the ASGI middleware (request ids, upload size, a JSON 500 for anything
+uncaught), and ``run_engine`` (the one place an engine call is timed, counted, logged and has
+unexpected errors turned into a 500 with a request id).
 Does not own: the routes themselves (``web.api``, ``web.api_voices``).
 
 Error body (OpenAI style, so its clients show the message)::
@@ -164,7 +164,8 @@ def result_headers(result: Result, engine: Engine) -> dict[str, str]:
 
 class StudioMiddleware:
     """Pure ASGI middleware (it must not buffer Gradio's streams): a request id on every HTTP
-    request and response, and a 413 for ``/v1`` bodies whose Content-Length is over the limit."""
+    request and response, a 413 for ``/v1`` bodies whose Content-Length is over the limit, and a
+    JSON 500 for exceptions no handler caught."""
 
     def __init__(self, app, max_body_bytes: int) -> None:
         self.app = app
@@ -181,23 +182,45 @@ class StudioMiddleware:
             if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
                 limit = self.max_body_bytes - 64 * 1024
                 message = f"request body is {int(length)} bytes; uploads are limited to {limit} bytes"
-                body = json.dumps({"error": {"message": message, "type": "invalid_request_error",
-                                             "code": "payload_too_large", "request_id": rid}}).encode()
-                await send({"type": "http.response.start", "status": 413,
-                            "headers": [(b"content-type", b"application/json"), (b"x-request-id", rid.encode()),
-                                        (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
-                await send({"type": "http.response.body", "body": body})
+                await _send_json(send, 413, {"error": {"message": message, "type": "invalid_request_error",
+                                                       "code": "payload_too_large", "request_id": rid}}, rid,
+                                 close=True)
                 return
 
+        started = False
+
         async def send_with_id(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = list(message.get("headers") or [])
                 if not any(k.lower() == b"x-request-id" for k, _ in headers):
                     headers.append((b"x-request-id", rid.encode()))
                 message = {**message, "headers": headers}
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            # What no handler expected: log it, and (if nothing was sent yet) answer a JSON 500 naming
+            # the request id instead of Starlette's plain-text one; the connection stays usable.
+            log.exception("request %s (%s %s) failed", rid, scope.get("method"), scope["path"])
+            if started:
+                raise
+            await _send_json(send, 500, {"error": {
+                "message": f"internal error; the server log has the details (request id {rid})",
+                "type": "server_error", "code": "internal_error", "request_id": rid}}, rid)
+
+
+async def _send_json(send, status: int, payload: dict, rid: str, close: bool = False) -> None:
+    """A whole JSON response through a raw ASGI ``send``."""
+    body = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"x-request-id", rid.encode()),
+               (b"content-length", str(len(body)).encode())]
+    if close:  # the unread body must not be taken for the next request
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def read_upload(upload, settings: Settings, what: str = "upload") -> bytes:

@@ -14,6 +14,7 @@ Session state (``gr.State``, small and copyable)::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -158,13 +159,25 @@ class Handlers:
     def _write(self, result: Result, fmt: str) -> Path:
         self._prune()
         path = self.output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}.{_EXTENSIONS[fmt]}"
-        path.write_bytes(encode_audio(result.audio, fmt))
+        data = encode_audio(result.audio, fmt)
+        try:
+            path.write_bytes(data)
+        except OSError as exc:  # full or read-only disk: say so instead of a generic internal error
+            log.error("cannot write %s: %s", path, exc)
+            with contextlib.suppress(OSError):  # a partial file must not be served later
+                path.unlink()
+            raise StudioError(f"the result was made but could not be saved for the page ({exc.strerror or exc}); "
+                              "free some disk space on the server") from None
         return path
 
     def _prune(self) -> None:
         """Drop output files older than a day (the history of a day-old page is gone anyway)."""
         cutoff = time.time() - OUTPUT_MAX_AGE_S
-        for old in self.output_dir.iterdir():
+        try:
+            files = list(self.output_dir.iterdir())
+        except OSError:
+            return
+        for old in files:
             try:
                 if old.stat().st_mtime < cutoff:
                     os.remove(old)

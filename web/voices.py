@@ -33,6 +33,7 @@ import shutil
 import threading
 import time
 import zipfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -41,7 +42,7 @@ import numpy as np
 import soundfile as sf
 
 from audio_io import Audio
-from errors import InputError
+from errors import InputError, StudioError
 from funasr_cache import audio_digest
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,9 @@ class VoiceStore:
             transcript: what the clip says.
             name: display name (defaults to the id).
             namespaces: kind -> cache namespace the clip was prepared under.
+        Raises:
+            InputError: empty transcript or a taken id.
+            StudioError: the folder cannot be written (full or read-only disk).
         """
         if not transcript or not transcript.strip():
             raise InputError("the voice's transcript is empty")
@@ -144,14 +148,17 @@ class VoiceStore:
                       duration_s=round(audio.duration, 3), created_at=time.time(), namespaces=dict(namespaces or {}))
         folder = self._dir(voice_id)
         tmp = self.root / f".tmp-{voice_id}-{secrets.token_hex(4)}"
-        tmp.mkdir(parents=True)
         try:
+            tmp.mkdir(parents=True)
             sf.write(tmp / "audio.wav", audio.samples, audio.sample_rate, format="WAV", subtype="FLOAT")
             (tmp / "voice.json").write_text(json.dumps(voice.to_json(), sort_keys=True, indent=1))
             with self._lock:
                 if folder.exists():
                     raise InputError(f"a voice with id {voice_id!r} already exists")
                 tmp.rename(folder)  # publish atomically: a reader sees all of it or nothing
+        except (OSError, sf.LibsndfileError) as exc:  # full or read-only disk
+            log.error("voice %s could not be stored under %s: %s", voice_id, self.root, exc)
+            raise StudioError(f"the server could not store the voice ({exc})") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("voice %s stored (%.2f s, digest %s)", voice_id, audio.duration, voice.digest[:12])
@@ -160,13 +167,12 @@ class VoiceStore:
     def get(self, voice_id: str) -> Voice:
         path = self._dir(voice_id) / "voice.json"
         try:
-            data = json.loads(path.read_text())
+            return Voice(**json.loads(path.read_text()))
         except FileNotFoundError:
             raise VoiceNotFound(f"no voice with id {voice_id!r}") from None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, TypeError) as exc:  # unreadable, not JSON, or not a voice's fields
             log.warning("voice %s is unreadable: %s", voice_id, exc)
             raise VoiceNotFound(f"voice {voice_id!r} is damaged and cannot be read") from None
-        return Voice(**data)
 
     def audio(self, voice_id: str) -> Audio:
         """The stored clip, sample-exact."""
@@ -239,48 +245,62 @@ class VoiceStore:
         except zipfile.BadZipFile:
             raise InputError("the voice bundle is not a zip file "
                              "(export one with GET /v1/audio/voices/{id}/export)") from None
-        with zf:
-            members = zf.infolist()
-            if len(members) > MAX_BUNDLE_MEMBERS:
-                raise InputError(f"the voice bundle has {len(members)} files; at most {MAX_BUNDLE_MEMBERS} are allowed")
-            if sum(m.file_size for m in members) > MAX_BUNDLE_UNPACKED:
-                raise InputError(f"the voice bundle unpacks to more than {MAX_BUNDLE_UNPACKED // 1024**2} MiB")
-            names = {m.filename for m in members}
-            bad = sorted(n for n in names if not _MEMBER.match(n))
-            if bad:
-                raise InputError(f"the voice bundle holds unexpected files: {', '.join(bad[:5])}")
-            if not {"voice.json", "audio.wav"} <= names:
-                raise InputError("the voice bundle lacks voice.json or audio.wav")
-            try:
-                meta = json.loads(zf.read("voice.json"))
-            except ValueError as exc:
-                raise InputError(f"the voice bundle's voice.json is not valid JSON ({exc})") from None
-            if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
-                found = meta.get("format") if isinstance(meta, dict) else None
-                raise InputError(f"unsupported voice bundle format {found!r}; this server reads format {BUNDLE_FORMAT}")
-            try:
-                samples, rate = sf.read(io.BytesIO(zf.read("audio.wav")), dtype="float32", always_2d=True)
-            except (sf.LibsndfileError, RuntimeError) as exc:
-                raise InputError(f"the voice bundle's audio.wav is not readable ({exc})") from None
-            if len(samples) == 0:
-                raise InputError("the voice bundle's audio is empty")
-            audio = Audio(samples.mean(axis=1), int(rate))
-            if max_seconds is not None and audio.duration > max_seconds:
-                raise InputError(f"the voice bundle's audio is {audio.duration:.1f} s long; "
-                                 f"the limit is {max_seconds:g} s")
-            digest = audio_digest(audio.samples, audio.sample_rate)
-            entries = []
-            for index, raw in enumerate(meta.get("entries") or []):
-                entry = _read_entry(zf, index, raw, names)
-                if entry is None or entry.digest != digest:
-                    log.info("voice bundle entry %d dropped (malformed or for other audio)", index)
-                    continue
-                entries.append(entry)
-            transcript = meta.get("transcript")
-            if not isinstance(transcript, str) or not transcript.strip():
-                raise InputError("the voice bundle has no transcript")
-            return Bundle(name=str(meta.get("name") or "")[:200], transcript=transcript, audio=audio,
-                          engine=str(meta.get("engine") or ""), entries=tuple(entries))
+        try:
+            with zf:
+                return VoiceStore._parse_bundle(zf, max_seconds)
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+            # A damaged member (bad CRC, broken deflate stream) or an unsupported compression.
+            raise InputError(f"the voice bundle is damaged ({exc})") from None
+
+    @staticmethod
+    def _parse_bundle(zf: zipfile.ZipFile, max_seconds: float | None) -> Bundle:
+        """The checks of :meth:`read_bundle` on an opened zip."""
+        members = zf.infolist()
+        if len(members) > MAX_BUNDLE_MEMBERS:
+            raise InputError(f"the voice bundle has {len(members)} files; at most {MAX_BUNDLE_MEMBERS} are allowed")
+        if sum(m.file_size for m in members) > MAX_BUNDLE_UNPACKED:
+            raise InputError(f"the voice bundle unpacks to more than {MAX_BUNDLE_UNPACKED // 1024**2} MiB")
+        names = {m.filename for m in members}
+        bad = sorted(n for n in names if not _MEMBER.match(n))
+        if bad:
+            raise InputError(f"the voice bundle holds unexpected files: {', '.join(bad[:5])}")
+        if not {"voice.json", "audio.wav"} <= names:
+            raise InputError("the voice bundle lacks voice.json or audio.wav")
+        try:
+            meta = json.loads(zf.read("voice.json"))
+        except ValueError as exc:
+            raise InputError(f"the voice bundle's voice.json is not valid JSON ({exc})") from None
+        if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise InputError(f"unsupported voice bundle format {found!r}; this server reads format {BUNDLE_FORMAT}")
+        try:
+            samples, rate = sf.read(io.BytesIO(zf.read("audio.wav")), dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            raise InputError(f"the voice bundle's audio.wav is not readable ({exc})") from None
+        if len(samples) == 0:
+            raise InputError("the voice bundle's audio is empty")
+        if not np.isfinite(samples).all():
+            raise InputError("the voice bundle's audio contains NaN or infinite samples")
+        audio = Audio(samples.mean(axis=1), int(rate))
+        if max_seconds is not None and audio.duration > max_seconds:
+            raise InputError(f"the voice bundle's audio is {audio.duration:.1f} s long; "
+                             f"the limit is {max_seconds:g} s")
+        digest = audio_digest(audio.samples, audio.sample_rate)
+        raw_entries = meta.get("entries") or []
+        if not isinstance(raw_entries, list):
+            raise InputError("the voice bundle's entries are not a list")
+        entries = []
+        for index, raw in enumerate(raw_entries):
+            entry = _read_entry(zf, index, raw, names)
+            if entry is None or entry.digest != digest:
+                log.info("voice bundle entry %d dropped (malformed or for other audio)", index)
+                continue
+            entries.append(entry)
+        transcript = meta.get("transcript")
+        if not isinstance(transcript, str) or not transcript.strip():
+            raise InputError("the voice bundle has no transcript")
+        return Bundle(name=str(meta.get("name") or "")[:200], transcript=transcript, audio=audio,
+                      engine=str(meta.get("engine") or ""), entries=tuple(entries))
 
 
 def _read_entry(zf: zipfile.ZipFile, index: int, raw, names: set[str]) -> BundleEntry | None:
@@ -297,7 +317,7 @@ def _read_entry(zf: zipfile.ZipFile, index: int, raw, names: set[str]) -> Bundle
             return None
         try:
             arrays[name] = np.load(io.BytesIO(zf.read(member)), allow_pickle=False)
-        except ValueError:
+        except (ValueError, EOFError, OSError):  # not an .npy, truncated, or an object array
             return None
     cost = raw.get("cost_s", 0.0)
     return BundleEntry(kind, namespace, digest, payload, arrays, float(cost) if isinstance(cost, (int, float)) else 0.0)
