@@ -93,7 +93,9 @@ def _decode_file(source: str | Path | bytes) -> Audio:
     try:
         data, rate = sf.read(handle, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise InputError(f"could not decode {name} as audio ({exc}); use WAV, FLAC, OGG or MP3") from None
+        # libsndfile's own message names the Python file object; its error string alone is the reason.
+        reason = getattr(exc, "error_string", None) or str(exc)
+        raise InputError(f"could not decode {name} as audio ({reason.rstrip('.')}); use WAV, FLAC, OGG or MP3") from None
     return Audio(data.mean(axis=1), int(rate))
 
 
