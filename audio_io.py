@@ -58,7 +58,7 @@ class Audio:
 AudioSource = Union[Audio, str, Path, bytes, tuple]
 
 
-def load_audio(source: AudioSource, max_seconds: float | None = None) -> Audio:
+def load_audio(source: AudioSource, max_seconds: float | None = None, what: str = "the audio clip") -> Audio:
     """Decode ``source`` into mono float32.
 
     Parameters:
@@ -66,6 +66,7 @@ def load_audio(source: AudioSource, max_seconds: float | None = None) -> Audio:
             any bit depth), or a ``(sample_rate, array)`` pair as Gradio gives it (int or float
             array, ``[N]`` or ``[N, channels]``).
         max_seconds: reject longer clips.
+        what: how error messages name the clip (e.g. "the prompt clip", "the audio to edit").
 
     Raises:
         InputError: the data is not decodable audio, is empty, holds NaN/inf, or is too long.
@@ -77,11 +78,12 @@ def load_audio(source: AudioSource, max_seconds: float | None = None) -> Audio:
     else:
         audio = _decode_file(source)
     if len(audio.samples) == 0:
-        raise InputError("the audio clip is empty (0 samples)")
+        raise InputError(f"{what} is empty (0 samples)")
     if not np.isfinite(audio.samples).all():
-        raise InputError("the audio clip contains NaN or infinite samples")
+        raise InputError(f"{what} contains NaN or infinite samples")
     if max_seconds is not None and audio.duration > max_seconds:
-        raise InputError(f"the audio clip is {audio.duration:.1f} s long; the limit is {max_seconds:g} s")
+        raise InputError(f"{what} is {audio.duration:.1f} s long; the limit is {max_seconds:g} s "
+                         "(setting max_prompt_seconds)")
     return audio
 
 

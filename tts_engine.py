@@ -366,7 +366,7 @@ class StepAudioEngine(Engine):
                                  limit)
         seed, timer = new_seed(seed), Timer()
         progress(0.0, "preparing the input clip")
-        clip, digest = self._decode(audio, timer)
+        clip, digest = self._decode(audio, timer, what="the audio to edit")
         bundle, _ = self.bundler.bundle(clip, digest, timer)
         with timer.stage("prompt_build"):
             instruction = edit_instruction(edit_type, edit_info, audio_text, text)
@@ -376,9 +376,9 @@ class StepAudioEngine(Engine):
 
     # -------------------------------------------------------------- steps
 
-    def _decode(self, source: AudioSource, timer) -> tuple[Audio, str]:
+    def _decode(self, source: AudioSource, timer, what: str = "the prompt clip") -> tuple[Audio, str]:
         with timer.stage("decode_audio"):
-            audio = load_audio(source, max_seconds=self.settings.max_prompt_seconds)
+            audio = load_audio(source, max_seconds=self.settings.max_prompt_seconds, what=what)
         with timer.stage("hash"):
             digest = audio_digest(audio.samples, audio.sample_rate)
         return audio, digest

@@ -121,10 +121,10 @@ class PreviewEngine(Engine):
 
     # ------------------------------------------------------------------ prompt work
 
-    def _decode(self, source: AudioSource, timer: Timer) -> tuple[np.ndarray, str]:
+    def _decode(self, source: AudioSource, timer: Timer, what: str = "the prompt clip") -> tuple[np.ndarray, str]:
         """Decoded clip at 24 kHz ``[N]`` and the digest of the decoded samples (at their own rate)."""
         with timer.stage("decode_audio"):
-            audio = load_audio(source, max_seconds=self._settings.max_prompt_seconds)
+            audio = load_audio(source, max_seconds=self._settings.max_prompt_seconds, what=what)
         with timer.stage("hash"):
             digest = audio_digest(audio.samples, audio.sample_rate)
         with timer.stage("decode_audio"):
@@ -287,7 +287,7 @@ class PreviewEngine(Engine):
         validate_text(audio_text, "audio text", self._settings.max_text_chars)
         timer = Timer()
         progress(0.0, f"{edit_type} edit")
-        samples, digest = self._decode(audio, timer)
+        samples, digest = self._decode(audio, timer, what="the audio to edit")
         if edit_type == "denoise":
             with timer.stage("effects"):
                 out = effects.denoise(samples, SAMPLE_RATE)

@@ -406,3 +406,14 @@ def test_create_engine_builds_the_preview(tmp_path):
 
     engine = create_engine(Settings(engine="auto", model_root=tmp_path / "none", cache_dir=tmp_path / "cache"))
     assert isinstance(engine, PreviewEngine) and engine.describe().preview
+
+
+def test_an_edit_input_over_the_length_limit_is_named_as_such(tmp_path):
+    """Edits take the previous result as their input; a too-long one is called 'the audio to edit'."""
+    settings = Settings(cache_dir=tmp_path / "cache", max_prompt_seconds=1.0)
+    engine = PreviewEngine(settings, PromptCache.from_settings(settings))
+    long_clip = Audio(np.zeros(24000 * 2, np.float32) + 0.01, 24000)
+    with pytest.raises(InputError, match=r"the audio to edit is 2\.0 s long; the limit is 1 s"):
+        engine.edit(long_clip, "Hello there.", "speed", "faster")
+    with pytest.raises(InputError, match=r"the prompt clip is 2\.0 s long"):
+        engine.clone(long_clip, "Hello there.", "Hi.")
