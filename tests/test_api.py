@@ -147,7 +147,8 @@ def test_export_import_round_trip(http, studio, voice, tmp_path):
         other.stop()
 
 
-def _rewrite_namespace(bundle: bytes, namespace: str) -> bytes:
+def _rewrite_entries(bundle: bytes, change) -> bytes:
+    """A copy of an exported voice bundle with ``change(entries)`` applied to its cache entries."""
     source = zipfile.ZipFile(io.BytesIO(bundle))
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as target:
@@ -155,11 +156,17 @@ def _rewrite_namespace(bundle: bytes, namespace: str) -> bytes:
             data = source.read(name)
             if name == "voice.json":
                 meta = json.loads(data)
-                for entry in meta["entries"]:
-                    entry["namespace"] = namespace
+                change(meta["entries"])
                 data = json.dumps(meta).encode()
             target.writestr(name, data)
     return out.getvalue()
+
+
+def _rewrite_namespace(bundle: bytes, namespace: str) -> bytes:
+    def change(entries):
+        for entry in entries:
+            entry["namespace"] = namespace
+    return _rewrite_entries(bundle, change)
 
 
 def test_import_rejects_bad_bundles(http):
@@ -282,17 +289,8 @@ def test_a_bundle_with_a_malformed_entry_cannot_break_the_voice(http, studio, vo
     # Same audio and namespace as the stored voice, but an entry the engine (payload) or the cache
     # (negative cost) cannot use: the import still works, and the voice keeps working.
     bundle = http.get(f"/v1/audio/voices/{voice['id']}/export").content
-    source = zipfile.ZipFile(io.BytesIO(bundle))
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as target:
-        for name in source.namelist():
-            data = source.read(name)
-            if name == "voice.json":
-                meta = json.loads(data)
-                meta["entries"][0][field] = value
-                data = json.dumps(meta).encode()
-            target.writestr(name, data)
-    r = http.post("/v1/audio/voices/import", files={"file": ("v.zip", out.getvalue(), "application/zip")})
+    damaged = _rewrite_entries(bundle, lambda entries: entries[0].__setitem__(field, value))
+    r = http.post("/v1/audio/voices/import", files={"file": ("v.zip", damaged, "application/zip")})
     assert r.status_code == 201, r.text
     if field == "payload":  # stored over the good entry, then found unusable and recomputed
         assert r.json()["imported"] == ["preview_voice"] and r.json()["recomputed"] == ["preview_voice"]
