@@ -22,7 +22,7 @@ def configure_logging(level: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the studio until interrupted; returns the process exit code."""
-    from settings import load_settings
+    from core.settings import load_settings
 
     try:
         settings = load_settings(sys.argv[1:] if argv is None else argv)
@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from devices import configure_threads
-    from errors import StudioError
-    from tts_engine import create_engine
+    from core.devices import configure_threads
+    from core.errors import StudioError
+    from engine.select import create_engine
     from web.server import create_app
 
     configure_threads(settings.torch_threads)

@@ -21,7 +21,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import tracemalloc
@@ -31,10 +30,9 @@ import numpy as np
 
 from common import ROOT, environment_header, interleaved, repeat_ms, summary
 
-sys.path.insert(0, str(ROOT))
 
-import funasr_cache as fc  # noqa: E402
-from funasr_cache import PromptCache, audio_digest  # noqa: E402
+from prompt_cache import funasr_cache as fc# noqa: E402
+from prompt_cache.funasr_cache import PromptCache, audio_digest
 
 NS = fc.make_namespace("Step-Audio-Tokenizer", "0123456789abcdef", 1)
 
@@ -88,8 +86,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200, help="repetitions per timing")
     args = parser.parse_args()
     # the header's +dirty covers the whole tree; this says whether the cache code itself changed
-    dirty = subprocess.run(["git", "status", "--porcelain", "funasr_cache.py", "cache_files.py", "cache_index.py",
-                            "cache_stats.py"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "prompt_cache"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     print(environment_header("cpu", "float32 samples", [f"python {platform.python_version()}"]
                              + (["cache modules modified"] if dirty else [])))
     base = Path(tempfile.mkdtemp(dir=args.dir))

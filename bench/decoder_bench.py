@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,14 +24,13 @@ import torch
 
 from common import ROOT, environment_header, inline, summary
 
-sys.path.insert(0, str(ROOT))
 
-from audio_io import load_audio  # noqa: E402
-from decoder.config import parse_decoder_config  # noqa: E402
-from decoder.flow import FlowDecoder  # noqa: E402
-from decoder.model import AudioDecoder  # noqa: E402
-from decoder.vocoder import HiFTGenerator  # noqa: E402
-from timings import Timer  # noqa: E402
+from core.audio_io import load_audio
+from decoder.config import parse_decoder_config
+from decoder.flow import FlowDecoder
+from decoder.model import AudioDecoder
+from decoder.vocoder import HiFTGenerator
+from core.timings import Timer
 
 FIXTURES = ROOT / "tests" / "fixtures"
 

@@ -18,7 +18,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import threading
 import time
@@ -27,16 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import ROOT, environment_header, summary
+from common import environment_header, summary
 
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
-from devices import configure_tf32, resolve_device, resolve_dtype  # noqa: E402
-from llm.batching import BatchScheduler  # noqa: E402
-from llm.generation import GenerationRequest, generate_batch  # noqa: E402
-from llm.loader import load_llm  # noqa: E402
-from llm.sampling import SamplingConfig  # noqa: E402
+from core.devices import configure_tf32, resolve_device, resolve_dtype
+from llm.batching import BatchScheduler
+from llm.generation import GenerationRequest, generate_batch
+from llm.loader import load_llm
+from llm.sampling import SamplingConfig
 
 
 def make_prompt(rng: np.random.Generator, n: int) -> tuple[int, ...]:
@@ -98,7 +95,7 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, help="also write the result table to this file")
     args = parser.parse_args()
 
-    from tiny_models import build_tiny_llm
+    from testkit.tiny_models import build_tiny_llm
 
     if args.threads:
         torch.set_num_threads(args.threads)

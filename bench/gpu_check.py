@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 
 def main() -> int:
@@ -30,10 +28,10 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from funasr_cache import PromptCache
-    from settings import Settings
-    from tiny_models import build_tiny_model_root
-    from tts_engine import StepAudioEngine
+    from prompt_cache.funasr_cache import PromptCache
+    from core.settings import Settings
+    from testkit.tiny_models import build_tiny_model_root
+    from engine.step_audio import StepAudioEngine
 
     failures = []
 

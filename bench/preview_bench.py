@@ -13,7 +13,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 import warnings
@@ -21,17 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from common import ROOT, cells, environment_header, summary
+from common import cells, environment_header, summary
 
-sys.path.insert(0, str(ROOT))
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    from audio_io import Audio, resample  # noqa: E402
-    from funasr_cache import PromptCache  # noqa: E402
-    from preview import espeak, voice  # noqa: E402
-    from preview.engine import PreviewEngine  # noqa: E402
-    from settings import Settings  # noqa: E402
+    from core.audio_io import Audio, resample
+    from prompt_cache.funasr_cache import PromptCache
+    from preview import espeak, voice
+    from preview.engine import PreviewEngine
+    from core.settings import Settings
 
 PROMPT_TEXT = ("The quick brown fox jumps over the lazy dog near the river bank, "
                "while the farmer counts his sheep before the evening rain.")

@@ -27,17 +27,15 @@ from pathlib import Path
 
 from common import ROOT, cells, environment_header, interleaved, summary
 
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    import httpx  # noqa: E402
-    from gradio_client import Client, handle_file  # noqa: E402
+    import httpx
+    from gradio_client import Client, handle_file
 
-    from studio_server import start_studio  # noqa: E402
+    from testkit.studio_server import start_studio
 
 PROMPT = ROOT / "examples" / "en_low.flac"
 PROMPT_TEXT = "The quiet harbour woke slowly as the first boats went out."

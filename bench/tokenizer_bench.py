@@ -23,7 +23,6 @@ import argparse
 import io
 import json
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,12 +34,11 @@ import torch
 
 from common import ROOT, cells, environment_header, summary, time_ms
 
-sys.path.insert(0, str(ROOT))
 
-import tokenizer as tk  # noqa: E402
-from audio_io import Audio, load_audio  # noqa: E402
-from funasr_cache import PromptCache  # noqa: E402
-from settings import FUNASR_SUBDIR, Settings  # noqa: E402
+from tokenizer import step_audio as tk# noqa: E402
+from core.audio_io import Audio, load_audio
+from prompt_cache.funasr_cache import PromptCache
+from core.settings import FUNASR_SUBDIR, Settings
 
 FIXTURE = ROOT / "tests" / "fixtures" / "tokenizer" / "Step-Audio-Tokenizer"
 PROMPT = ROOT / "tests" / "fixtures" / "prompt_22k.wav"

@@ -15,7 +15,6 @@ Reports count / median / p90 / p99 / max in ms, the real-time factor and speed r
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import numpy as np
@@ -23,12 +22,11 @@ import torch
 
 from common import ROOT, environment_header, inline, repeat_ms, summary
 
-sys.path.insert(0, str(ROOT))
 
-from audio_io import Audio, load_audio  # noqa: E402
-from decoder.frontend import MelConfig, PromptFrontend  # noqa: E402
-from decoder.vocoder import HiFTConfig, HiFTGenerator  # noqa: E402
-from onnx_session import OnnxOptions  # noqa: E402
+from core.audio_io import Audio, load_audio
+from decoder.frontend import MelConfig, PromptFrontend
+from decoder.vocoder import HiFTConfig, HiFTGenerator
+from core.onnx_session import OnnxOptions
 
 FIXTURES = ROOT / "tests" / "fixtures"
 

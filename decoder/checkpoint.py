@@ -17,7 +17,7 @@ from typing import Mapping
 
 import torch
 
-from errors import ModelError
+from core.errors import ModelError
 
 log = logging.getLogger(__name__)
 

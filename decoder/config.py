@@ -30,7 +30,7 @@ import yaml
 
 from decoder.frontend import MelConfig
 from decoder.vocoder import HiFTConfig
-from errors import ModelError
+from core.errors import ModelError
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,9 @@ import librosa
 import numpy as np
 import torch
 
-from audio_io import Audio, peak_limit, resample
-from errors import InputError, ModelError
-from onnx_session import OnnxOptions, create_session
+from core.audio_io import Audio, peak_limit, resample
+from core.errors import InputError, ModelError
+from core.onnx_session import OnnxOptions, create_session
 
 log = logging.getLogger(__name__)
 

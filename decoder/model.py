@@ -29,15 +29,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from audio_io import Audio
+from core.audio_io import Audio
 from decoder.checkpoint import load_state_dict_file, load_strict
 from decoder.config import DecoderConfig, load_decoder_config
 from decoder.flow import FlowDecoder
 from decoder.frontend import PromptFeatures, PromptFrontend
 from decoder.vocoder import HiFTGenerator, load_hift_state_dict
-from errors import InputError, ModelError
-from onnx_session import OnnxOptions
-from timings import Timer
+from core.errors import InputError, ModelError
+from core.onnx_session import OnnxOptions
+from core.timings import Timer
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from errors import InputError
+from core.errors import InputError
 
 
 @dataclass(frozen=True)

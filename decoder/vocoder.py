@@ -34,7 +34,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from decoder.checkpoint import load_strict, normalize_weight_norm_keys
 from decoder.source import SourceModuleHnNSF2, draw_source_noise
-from errors import InputError, ModelError
+from core.errors import InputError, ModelError
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from errors import ModelError
+from core.errors import ModelError
 from llm.prompts import END_OF_TURN_ID
 
 log = logging.getLogger(__name__)

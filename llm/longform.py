@@ -14,7 +14,7 @@ import re
 
 import numpy as np
 
-from edit_options import LANGUAGE_TAGS
+from core.edit_options import LANGUAGE_TAGS
 
 # A sentence ends after . ! ? ; or an ellipsis followed by space, or right after a CJK stop
 # (full-width punctuation is not followed by a space); closing quotes/brackets stay attached.

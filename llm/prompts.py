@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from errors import InputError
+from core.errors import InputError
 
 BOS_ID = 1            # <s>
 END_OF_TURN_ID = 3    # <|EOT|>

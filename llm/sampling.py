@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from errors import ModelError
+from core.errors import ModelError
 from llm.prompts import AUDIO_ID_END, AUDIO_ID_OFFSET, VQ02_CODES
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edit_options import EMOTIONS, SPEEDS, STYLES
+from core.edit_options import EMOTIONS, SPEEDS, STYLES
 from preview.voice import F0_CEIL, F0_FLOOR, WorldParams, speech_intervals, warp_envelope
 
 log = logging.getLogger(__name__)

@@ -23,14 +23,13 @@ import time
 
 import numpy as np
 
-from audio_io import Audio, AudioSource, load_audio, resample
-from edit_options import EDIT_TYPES, EMOTIONS, STYLES
-from errors import InputError, ModelError
-from funasr_cache import audio_digest, make_namespace
+from core.audio_io import Audio, AudioSource, load_audio, resample
+from core.edit_options import EDIT_TYPES, EMOTIONS, STYLES
+from core.errors import InputError, ModelError
+from prompt_cache.funasr_cache import audio_digest, make_namespace
 from preview import effects, espeak, text as text_mod, voice
-from timings import Timer
-from tts_engine import (CloneOptions, EditCapability, Engine, EngineInfo, ProgressFn, PromptReport, Result,
-                        new_seed, no_progress, validate_edit, validate_text)
+from core.timings import Timer
+from engine.contract import CloneOptions, EditCapability, Engine, EngineInfo, ProgressFn, PromptReport, Result, new_seed, no_progress, validate_edit, validate_text
 
 log = logging.getLogger(__name__)
 

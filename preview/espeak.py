@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import ModelError
+from core.errors import ModelError
 
 log = logging.getLogger(__name__)
 

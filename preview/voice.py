@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import soxr
 
-from errors import InputError
+from core.errors import InputError
 
 with warnings.catch_warnings():
     # pyworld 0.3.5 imports pkg_resources, which warns on every import with setuptools 80.

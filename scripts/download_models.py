@@ -30,10 +30,8 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from settings import EDITX_DIRNAME, FUNASR_SUBDIR, TOKENIZER_DIRNAME, load_settings  # noqa: E402
+from core.settings import EDITX_DIRNAME, FUNASR_SUBDIR, TOKENIZER_DIRNAME, load_settings
 
 log = logging.getLogger("download_models")
 
@@ -52,8 +50,8 @@ class ModelRepo:
 
 def default_repos() -> tuple[ModelRepo, ...]:
     """The two repositories, with the engine's own list of required files."""
-    from tts_engine import (DECODER_SUBDIR, REQUIRED_DECODER_FILES, REQUIRED_EDITX_FILES,
-                            REQUIRED_FUNASR_FILES, REQUIRED_TOKENIZER_FILES)
+    from core.settings import DECODER_SUBDIR
+    from engine.select import REQUIRED_DECODER_FILES, REQUIRED_EDITX_FILES, REQUIRED_FUNASR_FILES, REQUIRED_TOKENIZER_FILES
 
     def under(folder: str, names: Iterable[str]) -> tuple[str, ...]:
         return tuple("|".join(f"{folder}/{option}" for option in name.split("|")) for name in names)

@@ -54,8 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--doc", type=Path, default=DOC, help="the Markdown file to update")
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, str(ROOT))
-    from settings import settings_table
+    from core.settings import settings_table
 
     current = args.doc.read_text(encoding="utf-8")
     try:

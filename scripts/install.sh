@@ -7,6 +7,8 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip() { .venv/bin/python -m pip install --disable-pip-version-check -q "$@"; }
 pip -r requirements.txt
+# The project itself, editable: tests, benchmarks and scripts import its packages without sys.path edits.
+pip --no-deps --no-build-isolation -e .
 if [ "${1:-}" = "--test" ]; then
     pip -r requirements-test.txt
     # resemblyzer's declared deps (webrtcvad sdist, typing) break on current setuptools;

@@ -19,10 +19,9 @@ import numpy as np
 import soundfile as sf
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from audio_io import resample  # noqa: E402
-from preview import espeak  # noqa: E402
+from core.audio_io import resample
+from preview import espeak
 
 RATE = 16000  # small files; the engines resample prompts themselves
 # (file stem, eSpeak voice, rate wpm, pitch, transcript, suggested target text)

@@ -17,7 +17,7 @@ import openai
 import pytest
 import soundfile as sf
 
-from studio_server import speech_wav, start_studio
+from testkit.studio_server import speech_wav, start_studio
 
 pytestmark = pytest.mark.slow
 

@@ -18,8 +18,8 @@ import soundfile as sf
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-import settings as settings_mod
-from studio_server import start_studio
+from core import settings as settings_mod
+from testkit.studio_server import start_studio
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "en_low.flac"
@@ -96,7 +96,7 @@ def test_errors_are_specific_messages(client, studio, monkeypatch):
 
 @pytest.fixture
 def handlers(tmp_path):
-    from funasr_cache import PromptCache
+    from prompt_cache.funasr_cache import PromptCache
     from preview.engine import PreviewEngine
     from web.ui_handlers import Handlers
 
@@ -194,8 +194,8 @@ def test_tiny_model_engine_round_trip(tmp_path):
     """The same UI and API on StepAudioEngine with tiny random-weight models in the real folder layout."""
     import httpx
 
-    from tiny_models import build_tiny_model_root
-    from tts_engine import StepAudioEngine
+    from testkit.tiny_models import build_tiny_model_root
+    from engine.step_audio import StepAudioEngine
 
     root = build_tiny_model_root(tmp_path)
     studio = start_studio(tmp_path, StepAudioEngine, "--engine", "step-audio", "--model-root", str(root),

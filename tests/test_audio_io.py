@@ -7,9 +7,9 @@ import pytest
 import soundfile as sf
 from safetensors.numpy import load_file
 
-from audio_io import OUTPUT_FORMATS, Audio, encode_audio, load_audio, peak_limit, resample
+from core.audio_io import OUTPUT_FORMATS, Audio, encode_audio, load_audio, peak_limit, resample
 from conftest import FIXTURES
-from errors import InputError
+from core.errors import InputError
 
 
 def _tone(rate: int, seconds: float = 0.5, freq: float = 440.0) -> np.ndarray:
@@ -73,7 +73,7 @@ _ODD_RATE_SCRIPT = """
 import resource, sys
 import numpy as np
 resource.setrlimit(resource.RLIMIT_AS, (3 * 1024**3, 3 * 1024**3))
-from audio_io import resample
+from core.audio_io import resample
 t = np.arange(44101 // 2) / 44101
 out = resample((0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 44101, 16000)
 peak = np.argmax(np.abs(np.fft.rfft(out * np.hanning(len(out))))) * 16000 / len(out)

@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from audio_io import load_audio
+from core.audio_io import load_audio
 from conftest import FIXTURES
 from decoder.model import (AudioDecoder, align_prompt_mel, bf16_round, check_mixed_tokens,
                            reshape_mixed_tokens)
-from errors import InputError, ModelError
-from timings import Timer
+from core.errors import InputError, ModelError
+from core.timings import Timer
 
 DECODER = FIXTURES / "decoder"
 

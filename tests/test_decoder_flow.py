@@ -18,7 +18,7 @@ from decoder import encoder as encoder_module
 from decoder.checkpoint import load_state_dict_file, load_strict
 from decoder.config import load_decoder_config, parse_decoder_config
 from decoder.flow import FlowDecoder, cosine_t_span
-from errors import ModelError
+from core.errors import ModelError
 
 DECODER = FIXTURES / "decoder"
 

@@ -12,11 +12,11 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-from audio_io import Audio, peak_limit
+from core.audio_io import Audio, peak_limit
 from conftest import FIXTURES
 from decoder.frontend import PROMPT_PEAK, MelConfig, PromptFrontend
-from errors import InputError, ModelError
-from onnx_session import OnnxOptions
+from core.errors import InputError, ModelError
+from core.onnx_session import OnnxOptions
 
 DECODER = FIXTURES / "decoder"
 RATE = 22050

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import FIXTURES
 from decoder.checkpoint import load_state_dict_file
 from decoder.vocoder import F0PredictorConfig, HiFTConfig, HiFTGenerator, load_hift_state_dict
-from errors import InputError, ModelError
+from core.errors import InputError, ModelError
 
 DECODER = FIXTURES / "decoder"
 

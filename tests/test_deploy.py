@@ -31,7 +31,7 @@ import yaml
 from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
 
 from conftest import ROOT
-from settings import ENV_PREFIX, Settings, build_parser, load_settings
+from core.settings import ENV_PREFIX, Settings, build_parser, load_settings
 
 BIN = Path(sys.executable).parent
 SETTING_ENV_NAMES = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
@@ -325,7 +325,7 @@ def _problems(model_root: Path, remote_by_dir: dict | None = None, **kw) -> list
 
 
 def test_a_complete_folder_passes_and_satisfies_the_engine(tmp_path):
-    from tts_engine import missing_model_files
+    from engine.select import missing_model_files
 
     _fill(tmp_path)
     assert _problems(tmp_path) == []

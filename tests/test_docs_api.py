@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from studio_server import start_studio
+from testkit.studio_server import start_studio
 
 pytestmark = pytest.mark.slow
 

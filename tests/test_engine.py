@@ -16,11 +16,11 @@ import soundfile as sf
 import torch
 from conftest import FIXTURES
 
-from audio_io import Audio
-from edit_options import EDIT_TYPES
-from errors import InputError, ModelError
-from funasr_cache import PromptCache, audio_digest
-from settings import Settings
+from core.audio_io import Audio
+from core.edit_options import EDIT_TYPES
+from core.errors import InputError, ModelError
+from prompt_cache.funasr_cache import PromptCache, audio_digest
+from core.settings import Settings
 
 PROMPT_WAV = FIXTURES / "prompt_22k.wav"
 PROMPT_TEXT = "The quick brown fox jumps over the lazy dog near the river bank."
@@ -44,8 +44,8 @@ class Counting:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from tiny_models import build_tiny_model_root
-    from tts_engine import StepAudioEngine
+    from testkit.tiny_models import build_tiny_model_root
+    from engine.step_audio import StepAudioEngine
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # tiny models; avoids thread thrash on a busy 2-core runner
@@ -109,8 +109,8 @@ def test_second_clone_is_served_from_the_cache(engine, first_clone):
 
 
 def test_prompt_features_survive_a_restart(engine, first_clone):
-    from prompt_bundle import PromptBundler
-    from timings import Timer
+    from engine.prompt_bundle import PromptBundler
+    from core.timings import Timer
 
     samples, rate = sf.read(PROMPT_WAV, dtype="float32")
     clip, digest = Audio(samples, rate), audio_digest(samples, rate)
@@ -272,7 +272,8 @@ def test_describe_capabilities_ready(engine):
 
 
 def test_create_engine_auto_picks_step_audio_for_a_complete_root(engine):
-    from tts_engine import StepAudioEngine, create_engine, missing_model_files
+    from engine.step_audio import StepAudioEngine
+    from engine.select import create_engine, missing_model_files
 
     settings = engine.settings.replace(engine="auto")
     assert missing_model_files(settings) == []
@@ -288,8 +289,8 @@ def test_a_folder_without_the_paraformer_token_list_is_incomplete(engine, tmp_pa
     """paraformer_stream cannot build the model without it, so engine=auto must not pick step-audio."""
     import shutil
 
-    from settings import FUNASR_SUBDIR
-    from tts_engine import missing_model_files
+    from core.settings import FUNASR_SUBDIR
+    from engine.select import missing_model_files
 
     root = tmp_path / "models"
     shutil.copytree(engine.settings.model_root / "Step-Audio-Tokenizer", root / "Step-Audio-Tokenizer")
@@ -301,7 +302,7 @@ def test_a_folder_without_the_paraformer_token_list_is_incomplete(engine, tmp_pa
 
 
 def test_seeds_are_folded_into_the_generators_range():
-    from tts_engine import new_seed
+    from engine.contract import new_seed
 
     assert new_seed(7) == 7
     assert new_seed(2**64 + 5) == (2**64 + 5) % 2**31

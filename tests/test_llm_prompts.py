@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 from conftest import FIXTURES
 
-from errors import InputError
+from core.errors import InputError
 from llm import prompts
 from llm.loader import LoadedLLM
 
@@ -27,7 +27,7 @@ def tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(tokenizer_dir):
-    from tiny_models import build_tiny_tokenizer
+    from testkit.tiny_models import build_tiny_tokenizer
 
     return build_tiny_tokenizer(tokenizer_dir)
 

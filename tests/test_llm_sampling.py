@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import FIXTURES
 
-from errors import ModelError
+from core.errors import ModelError
 from llm.generation import GenerationRequest, generate_batch
 from llm.sampling import (SamplingConfig, audio_answer, filter_audio_ids, repetition_ban, slot_allowed,
                           top_candidates, top_k_top_p)
@@ -107,7 +107,7 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     from llm.loader import load_llm
-    from tiny_models import build_tiny_llm
+    from testkit.tiny_models import build_tiny_llm
 
     folder = build_tiny_llm(tmp_path_factory.mktemp("llm"))
     return load_llm(folder, torch.device("cpu"), torch.float32, trust_remote_code=False)
@@ -127,7 +127,7 @@ def test_a_corrupt_llm_folder_is_a_model_error(llm, tmp_path, damage):
     import json
     import shutil
 
-    from errors import ModelError
+    from core.errors import ModelError
     from llm.loader import load_llm
 
     folder = tmp_path / "llm"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from funasr_cache import PromptCache
-from timings import StageTimings
+from prompt_cache.funasr_cache import PromptCache
+from core.timings import StageTimings
 from web.metrics import Metrics
 
 
@@ -105,7 +105,7 @@ def _cuda() -> bool:
 def test_gpu_memory_family_and_allocation_check():
     import torch
 
-    from devices import check_allocation
+    from core.devices import check_allocation
 
     assert check_allocation("cuda:0") == (True, "ok")
     assert check_allocation("cpu") == (True, "ok")

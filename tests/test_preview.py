@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import soxr
 
-from audio_io import Audio
-from edit_options import EDIT_TYPES
-from errors import InputError
-from funasr_cache import PromptCache
-from settings import Settings
+from core.audio_io import Audio
+from core.edit_options import EDIT_TYPES
+from core.errors import InputError
+from prompt_cache.funasr_cache import PromptCache
+from core.settings import Settings
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -402,7 +402,7 @@ def test_bad_prompts_are_refused(engine):
 
 
 def test_create_engine_builds_the_preview(tmp_path):
-    from tts_engine import create_engine
+    from engine.select import create_engine
 
     engine = create_engine(Settings(engine="auto", model_root=tmp_path / "none", cache_dir=tmp_path / "cache"))
     assert isinstance(engine, PreviewEngine) and engine.describe().preview

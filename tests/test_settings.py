@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from devices import configure_tf32, resolve_device, resolve_dtype
-from onnx_session import OnnxOptions, choose_providers, session_options
-from settings import Settings, build_parser, load_settings
+from core.devices import configure_tf32, resolve_device, resolve_dtype
+from core.onnx_session import OnnxOptions, choose_providers, session_options
+from core.settings import Settings, build_parser, load_settings
 
 
 def test_defaults_need_no_environment():
@@ -60,7 +60,7 @@ def test_tf32_flags_follow_configuration():
 
 
 def test_torch_threads_setting_is_applied_and_validated():
-    from devices import configure_threads
+    from core.devices import configure_threads
 
     before = torch.get_num_threads()
     try:

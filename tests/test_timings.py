@@ -4,7 +4,7 @@ import json
 import re
 import time
 
-from timings import StageTimings, Timer
+from core.timings import StageTimings, Timer
 
 
 def test_stages_accumulate_and_freeze():

@@ -22,14 +22,13 @@ import torch
 from safetensors.numpy import load_file
 from safetensors.torch import load_file as load_torch_file
 
-from audio_io import Audio, load_audio, resample
+from core.audio_io import Audio, load_audio, resample
 from conftest import FIXTURES, ROOT
-from errors import InputError, ModelError
-from funasr_cache import PromptCache, fingerprint_files, make_namespace
-from paraformer_stream import load_state_dict_file
-from settings import FUNASR_SUBDIR, Settings
-import tokenizer as tk
-
+from core.errors import InputError, ModelError
+from prompt_cache.funasr_cache import PromptCache, fingerprint_files, make_namespace
+from tokenizer.paraformer_stream import load_state_dict_file
+from core.settings import FUNASR_SUBDIR, Settings
+from tokenizer import step_audio as tk
 TOK_DIR = FIXTURES / "tokenizer" / "Step-Audio-Tokenizer"
 FUNASR_DIR = TOK_DIR / FUNASR_SUBDIR
 GOLDEN = load_file(str(FIXTURES / "tokenizer" / "golden_tokenizer.safetensors"))
@@ -161,7 +160,7 @@ def test_second_call_hits_cache_without_running_encoders(tok, tmp_path, monkeypa
     onnx_run = CallCounter(tok.vq06_session.run)
     monkeypatch.setattr(tok.paraformer.model, "encode_chunk", encode_chunk)
     monkeypatch.setattr(tok.vq06_session, "run", onnx_run)
-    with caplog.at_level(logging.INFO, logger="tokenizer"):
+    with caplog.at_level(logging.INFO, logger="tokenizer.step_audio"):
         first = tok.tokenize(WAV_IN)
         calls = (encode_chunk.calls, onnx_run.calls)
         second = tok.tokenize(WAV_IN, digest=first.digest)
@@ -170,7 +169,7 @@ def test_second_call_hits_cache_without_running_encoders(tok, tmp_path, monkeypa
     assert second.tokens == first.tokens == golden_tokens()
     assert {"preprocess", "vq02_encode", "vq06_encode", "merge"} <= set(first.timings.stages_ms)
     assert set(second.timings.stages_ms) == {"hash", "cache_lookup"} and second.timings.cached == {"cache_lookup"}
-    messages = [r.getMessage() for r in caplog.records if r.name == "tokenizer"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "tokenizer.step_audio"]
     assert "FunASR cache MISS" in messages[0] and "FunASR encoding:" in messages[0]
     assert "FunASR cache HIT" in messages[1] and "encoding" not in messages[1]
 
@@ -252,9 +251,9 @@ def test_default_session_options_and_tf32_on(tok):
 def test_import_and_load_leave_the_process_alone():
     """Importing tokenizer does not import funasr; loading leaves logging and stdout untouched."""
     code = (
-        "import logging, sys, tokenizer, torch\n"
+        "import logging, sys, torch\nfrom tokenizer import step_audio as tokenizer\n"
         "assert 'funasr' not in sys.modules\n"
-        "from funasr_cache import PromptCache; from settings import Settings; import tempfile\n"
+        "from prompt_cache.funasr_cache import PromptCache; from core.settings import Settings; import tempfile\n"
         f"tokenizer.StepAudioTokenizer.load(__import__('pathlib').Path({str(TOK_DIR)!r}), Settings(),"
         " PromptCache(tempfile.mkdtemp()))\n"
         "assert 'funasr' in sys.modules\n"

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from audio_io import Audio
-from errors import InputError, StudioError
-from funasr_cache import audio_digest
+from core.audio_io import Audio
+from core.errors import InputError, StudioError
+from prompt_cache.funasr_cache import audio_digest
 from web.voices import BundleEntry, VoiceNotFound, VoiceStore, check_voice_id
 
 

@@ -24,11 +24,11 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.routing import Match
 
-from audio_io import OUTPUT_FORMATS, encode_audio, load_audio, media_type
-from edit_options import EDIT_TYPES
-from errors import InputError
-from settings import Settings
-from tts_engine import CloneOptions, Engine, validate_text
+from core.audio_io import OUTPUT_FORMATS, encode_audio, load_audio, media_type
+from core.edit_options import EDIT_TYPES
+from core.errors import InputError
+from core.settings import Settings
+from engine.contract import CloneOptions, Engine, validate_text
 from web import api_voices
 from web.deps import (APIError, get_engine, get_metrics, get_settings, get_voices, jsonable, read_upload,
                       require_api_key, result_headers, run_engine)
@@ -192,7 +192,7 @@ def metrics(metrics: Metrics = Depends(get_metrics)) -> Response:
 
 def _device_check(device: str) -> tuple[bool, str]:
     """On CUDA, prove that a small allocation works (EngineInfo.device reads e.g. "cuda:0 (bfloat16)")."""
-    from devices import check_allocation
+    from core.devices import check_allocation
 
     name = device.split()[0] if device else "cpu"
     try:

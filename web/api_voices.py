@@ -14,10 +14,10 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from audio_io import load_audio
-from errors import CacheError
-from settings import Settings
-from tts_engine import Engine, PromptReport, validate_text
+from core.audio_io import load_audio
+from core.errors import CacheError
+from core.settings import Settings
+from engine.contract import Engine, PromptReport, validate_text
 from web.deps import get_engine, get_settings, get_voices, read_upload, require_api_key, run_engine
 from web.voices import BundleEntry, Voice, VoiceStore, check_voice_id
 

@@ -26,9 +26,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from errors import CacheError, InputError, ModelError, StudioError
-from settings import Settings
-from tts_engine import Engine, Result
+from core.errors import CacheError, InputError, ModelError, StudioError
+from core.settings import Settings
+from engine.contract import Engine, Result
 from web.metrics import Metrics
 from web.voices import VoiceNotFound, VoiceStore
 

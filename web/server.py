@@ -20,8 +20,8 @@ from pathlib import Path
 import gradio as gr
 from fastapi import FastAPI
 
-from settings import Settings
-from tts_engine import Engine
+from core.settings import Settings
+from engine.contract import Engine
 from web import api, api_voices
 from web.deps import StudioMiddleware, install_error_handlers
 from web.metrics import Metrics

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from settings import Settings
-from tts_engine import EditCapability, Engine
+from core.settings import Settings
+from engine.contract import EditCapability, Engine
 from web.metrics import Metrics
 from web.ui_handlers import UI_FORMATS, Handlers, base_note, guarded, history_table, new_state
 

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from audio_io import encode_audio
-from edit_options import EDIT_TYPES
-from errors import StudioError
-from settings import Settings
-from tts_engine import CloneOptions, Engine, Result
+from core.audio_io import encode_audio
+from core.edit_options import EDIT_TYPES
+from core.errors import StudioError
+from core.settings import Settings
+from engine.contract import CloneOptions, Engine, Result
 from web.deps import jsonable
 from web.metrics import Metrics
 

@@ -41,9 +41,9 @@ from typing import Mapping
 import numpy as np
 import soundfile as sf
 
-from audio_io import Audio
-from errors import InputError, StudioError
-from funasr_cache import audio_digest
+from core.audio_io import Audio
+from core.errors import InputError, StudioError
+from prompt_cache.funasr_cache import audio_digest
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import yaml
 
-from errors import ModelError
+from core.errors import ModelError
 
 log = logging.getLogger(__name__)
 

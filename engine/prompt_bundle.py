@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from audio_io import Audio, peak_limit
+from core.audio_io import Audio, peak_limit
 from decoder.frontend import PROMPT_PEAK, PromptFeatures
-from funasr_cache import PromptCache, fingerprint_files, make_namespace
-from timings import Timer
-from tokenizer import Tokens
+from prompt_cache.funasr_cache import PromptCache, fingerprint_files, make_namespace
+from core.timings import Timer
+from tokenizer.step_audio import Tokens
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+from testkit.paths import FIXTURES
 VOCAB = 70656
 AUDIO_OFFSET = 65536
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|EOT|>", "<|BOT|>", "<pad>"]   # ids 0..5

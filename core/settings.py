@@ -24,6 +24,7 @@ EXECUTION_MODES = ("parallel", "sequential")
 # Folder names inside model_root, as the upstream release lays them out.
 TOKENIZER_DIRNAME = "Step-Audio-Tokenizer"
 EDITX_DIRNAME = "Step-Audio-EditX"
+DECODER_SUBDIR = "CosyVoice-300M-25Hz"   # inside Step-Audio-EditX/
 FUNASR_SUBDIR = "dengcunqin/speech_paraformer-large_asr_nat-zh-cantonese-en-16k-vocab8501-online"
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError
 
-from errors import CacheError
+from core.errors import CacheError
 
 FORMAT = 1  # written into every JSON file; readers ignore fields they do not know
 KIND = re.compile(r"[a-z][a-z0-9_]{0,31}")

@@ -26,7 +26,7 @@ import soundfile as sf
 import soxr
 import torch
 
-from errors import InputError
+from core.errors import InputError
 
 OUTPUT_FORMATS = ("wav", "flac", "mp3", "opus", "pcm")
 _MAX_KERNEL_TAPS = 4_000_000  # standard rate pairs need < 300k (11025 -> 16000 is the largest)

@@ -19,7 +19,7 @@ import secrets
 from pathlib import Path
 from typing import Callable
 
-from cache_files import EntryMeta, Key, atomic_write, entry_path, scan_root, unlink_quiet
+from prompt_cache.files import EntryMeta, Key, atomic_write, entry_path, scan_root, unlink_quiet
 
 _JOURNAL_LINE = re.compile(  # "+ folder digest recency_ns nbytes sidecar|-" or "- folder digest"
     r"^([+-]) ([a-z][a-z0-9_]{0,31}-[0-9a-f]{16}) ([0-9a-f]{64})"

@@ -18,8 +18,8 @@ import numpy as np
 import soundfile as sf
 import uvicorn
 
-from funasr_cache import PromptCache
-from settings import load_settings
+from prompt_cache.funasr_cache import PromptCache
+from core.settings import load_settings
 from web.server import create_app
 
 

@@ -34,14 +34,14 @@ import librosa
 import numpy as np
 import torch
 
-from audio_io import Audio, resample
-from devices import configure_tf32
-from errors import InputError, ModelError
-from funasr_cache import PromptCache, audio_digest, fingerprint_files, make_namespace
-from onnx_session import OnnxOptions, create_session
-from paraformer_stream import ParaformerStream
-from settings import FUNASR_SUBDIR, Settings
-from timings import StageTimings, Timer
+from core.audio_io import Audio, resample
+from core.devices import configure_tf32
+from core.errors import InputError, ModelError
+from prompt_cache.funasr_cache import PromptCache, audio_digest, fingerprint_files, make_namespace
+from core.onnx_session import OnnxOptions, create_session
+from tokenizer.paraformer_stream import ParaformerStream
+from core.settings import FUNASR_SUBDIR, Settings
+from core.timings import StageTimings, Timer
 
 log = logging.getLogger(__name__)
 

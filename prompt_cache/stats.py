@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable
 
-from cache_files import FORMAT, EntryMeta, Key, atomic_write, dump_json
+from prompt_cache.files import FORMAT, EntryMeta, Key, atomic_write, dump_json
 
 COUNTERS = ("hits", "misses", "puts", "evictions", "corrupt", "coalesced", "seconds_saved")
 

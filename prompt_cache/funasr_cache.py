@@ -46,12 +46,12 @@ import numpy as np
 from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 
-from cache_files import FORMAT, CacheEntry  # noqa: F401  (public names, defined there since the split)
-from cache_files import (FOLDER, EntryMeta, SidecarGone, atomic_write, audit_files, check_key, decode_entry, dump_json,
+from prompt_cache.files import FORMAT, CacheEntry  # noqa: F401  (public names, defined there since the split)
+from prompt_cache.files import (FOLDER, EntryMeta, SidecarGone, atomic_write, audit_files, check_key, decode_entry, dump_json,
                          encode_entry, entry_path, folder_name, named_sidecar, unlink_quiet, write_temp)
-from cache_index import DiskIndex
-from cache_stats import Counters, load_stats
-from errors import CacheError
+from prompt_cache.index import DiskIndex
+from prompt_cache.stats import Counters, load_stats
+from core.errors import CacheError
 
 log = logging.getLogger(__name__)
 

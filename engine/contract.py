@@ -1,0 +1,176 @@
+"""The engine contract: what the studio asks of an engine, and the value types that cross it.
+
+Owns: the ``Engine`` interface (clone, edit, prompt preparation, capabilities, readiness), the frozen
+value types (``Result``, ``CloneOptions``, ``EngineInfo``, ``EditCapability``, ``PromptReport``) and
+the request validation every engine shares.
+Does not own: any engine (``engine/step_audio.py``, ``preview/``), nor choosing one
+(``engine/select.py``).
+"""
+
+from __future__ import annotations
+
+import abc
+import secrets
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from core.audio_io import Audio, AudioSource
+from core.edit_options import EDIT_TYPES
+from core.errors import InputError
+from core.timings import StageTimings
+
+# progress(fraction in [0, 1], description)
+ProgressFn = Callable[[float, str], None]
+
+
+def no_progress(fraction: float, description: str) -> None:
+    """The default progress callback: ignores reports."""
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the banner says about the loaded engine."""
+
+    name: str                 # e.g. "Step-Audio-EditX" or "Preview (eSpeak NG + WORLD)"
+    preview: bool             # True for the CPU preview engine
+    device: str               # e.g. "cuda:0 (bfloat16)" or "cpu"
+    detail: str               # one line: what it is / how to get the real models
+    sample_rate: int = 24000
+
+
+@dataclass(frozen=True)
+class EditCapability:
+    """One edit type as this engine supports it."""
+
+    edit_type: str
+    options: tuple[str, ...]                   # all edit_info values of the type (may be empty)
+    available: bool = True                     # False: the engine cannot do this type at all
+    unavailable_options: tuple[str, ...] = ()  # options it cannot honour (shown greyed out)
+    note: str = ""                             # why, or how it is done
+
+
+@dataclass(frozen=True)
+class CloneOptions:
+    """Per-request knobs; None means the engine's configured default."""
+
+    flow_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.flow_steps is not None and not 1 <= self.flow_steps <= 50:
+            raise InputError(f"flow_steps must be between 1 and 50, not {self.flow_steps}")
+
+
+@dataclass(frozen=True)
+class Result:
+    """One generated clip and how it was made."""
+
+    audio: Audio                       # mono float32, 24 kHz
+    text: str                          # what the audio says (the next edit's audio_text)
+    timings: StageTimings
+    seed: int
+    tokens: tuple[int, ...] = ()       # LLM audio ids that were decoded (empty for the preview)
+    prompt_digest: str = ""            # cache digest of the prompt clip
+
+    @property
+    def cache_hits(self) -> frozenset[str]:
+        return self.timings.cached
+
+
+@dataclass(frozen=True)
+class PromptReport:
+    """What preparing a prompt clip did: its digest, which kinds hit the cache, timings."""
+
+    digest: str
+    hits: frozenset[str]
+    misses: frozenset[str]
+    timings: StageTimings
+    namespaces: Mapping[str, str] = field(default_factory=dict)  # kind -> cache namespace
+
+
+class Engine(abc.ABC):
+    """A voice-cloning engine. Implementations must be thread-safe."""
+
+    @abc.abstractmethod
+    def describe(self) -> EngineInfo: ...
+
+    @abc.abstractmethod
+    def capabilities(self) -> tuple[EditCapability, ...]: ...
+
+    @abc.abstractmethod
+    def clone(self, prompt_audio: AudioSource, prompt_text: str, target_text: str, *, seed: int | None = None,
+              options: CloneOptions = CloneOptions(), progress: ProgressFn = no_progress) -> Result:
+        """Speak ``target_text`` in the voice of ``prompt_audio`` (whose transcript is ``prompt_text``).
+
+        Raises:
+            InputError: bad audio, empty or over-long text.
+            ModelError: the models failed (e.g. produced no audio).
+        """
+
+    @abc.abstractmethod
+    def edit(self, audio: AudioSource, audio_text: str, edit_type: str, edit_info: str | None = None,
+             text: str | None = None, *, seed: int | None = None, options: CloneOptions = CloneOptions(),
+             progress: ProgressFn = no_progress) -> Result:
+        """Apply ``edit_type``/``edit_info`` to ``audio`` (which says ``audio_text``).
+
+        ``text`` is the new text for paralinguistic edits (tags such as ``[Laughter]`` inside).
+        """
+
+    @abc.abstractmethod
+    def prepare_prompt(self, prompt_audio: AudioSource) -> PromptReport:
+        """Do (or fetch from the cache) all prompt work for a clip, e.g. when a voice is saved."""
+
+    def prompt_namespaces(self) -> Mapping[str, str]:
+        """kind -> cache namespace of each prompt entry ``prepare_prompt`` stores, without computing
+        anything (a voice bundle's entries are imported only where these match). Engines should
+        override; the default ``{}`` means "unknown" and imports then recompute."""
+        return {}
+
+    @property
+    @abc.abstractmethod
+    def cache(self):
+        """The engine's :class:`funasr_cache.PromptCache`."""
+
+    def ready(self) -> tuple[bool, str]:
+        """(ready, reason) for /readyz; engines override to check their device."""
+        return True, "ok"
+
+    def close(self) -> None:
+        """Release threads and memory."""
+
+
+# --------------------------------------------------------------------------- validation
+
+def new_seed(seed: int | None) -> int:
+    """The request's seed: the caller's (folded into [0, 2**31), the range every generator here
+    accepts), or a fresh random one; it is reported back in the Result."""
+    if seed is None or seed < 0:
+        return secrets.randbelow(2**31)
+    return int(seed) % 2**31
+
+
+def validate_text(text: str | None, what: str, max_chars: int) -> str:
+    """Reject empty or over-long text; returns it unchanged (the model sees it verbatim)."""
+    if text is None or not text.strip():
+        raise InputError(f"{what} is empty")
+    if len(text) > max_chars:
+        raise InputError(f"{what} is {len(text)} characters long; the limit is {max_chars}")
+    return text
+
+
+def validate_edit(edit_type: str, edit_info: str | None, capabilities: tuple[EditCapability, ...]) -> str | None:
+    """Check an edit request against what the engine can do; returns the normalised edit_info."""
+    caps = {c.edit_type: c for c in capabilities}
+    if edit_type not in caps:
+        raise InputError(f"unsupported edit type {edit_type!r}; choose one of {', '.join(EDIT_TYPES)}")
+    cap = caps[edit_type]
+    if not cap.available:
+        raise InputError(f"edit type {edit_type!r} is not available in this engine: {cap.note}")
+    if not cap.options:
+        return None
+    if not edit_info:
+        raise InputError(f"edit type {edit_type!r} needs an option; choose one of {', '.join(cap.options)}")
+    if edit_info not in cap.options:
+        raise InputError(f"unknown {edit_type} option {edit_info!r}; choose one of {', '.join(cap.options)}")
+    if edit_info in cap.unavailable_options:
+        raise InputError(f"{edit_type} option {edit_info!r} is not available in this engine: {cap.note}")
+    return edit_info
