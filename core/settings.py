@@ -51,7 +51,6 @@ class Settings:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16"})
     tf32: bool = field(default=True, metadata={"help": "allow TF32 matmul/cuDNN on CUDA"})
-    trust_remote_code: bool = field(default=True, metadata={"help": "run the LLM's modeling code from your local model folder"})
     torch_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default, one per core)"})
     flow_steps: int = field(default=10, metadata={"help": "Euler steps of the flow-matching decoder (5 is faster)"})
 
@@ -73,9 +72,9 @@ class Settings:
     max_prompt_seconds: float = field(default=30.0, metadata={"help": "longest prompt clip"})
     max_upload_bytes: int = field(default=20 * 1024**2, metadata={"help": "largest uploaded file"})
 
-    # --- batching
-    batch_window_ms: float = field(default=15.0, metadata={"help": "how long a clone waits for others to batch with"})
-    max_batch_size: int = field(default=4, metadata={"help": "most requests generated together"})
+    # --- LLM batching (continuous: requests join and leave the running batch between decode steps)
+    llm_max_rows: int = field(default=8, metadata={"help": "most requests the LLM decodes together (each holds a KV-cache slot of 8192 positions)"})
+    llm_step_token_budget: int = field(default=512, metadata={"help": "most tokens one LLM step runs: one per decoding request, the rest for new prompts (must exceed llm_max_rows)"})
 
     # --- LLM generation
     llm_max_new_tokens: int = field(default=0, metadata={"help": "cap on LLM tokens per answer (0: only the model's 8192 prompt+answer limit)"})
@@ -90,7 +89,7 @@ class Settings:
         if self.torch_threads < 0:
             raise ValueError(f"torch_threads must be 0 (default) or more, not {self.torch_threads!r}")
         for name in ("port", "concurrency_limit", "cache_max_entries", "cache_max_bytes", "max_text_chars",
-                     "ort_intra_op_threads", "ort_inter_op_threads", "flow_steps", "max_batch_size",
+                     "ort_intra_op_threads", "ort_inter_op_threads", "flow_steps", "llm_max_rows",
                      "text_chunk_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
@@ -98,7 +97,10 @@ class Settings:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
         # 0 means "off" or "none" for these; a negative value is always a typo.
-        for name in ("cache_memory_entries", "batch_window_ms", "llm_max_new_tokens"):
+        if self.llm_step_token_budget <= self.llm_max_rows:
+            raise ValueError(f"llm_step_token_budget ({self.llm_step_token_budget}) must exceed llm_max_rows "
+                             f"({self.llm_max_rows}): each decoding request takes one token of every step")
+        for name in ("cache_memory_entries", "llm_max_new_tokens"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)!r}")
         if not 0 < self.max_prompt_seconds < float("inf"):  # also refuses NaN

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 # Files without which the real engine cannot start; "a|b" means either name will do.
 REQUIRED_TOKENIZER_FILES = ("linguistic_tokenizer.npy", "speech_tokenizer_v1.onnx")
 REQUIRED_FUNASR_FILES = ("config.yaml", "am.mvn", "model.pt|model.safetensors", "tokens.json|tokens.txt")
-REQUIRED_EDITX_FILES = ("config.json",)
+REQUIRED_EDITX_FILES = ("config.json", "model.safetensors.index.json|model.safetensors", "tokenizer.model|tokenizer.json")
 REQUIRED_DECODER_FILES = ("cosyvoice.yaml", "flow.pt|flow.safetensors", "hift.pt|hift.safetensors", "campplus.onnx")
 
 
@@ -44,9 +44,9 @@ def missing_model_files(settings) -> list[str]:
 def create_engine(settings) -> Engine:
     """The engine the settings ask for.
 
-    ``auto`` loads Step-Audio-EditX when its model folders are complete, else the CPU preview
-    engine, and logs why. ``step-audio`` fails loudly (ModelError) if the folders are incomplete;
-    ``preview`` never looks at them.
+    ``auto`` loads Step-Audio-EditX when its model folders are complete and load, else the CPU
+    preview engine, and logs why. ``step-audio`` fails loudly (ModelError) if the folders are
+    incomplete or do not load; ``preview`` never looks at them.
     """
     cache = PromptCache.from_settings(settings)
     choice = settings.engine
@@ -66,4 +66,10 @@ def create_engine(settings) -> Engine:
     if missing:
         raise ModelError(f"engine=step-audio but these model files are missing under {settings.model_root}: "
                          + ", ".join(missing))
+    if settings.engine == "auto":
+        try:
+            return StepAudioEngine(settings, cache)
+        except ModelError as exc:
+            log.warning("engine=auto: using the CPU preview engine because Step-Audio-EditX does not load: %s", exc)
+            return PreviewEngine(settings, cache)
     return StepAudioEngine(settings, cache)

@@ -1,7 +1,8 @@
 """The real engine: Step-Audio-EditX (tokenizer + Step1 LLM + CosyVoice decoder).
 
-Owns: ``StepAudioEngine``, which runs prompt work through the cache, asks the LLM (batched) for
-audio tokens, decodes them and times every stage.
+Owns: ``StepAudioEngine``, which runs prompt work through the cache, asks the LLM backend
+(``self.llm_backend``, an :class:`llm.backend.LLMBackend`) for audio tokens, decodes them and times
+every stage.
 Does not own: the contract (``engine/contract.py``), choosing an engine (``engine/select.py``), the
 models themselves (``tokenizer/``, ``llm/``, ``decoder/``), audio formats, caching mechanics.
 """
@@ -26,12 +27,11 @@ from decoder.model import AudioDecoder
 from engine.contract import (CloneOptions, EditCapability, Engine, EngineInfo, ProgressFn, PromptReport, Result,
                              new_seed, no_progress, validate_edit, validate_text)
 from engine.prompt_bundle import PromptBundler, features_namespace
-from llm.batching import BatchScheduler
-from llm.generation import GenerationRequest, generate_batch
-from llm.loader import load_llm
+from llm.backend import GenerationRequest, LLMBackend
+from llm.native import NativeBackend
 from llm.longform import crossfade_join, split_text
 from llm.prompts import AUDIO_ID_OFFSET, clone_prompt_ids, clone_speaker_id, edit_instruction, edit_prompt_ids
-from llm.sampling import SamplingConfig, audio_answer
+from llm.sampling import audio_answer
 from prompt_cache.funasr_cache import audio_digest
 from tokenizer.step_audio import StepAudioTokenizer
 
@@ -46,8 +46,9 @@ class StepAudioEngine(Engine):
     """Step-Audio-EditX: tokenizer + LLM + CosyVoice decoder, cache-first prompts, batched LLM calls.
 
     Thread-safe: requests keep their state in locals; the tokenizer, decoder and cache are
-    thread-safe; every LLM call goes through one :class:`llm.batching.BatchScheduler`, which
-    serialises them and batches those that arrive within ``settings.batch_window_ms``.
+    thread-safe; every LLM request goes to one backend (by default :class:`llm.native.NativeBackend`,
+    whose worker batches requests continuously: up to ``settings.llm_max_rows`` decode together and
+    each leaves the batch as soon as it is done).
 
     Parameters:
         settings: model paths, device/dtype/tf32, limits, batching, flow steps.
@@ -72,23 +73,22 @@ class StepAudioEngine(Engine):
         self.decoder = AudioDecoder.from_dir(decoder_dir, self.device, self.dtype,
                                              OnnxOptions.from_settings(settings, use_cuda=self.device.type == "cuda"),
                                              n_steps=settings.flow_steps)
-        self.llm = load_llm(settings.editx_dir, self.device, self.dtype, settings.trust_remote_code)
-        self.sampling = SamplingConfig(top_k=self.llm.top_k, top_p=self.llm.top_p,
-                                       max_new_tokens=settings.llm_max_new_tokens, slot_mask=settings.llm_slot_mask)
+        self.llm_backend: LLMBackend = NativeBackend.from_folder(
+            settings.editx_dir, self.device, self.dtype, max_new_tokens=settings.llm_max_new_tokens,
+            slot_mask=settings.llm_slot_mask, max_rows=settings.llm_max_rows,
+            step_token_budget=settings.llm_step_token_budget)
         self.bundler = PromptBundler(self.tokenizer, self.decoder.frontend, cache, features_namespace(decoder_dir))
-        self.scheduler = BatchScheduler(lambda batch: generate_batch(self.llm, batch, self.sampling),
-                                        settings.batch_window_ms / 1000.0, settings.max_batch_size)
         self._capabilities = tuple(EditCapability(t, opts) for t, opts in EDIT_TYPES.items())
-        log.info("Step-Audio-EditX engine ready in %.1f s on %s (%s); batching window %g ms, up to %d requests",
+        log.info("Step-Audio-EditX engine ready in %.1f s on %s (%s); LLM: %s",
                  time.perf_counter() - started, self.device, str(self.dtype).replace("torch.", ""),
-                 settings.batch_window_ms, settings.max_batch_size)
+                 self.llm_backend.describe())
 
     # -------------------------------------------------------------- interface
 
     def describe(self) -> EngineInfo:
         dtype = str(self.dtype).replace("torch.", "")
         return EngineInfo(name="Step-Audio-EditX", preview=False, device=f"{self.device} ({dtype})",
-                          detail=f"LLM {self.llm.parameters / 1e6:.0f} M parameters from {self.settings.editx_dir}; "
+                          detail=f"LLM: {self.llm_backend.describe()} from {self.settings.editx_dir}; "
                                  f"CosyVoice decoder, {self.decoder.n_steps} flow steps")
 
     def capabilities(self) -> tuple[EditCapability, ...]:
@@ -104,10 +104,13 @@ class StepAudioEngine(Engine):
     def ready(self) -> tuple[bool, str]:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             return False, f"{self.device} is not available"
+        llm_ok, why = self.llm_backend.ready()
+        if not llm_ok:
+            return False, why
         return True, f"ok ({self.device})"
 
     def close(self) -> None:
-        self.scheduler.close()
+        self.llm_backend.close()
 
     def prepare_prompt(self, prompt_audio: AudioSource) -> PromptReport:
         timer = Timer()
@@ -129,7 +132,7 @@ class StepAudioEngine(Engine):
         chunks = split_text(target_text, self.settings.text_chunk_chars)
         with timer.stage("prompt_build"):
             speaker = clone_speaker_id(prompt_text, audio.samples)
-            prompts = [clone_prompt_ids(self.llm.encode, speaker, prompt_text, bundle.tokens.audio_string, chunk)
+            prompts = [clone_prompt_ids(self.llm_backend.encode, speaker, prompt_text, bundle.tokens.audio_string, chunk)
                        for chunk in chunks]
         return self._generate("clone", prompts, bundle, seed, options, progress, timer, target_text)
 
@@ -151,7 +154,7 @@ class StepAudioEngine(Engine):
         bundle, _ = self.bundler.bundle(clip, digest, timer)
         with timer.stage("prompt_build"):
             instruction = edit_instruction(edit_type, edit_info, audio_text, text)
-            prompts = [edit_prompt_ids(self.llm.encode, instruction, bundle.tokens.audio_string)]
+            prompts = [edit_prompt_ids(self.llm_backend.encode, instruction, bundle.tokens.audio_string)]
         spoken = text if edit_type == "paralinguistic" else (audio_text or "")
         return self._generate(f"edit:{edit_type}", prompts, bundle, seed, options, progress, timer, spoken)
 
@@ -167,45 +170,47 @@ class StepAudioEngine(Engine):
     def _generate(self, kind: str, prompts: list[list[int]], bundle, seed: int, options: CloneOptions,
                   progress: ProgressFn, timer, text: str) -> Result:
         """Generate one answer per prompt (chunks batch together), decode each, join; the Result."""
-        for ids in prompts:
-            if len(ids) >= self.sampling.max_length - 5:
-                raise InputError(f"the prompt clip and text make {len(ids)} LLM tokens; the model's limit is "
-                                 f"{self.sampling.max_length} including the answer. Use a shorter clip or text.")
         n = len(prompts)
         chunk_seeds = [(seed + i) % 2**31 for i in range(n)]
-        futures = [self.scheduler.submit(GenerationRequest(tuple(ids), s)) for ids, s in zip(prompts, chunk_seeds)]
-        pieces, all_ids, batches, generated, waited_ms = [], [], {}, 0, 0.0
+        # Every chunk is submitted at once: they decode side by side while earlier ones are decoded to audio.
+        streams, pieces, all_ids, outputs, generated, waited_ms = [], [], [], [], 0, 0.0
         for stage in ("llm_queue", "llm_prefill", "llm_decode"):   # log them in pipeline order
             timer.record(stage, 0.0)
-        for i, (future, chunk_seed) in enumerate(zip(futures, chunk_seeds)):
-            wait_start = time.perf_counter()
-            try:
-                out = future.result()
-            except StudioError:
-                raise
-            except Exception as exc:  # noqa: BLE001 -- torch/transformers failures (e.g. out of memory)
-                log.exception("LLM generation failed")
-                raise ModelError(f"the LLM failed: {exc}") from None
-            waited_ms += (time.perf_counter() - wait_start) * 1000.0
-            batches[out.batch_id] = out
-            generated += len(out.answer)
-            ids = audio_answer(out.answer, self.llm.eos_ids)
-            with timer.stage("token2wav"):
-                wav, rate = self.decoder.token2wav([t - AUDIO_ID_OFFSET for t in ids], bundle.tokens.mixed,
-                                                   bundle.features.mel, bundle.features.embedding,
-                                                   seed=chunk_seed, n_steps=options.flow_steps)
-            pieces.append(wav)
-            all_ids += ids
-            progress((i + 1) / n, f"chunk {i + 1}/{n}" if n > 1 else "generated")
-        prefill = sum(b.prefill_ms for b in batches.values())
-        decode = sum(b.decode_ms for b in batches.values())
-        # Time spent waiting for the LLM beyond its own work: the batching window and other batches.
+        try:
+            for ids, s in zip(prompts, chunk_seeds):
+                streams.append(self.llm_backend.submit(GenerationRequest(tuple(ids), s)))
+            for i, (stream, chunk_seed) in enumerate(zip(streams, chunk_seeds)):
+                wait_start = time.perf_counter()
+                try:
+                    out = stream.result()
+                except StudioError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 -- torch failures (e.g. out of memory)
+                    log.error("LLM generation failed: %s", exc)
+                    raise ModelError(f"the LLM failed: {exc}") from None
+                waited_ms += (time.perf_counter() - wait_start) * 1000.0
+                outputs.append(out)
+                generated += len(out.answer)
+                ids = audio_answer(out.answer, self.llm_backend.eos_ids)
+                with timer.stage("token2wav"):
+                    wav, rate = self.decoder.token2wav([t - AUDIO_ID_OFFSET for t in ids], bundle.tokens.mixed,
+                                                       bundle.features.mel, bundle.features.embedding,
+                                                       seed=chunk_seed, n_steps=options.flow_steps)
+                pieces.append(wav)
+                all_ids += ids
+                progress((i + 1) / n, f"chunk {i + 1}/{n}" if n > 1 else "generated")
+        finally:
+            for stream in streams:     # a failed chunk or a failed decode: stop the others' rows
+                stream.cancel()
+        # Per row, summed over chunks (chunks run side by side, so for several chunks this can exceed the wait).
+        prefill = sum(o.prefill_ms for o in outputs)
+        decode = sum(o.decode_ms for o in outputs)
         timer.record("llm_queue", max(0.0, waited_ms - prefill - decode))
         timer.record("llm_prefill", prefill)
         timer.record("llm_decode", decode)
         timer.set_counter("llm_tokens", generated)
         timer.set_counter("tokens_per_s", generated / (decode / 1000.0) if decode > 0 else 0.0)
-        timer.set_counter("batch_size", max(b.batch_size for b in batches.values()))
+        timer.set_counter("batch_size", max(o.batch_size for o in outputs))
         timer.set_counter("chunks", n)
         with timer.stage("join"):
             samples = crossfade_join(pieces, rate, CROSSFADE_MS)

@@ -1,22 +1,21 @@
 """Sampling rules for the Step-Audio-EditX LLM, and what is kept of its answer.
 
-Owns: the reference's repetition-aware processor, the optional 2:3 slot mask, the per-row seeded
-sampler that makes batched sampling reproducible, the sampling configuration, and the output
-filter (audio ids only, vq02/vq06 slot pattern, whole 5-token groups).
-Does not own: running the model (``llm.generation``).
+Owns: the reference's repetition-aware processor, the optional 2:3 slot mask, top-k/top-p, the
+sampling configuration, and the output filter (audio ids only, vq02/vq06 slot pattern, whole
+5-token groups).
+Does not own: running the model or drawing the ids (``llm.native`` applies these rules per step,
+one seeded ``torch.Generator`` per row, so a row's ids do not depend on what it is batched with).
 
 Shapes: ``input_ids`` [B, L] int64 (left-padded), ``scores`` [B, V] float32 with V >= 70656.
 
 Processor order per step, as the reference (transformers 4.53) applies it: repetition ban,
 then (ours) slot mask, temperature, top-k, top-p, then one draw per row from that row's own
-``torch.Generator``. The draw is turned into a one-hot score row so that the library's greedy
-step picks exactly the sampled id; the global RNG is never used.
+``torch.Generator``; the global RNG is never used.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -117,69 +116,6 @@ def top_candidates(scores: torch.Tensor, top_k: int, top_p: float) -> tuple[torc
     if top_p < 1.0:
         values = top_k_top_p(values, 0, top_p)
     return values.float().softmax(dim=-1), ids
-
-
-class SeededSampler:
-    """A logits processor that samples one id per row with that row's generator.
-
-    Parameters:
-        config: the sampling rules.
-        seeds: one seed per row.
-        prompt_lens: real (unpadded) prompt length per row.
-        eos_id: the id that ends an answer; forced once a row has used its budget.
-        eos_ids: every id that counts as end of answer (allowed through the slot mask).
-
-    Returns (per call) scores that are 0 at the sampled id and -inf elsewhere. Also records when
-    the prompt pass had finished (``first_step_at``), how many steps ran and its own run time.
-    """
-
-    def __init__(self, config: SamplingConfig, seeds: Sequence[int], prompt_lens: Sequence[int],
-                 eos_id: int, eos_ids: Sequence[int], device: torch.device) -> None:
-        self.config = config
-        self.eos_id = eos_id
-        self.eos_ids = tuple(eos_ids)
-        self.prompt_lens = torch.tensor(list(prompt_lens), dtype=torch.long, device=device)
-        self.budgets = [config.budget(n) for n in prompt_lens]
-        self.generators = []
-        for seed in seeds:
-            # CPU generators keep draws identical across devices' batch layouts; the draw is tiny.
-            g = torch.Generator(device="cpu")
-            g.manual_seed(int(seed))
-            self.generators.append(g)
-        self.steps = 0
-        self.first_step_at: float | None = None
-        self._slot_masks: dict[bool, torch.Tensor] = {}
-        self.busy_s = 0.0                      # time spent in this processor (sampling overhead)
-
-    def _disallowed(self, step: int, scores: torch.Tensor) -> torch.Tensor:
-        vq02 = step % GROUP < VQ02_SLOTS
-        if vq02 not in self._slot_masks:
-            self._slot_masks[vq02] = ~slot_allowed(step, scores.shape[-1], self.eos_ids, scores.device)
-        return self._slot_masks[vq02]
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        now = time.perf_counter()
-        step = self.steps
-        self.steps += 1
-        scores = repetition_ban(input_ids, scores, self.config.repetition_window, self.prompt_lens + step)
-        if step < self.config.min_new_tokens:
-            scores[:, list(self.eos_ids)] = float("-inf")
-        if self.config.slot_mask:
-            scores = scores.masked_fill(self._disallowed(step, scores), float("-inf"))
-        probs, ids = top_candidates(scores / self.config.temperature, self.config.top_k, self.config.top_p)
-        probs, ids = probs.cpu(), ids.cpu()    # [B, k]: only the candidates cross to the host
-        if self.first_step_at is None:         # after the copy, so a GPU prefill has really finished
-            self.first_step_at = time.perf_counter()
-        chosen = []
-        for row, g in enumerate(self.generators):
-            if step >= self.budgets[row] or not torch.isfinite(probs[row]).all():
-                chosen.append(self.eos_id)     # budget used, or every id banned: end the answer
-            else:
-                chosen.append(int(ids[row, torch.multinomial(probs[row], 1, generator=g)]))
-        out = torch.full_like(scores, float("-inf"))
-        out[torch.arange(len(chosen), device=scores.device), torch.tensor(chosen, device=scores.device)] = 0.0
-        self.busy_s += time.perf_counter() - now
-        return out
 
 
 def answer_ids(generated: Sequence[int], eos_ids: Sequence[int]) -> list[int]:

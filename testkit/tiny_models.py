@@ -3,12 +3,14 @@
 ``build_tiny_model_root(tmp_path)`` gives a ``model_root`` with:
 
 - ``Step-Audio-Tokenizer/``: a copy of the tokenizer fixture (tiny Paraformer + S3 ONNX + k-means).
-- ``Step-Audio-EditX/``: a tiny Llama-shaped causal LM (vocab 70656, so ``<audio_N>`` sits at
-  65536 + N as in the real checkpoint) and a byte-level BPE tokenizer whose special tokens sit at
-  the real ids (``<s>`` 1, ``</s>`` 2, ``<|EOT|>`` 3, ``<|BOT|>`` 4), saved with ``save_pretrained``.
+- ``Step-Audio-EditX/``: a tiny **Step1** (``llm/step1.py``: sqrt-ALiBi, 6 heads in 2 groups, 2
+  layers, hidden 48) written by ``llm.checkpoint.write_step1_checkpoint`` with the real id layout
+  (vocabulary 70656: 65536 text ids, then ``<audio_N>`` at 65536 + N, vq02 N < 1024, vq06
+  N = 1024 + code), plus a byte-level BPE ``tokenizer.json`` whose special tokens sit at the real
+  ids (``<s>`` 1, ``</s>`` 2, ``<|EOT|>`` 3, ``<|BOT|>`` 4).
 - ``Step-Audio-EditX/CosyVoice-300M-25Hz/``: the decoder fixture (yaml, flow, hift, campplus).
 
-The LLM folder is built once per test session (about a second) and copied into each root.
+The LLM folder is built once per process (about a second) and copied into each root.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 from testkit.paths import FIXTURES
-VOCAB = 70656
+
+VOCAB = 70656           # 65536 text ids + 1024 vq02 + 4096 vq06 audio ids
 AUDIO_OFFSET = 65536
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|EOT|>", "<|BOT|>", "<pad>"]   # ids 0..5
 _CORPUS = [
@@ -31,6 +34,15 @@ _CORPUS = [
     "The quick brown fox jumps over the lazy dog near the river bank. 你好，世界。今天天气很好！",
 ]
 _built: dict[str, Path] = {}
+
+
+def tiny_step1_config(hidden: int = 48, layers: int = 2, heads: int = 6, groups: int = 2, intermediate: int = 96,
+                      vocab: int = VOCAB):
+    """A small :class:`llm.step1.Step1Config` with the real special ids (bos 1, eos 3, pad 0)."""
+    from llm.step1 import Step1Config
+
+    return Step1Config(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
+                       num_attention_groups=groups, num_hidden_layers=layers, vocab_size=vocab, max_seq_len=8192)
 
 
 def build_tiny_tokenizer(folder: Path):
@@ -52,23 +64,16 @@ def build_tiny_tokenizer(folder: Path):
     return fast
 
 
-def build_tiny_llm(folder: Path, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                   intermediate: int = 128, seed: int = 1234) -> Path:
-    """Save a random Llama causal LM + tokenizer into ``folder`` (config.json, safetensors, tokenizer)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_tiny_llm(folder: Path, seed: int = 1234, **dims) -> Path:
+    """Save a random tiny Step1 (``config.json`` + ``model.safetensors``) and the tokenizer into ``folder``.
+
+    ``dims`` go to :func:`tiny_step1_config` (hidden, layers, heads, groups, intermediate).
+    """
+    from llm.checkpoint import write_step1_checkpoint
 
     folder.mkdir(parents=True, exist_ok=True)
     build_tiny_tokenizer(folder)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, pad_token_id=5,
-                         tie_word_embeddings=True)
-    devnull = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=devnull)))
-        model = LlamaForCausalLM(config)
-    model.save_pretrained(folder, safe_serialization=True)
+    write_step1_checkpoint(folder, tiny_step1_config(**dims), seed=seed)
     return folder
 
 

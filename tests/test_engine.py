@@ -1,10 +1,11 @@
-"""tts_engine.StepAudioEngine end to end on CPU with tiny random-weight models of the real layout.
+"""engine.step_audio.StepAudioEngine end to end on CPU with tiny random-weight models of the real layout.
 
 Covers clone and every edit type (24 kHz audio whose length follows from the generated tokens:
 5 ids = 120 ms = 2880 samples), the whole-prompt cache (a repeat is served without running the
 tokenizer or the frontend, counted by spies on their model calls), single-flight, iterative edits,
-batching of concurrent requests (same output as unbatched), long-text chunking, seeds, timings,
-and validation errors.
+concurrent requests sharing the LLM batch (same output as alone), long-text chunking, seeds,
+timings, validation errors, and ``--engine auto`` falling back to the preview engine on a broken
+LLM folder. The LLM is a tiny random Step1 in the real id layout (testkit/tiny_models.py).
 """
 
 import dataclasses
@@ -51,7 +52,7 @@ def engine(tmp_path_factory):
     torch.set_num_threads(1)   # tiny models; avoids thread thrash on a busy 2-core runner
     root = build_tiny_model_root(tmp_path_factory.mktemp("root"))
     settings = Settings(model_root=root, cache_dir=root / "cache", llm_max_new_tokens=30, flow_steps=2,
-                        batch_window_ms=1.0, max_batch_size=4, text_chunk_chars=CHUNK_CHARS)
+                        llm_max_rows=4, llm_step_token_budget=512, text_chunk_chars=CHUNK_CHARS)
     eng = StepAudioEngine(settings, PromptCache.from_settings(settings))
     eng.spies = {"vq02": Counting(eng.tokenizer, "encode_vq02"), "vq06": Counting(eng.tokenizer, "encode_vq06"),
                  "mel": Counting(eng.decoder.frontend, "mel"), "emb": Counting(eng.decoder.frontend, "embedding")}
@@ -174,31 +175,27 @@ def test_concurrent_requests_with_one_new_clip_encode_it_once(engine):
     assert all(r is not None for r in results)
 
 
-def test_concurrent_clones_are_batched_with_unbatched_output(engine, first_clone):
+def test_concurrent_clones_get_their_unbatched_output(engine, first_clone):
+    """Requests that share the LLM's running batch (continuous batching) get what they get alone."""
     texts = ["One fish.", "Two fish, red fish.", "Blue fish and a much longer line of text."]
-    engine.scheduler.window_s = 1.0
-    try:
-        batched = [None] * 3
-        barrier = threading.Barrier(3)
+    batched = [None] * 3
+    barrier = threading.Barrier(3)
 
-        def run(i):
-            barrier.wait()
-            batched[i] = engine.clone(str(PROMPT_WAV), PROMPT_TEXT, texts[i], seed=100 + i)
+    def run(i):
+        barrier.wait()
+        batched[i] = engine.clone(str(PROMPT_WAV), PROMPT_TEXT, texts[i], seed=100 + i)
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert engine.scheduler.batch_sizes[-1] == 3
-        assert all(r.timings.counters["batch_size"] == 3 for r in batched)
-    finally:
-        engine.scheduler.window_s = 0.0
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
     alone = [engine.clone(str(PROMPT_WAV), PROMPT_TEXT, texts[i], seed=100 + i) for i in range(3)]
-    assert engine.scheduler.batch_sizes[-3:] == [1, 1, 1]
+    assert all(a.timings.counters["batch_size"] == 1 for a in alone)
     for b, a in zip(batched, alone):
         assert b.tokens == a.tokens
         np.testing.assert_array_equal(b.audio.samples, a.audio.samples)
+    assert engine.llm_backend.stats()["rows_running"] == 0
 
 
 def test_long_text_is_generated_in_chunks_and_cross_faded(engine, first_clone):
@@ -216,29 +213,39 @@ def test_long_text_is_generated_in_chunks_and_cross_faded(engine, first_clone):
 def test_an_answer_without_audio_is_a_model_error(engine, first_clone):
     from llm.sampling import SamplingConfig
 
-    saved = engine.sampling
-    engine.sampling = dataclasses.replace(saved, max_new_tokens=3)   # too short for one 5-id group
+    saved = engine.llm_backend.sampling
+    engine.llm_backend.sampling = dataclasses.replace(saved, max_new_tokens=3)   # too short for one 5-id group
     try:
         with pytest.raises(ModelError, match="without audio"):
             engine.clone(str(PROMPT_WAV), PROMPT_TEXT, "Hi.", seed=1)
     finally:
-        engine.sampling = saved
+        engine.llm_backend.sampling = saved
     assert isinstance(saved, SamplingConfig)
 
 
 def test_a_failing_llm_is_a_model_error(engine, first_clone):
-    class Exploding:   # fault injection: the model's generate raises like a CUDA OOM would
-        def generate(self, **kwargs):
-            raise RuntimeError("CUDA out of memory")
+    model = engine.llm_backend.model
 
-    saved = engine.llm
-    engine.llm = dataclasses.replace(saved, model=Exploding())
+    def exploding(*args, **kwargs):   # fault injection: the model raises like a CUDA OOM would
+        raise RuntimeError("CUDA out of memory")
+
+    model.forward = exploding
     try:
         with pytest.raises(ModelError, match="the LLM failed: CUDA out of memory"):
             engine.clone(str(PROMPT_WAV), PROMPT_TEXT, "Hi.", seed=1)
     finally:
-        engine.llm = saved
-    assert engine.clone(str(PROMPT_WAV), PROMPT_TEXT, "Hi.", seed=1).tokens   # the scheduler survived
+        del model.forward
+    assert engine.clone(str(PROMPT_WAV), PROMPT_TEXT, "Hi.", seed=1).tokens   # the backend's worker survived
+
+
+def test_an_over_long_prompt_is_an_input_error(engine, first_clone):
+    saved = engine.llm_backend.sampling
+    engine.llm_backend.sampling = dataclasses.replace(saved, max_length=200)
+    try:
+        with pytest.raises(InputError, match="LLM tokens; the model's limit is 200"):
+            engine.clone(str(PROMPT_WAV), PROMPT_TEXT, "Hi.", seed=1)
+    finally:
+        engine.llm_backend.sampling = saved
 
 
 @pytest.mark.parametrize("call,match", [
@@ -299,6 +306,33 @@ def test_a_folder_without_the_paraformer_token_list_is_incomplete(engine, tmp_pa
     before = set(missing_model_files(settings))
     (root / "Step-Audio-Tokenizer" / FUNASR_SUBDIR / "tokens.json").unlink()
     assert set(missing_model_files(settings)) - before == {f"Step-Audio-Tokenizer/{FUNASR_SUBDIR}/tokens.json"}
+
+
+def test_auto_falls_back_to_preview_when_the_llm_folder_is_broken(engine, tmp_path, caplog):
+    import json
+    import logging
+    import shutil
+
+    from engine.select import create_engine, missing_model_files
+    from preview.engine import PreviewEngine
+
+    root = tmp_path / "models"
+    shutil.copytree(engine.settings.model_root, root, ignore=shutil.ignore_patterns("cache"))
+    config = root / "Step-Audio-EditX" / "config.json"
+    data = json.loads(config.read_text())
+    del data["num_hidden_layers"]
+    config.write_text(json.dumps(data))
+    settings = engine.settings.replace(model_root=root, engine="auto", cache_dir=tmp_path / "cache")
+    assert missing_model_files(settings) == []       # every file is there; it just does not load
+    with caplog.at_level(logging.WARNING, logger="engine.select"):
+        created = create_engine(settings)
+    try:
+        assert isinstance(created, PreviewEngine)
+        assert "num_hidden_layers" in caplog.text and str(config) in caplog.text
+    finally:
+        created.close()
+    with pytest.raises(ModelError, match="num_hidden_layers"):
+        create_engine(settings.replace(engine="step-audio"))
 
 
 def test_seeds_are_folded_into_the_generators_range():

@@ -14,7 +14,6 @@ from conftest import FIXTURES
 
 from core.errors import InputError
 from llm import prompts
-from llm.loader import LoadedLLM
 
 SPEC = json.loads((FIXTURES / "prompts.json").read_text(encoding="utf-8"))
 IDS = SPEC["special_ids"]
@@ -128,16 +127,18 @@ def test_edit_prompt_ids_layout(encode, case):
     assert case["instruct_prefix"] + "\n" + audio_str + "\n" in recorder.calls
 
 
-def test_loaded_llm_encode_never_adds_bos(tokenizer, tokenizer_dir):
+def test_text_tokenizer_encode_never_adds_bos(tokenizer, tokenizer_dir, tmp_path):
     from tokenizers import Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
+
+    from llm.text_tokenizer import load_text_tokenizer
 
     raw = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     with_bos = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     assert with_bos.encode("human\n")[0] == 1   # this tokenizer would add BOS by default
-    llm = LoadedLLM(model=None, tokenizer=with_bos, device=None, dtype=None, eos_id=2, eos_ids=(2, 3), pad_id=5)
-    assert llm.encode("human\n") == with_bos.encode("human\n")[1:]
+    with_bos.save_pretrained(tmp_path)
+    assert load_text_tokenizer(tmp_path).encode("human\n") == with_bos.encode("human\n")[1:]
 
 
 def test_clone_speaker_id_examples():

@@ -1,5 +1,5 @@
-"""llm.sampling + llm.generation: repetition ban, slot mask, top-k/top-p, output filtering,
-seeded and batched generation with a tiny random Llama.
+"""llm.sampling (+ the native decode loop that applies it): repetition ban, slot mask, top-k/top-p,
+output filtering, and seeded, batched sampling with a tiny random Step1 in the real id layout.
 
 Repetition cases come from tests/fixtures/prompts.json (run through the upstream processor);
 top-k/top-p are checked against transformers' own warpers.
@@ -12,7 +12,7 @@ import torch
 from conftest import FIXTURES
 
 from core.errors import ModelError
-from llm.generation import GenerationRequest, generate_batch
+from llm.backend import GenerationRequest
 from llm.sampling import (SamplingConfig, audio_answer, filter_audio_ids, repetition_ban, slot_allowed,
                           top_candidates, top_k_top_p)
 
@@ -93,7 +93,7 @@ def test_sampling_config_budget():
         SamplingConfig(temperature=0)
 
 
-# --------------------------------------------------------------------------- with a tiny LLM
+# --------------------------------------------------------------------------- with a tiny Step1
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
@@ -105,61 +105,80 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    from llm.loader import load_llm
+def folder(tmp_path_factory):
     from testkit.tiny_models import build_tiny_llm
 
-    folder = build_tiny_llm(tmp_path_factory.mktemp("llm"))
-    return load_llm(folder, torch.device("cpu"), torch.float32, trust_remote_code=False)
+    return build_tiny_llm(tmp_path_factory.mktemp("llm"))
+
+
+@pytest.fixture(scope="module")
+def llm(folder):
+    from llm.native import NativeBackend
+
+    backend = NativeBackend.from_folder(folder, torch.device("cpu"), torch.float32)
+    yield backend
+    backend.close()
+
+
+def generate(llm, requests, config, **kw):
+    """Answers for ``requests`` run together (queued before the worker starts) on a fresh backend."""
+    from llm.native import NativeBackend
+
+    backend = NativeBackend(llm.model, llm.tokenizer, config, llm.eos_ids, start=False, **kw)
+    try:
+        streams = [backend.submit(r) for r in requests]
+        backend.start()
+        return [s.result(120) for s in streams]
+    finally:
+        backend.close()
 
 
 def _prompt(llm, text):
     return tuple([1, 4] + llm.encode("system\n" + text) + [3, 4] + llm.encode("assistant\n"))
 
 
-def test_loader_reads_eos_and_pad(llm):
-    assert llm.eos_ids[:2] == (2, 3) and llm.eos_id == 2 and llm.pad_id == 5
-    assert (llm.top_k, llm.top_p) == (50, 1.0)
+def test_folder_settings_eos_and_sampling_defaults(llm):
+    # config.json says eos 3; the tokenizer's </s> (2) ends an answer too; 3 is what a spent budget forces.
+    assert llm.eos_ids == (3, 2)
+    assert (llm.sampling.top_k, llm.sampling.top_p, llm.sampling.temperature) == (50, 1.0, 0.7)
 
 
-@pytest.mark.parametrize("damage", ["truncated weights", "unknown tokenizer model"])
-def test_a_corrupt_llm_folder_is_a_model_error(llm, tmp_path, damage):
+def test_generation_config_is_read_as_data(folder, tmp_path):
     import json
     import shutil
 
-    from core.errors import ModelError
-    from llm.loader import load_llm
+    from llm.native import NativeBackend
 
-    folder = tmp_path / "llm"
-    shutil.copytree(llm.folder, folder)
-    if damage == "truncated weights":    # safetensors raises its own SafetensorError
-        weights = folder / "model.safetensors"
-        weights.write_bytes(weights.read_bytes()[:1000])
-    else:                                # tokenizers raises a bare Exception
-        (folder / "tokenizer.json").write_text(json.dumps({"model": {"type": "Nope"}}))
-    with pytest.raises(ModelError, match="could not load the LLM"):
-        load_llm(folder, torch.device("cpu"), torch.float32, trust_remote_code=False)
+    copy = tmp_path / "llm"
+    shutil.copytree(folder, copy)
+    (copy / "generation_config.json").write_text(json.dumps({"top_k": 7, "top_p": 0.9, "eos_token_id": [5]}))
+    backend = NativeBackend.from_folder(copy, torch.device("cpu"), torch.float32, max_new_tokens=9, slot_mask=False)
+    try:
+        assert (backend.sampling.top_k, backend.sampling.top_p) == (7, 0.9)
+        assert backend.eos_ids == (5, 2, 3)
+        assert backend.sampling.max_new_tokens == 9 and not backend.sampling.slot_mask
+    finally:
+        backend.close()
 
 
 def test_seed_reproducibility_and_slot_pattern(llm):
     config = SamplingConfig(max_new_tokens=30)
     req = GenerationRequest(_prompt(llm, "speak"), seed=11)
-    first = generate_batch(llm, [req], config)[0]
-    again = generate_batch(llm, [req], config)[0]
-    other = generate_batch(llm, [GenerationRequest(req.prompt_ids, seed=12)], config)[0]
+    first, again, other = generate(llm, [req], config)[0], generate(llm, [req], config)[0], \
+        generate(llm, [GenerationRequest(req.prompt_ids, seed=12)], config)[0]
     assert first.answer == again.answer
     assert first.answer != other.answer
     assert 0 < len(first.answer) <= 30
     # With the slot mask every id fits its slot, so filtering keeps all whole groups.
     kept, _ = filter_audio_ids(first.answer)
     assert kept == list(first.answer[:len(first.answer) // 5 * 5])
-    assert first.batch_size == 1 and first.prefill_ms > 0 and first.decode_ms > 0
+    assert first.batch_size == 1 and first.prefill_ms > 0 and first.decode_ms >= 0
 
 
 def test_sampling_does_not_touch_the_global_rng(llm):
     torch.manual_seed(0)
     before = torch.get_rng_state()
-    generate_batch(llm, [GenerationRequest(_prompt(llm, "x"), seed=1)], SamplingConfig(max_new_tokens=5))
+    generate(llm, [GenerationRequest(_prompt(llm, "x"), seed=1)], SamplingConfig(max_new_tokens=5))
     assert torch.equal(before, torch.get_rng_state())
 
 
@@ -167,33 +186,38 @@ def test_batched_rows_equal_unbatched_rows(llm):
     config = SamplingConfig(max_new_tokens=25)
     requests = [GenerationRequest(_prompt(llm, text), seed) for text, seed in
                 [("a", 1), ("a much longer system prompt text here", 2), ("mid length", 3)]]
-    batched = generate_batch(llm, requests, config)
-    alone = [generate_batch(llm, [r], config)[0] for r in requests]
+    batched = generate(llm, requests, config)
+    alone = [generate(llm, [r], config)[0] for r in requests]
     assert [b.answer for b in batched] == [a.answer for a in alone]
-    assert {b.batch_size for b in batched} == {3} and len({b.batch_id for b in batched}) == 1
+    assert max(b.batch_size for b in batched) == 3
 
 
 def test_per_row_budget_counts_each_rows_own_prompt(llm):
     short, long = _prompt(llm, "a"), _prompt(llm, "a much longer system prompt text here")
-    config = SamplingConfig(max_length=len(long) + 10, slot_mask=True)
-    out = generate_batch(llm, [GenerationRequest(short, 4), GenerationRequest(long, 5)], config)
-    # Each answer fills max_length counted with its own prompt, not the padded width (the tiny
-    # model emits no EOS for these seeds, so the budgets are what stops them).
+    config = SamplingConfig(max_length=len(long) + 10, min_new_tokens=10**6)   # no EOS: budgets stop them
+    out = generate(llm, [GenerationRequest(short, 4), GenerationRequest(long, 5)], config)
     assert len(out[1].answer) == 10
     assert len(out[0].answer) == len(long) + 10 - len(short)
 
 
-def test_min_new_tokens_holds_back_end_of_answer(llm):
-    import dataclasses
+def test_a_request_budget_caps_the_answer(llm):
+    config = SamplingConfig(min_new_tokens=10**6)
+    out = generate(llm, [GenerationRequest(_prompt(llm, "x"), 1, max_new_tokens=7)], config)[0]
+    assert len(out.answer) == 7
 
-    # Make every vq06 id an end-of-answer id: without the slot mask an answer then ends early.
-    eager = dataclasses.replace(llm, eos_ids=(2, 3, *range(V6, A + 5120)))
+
+def test_min_new_tokens_holds_back_end_of_answer(llm):
+    # Make half the vocabulary end-of-answer ids: without the slot mask an answer then ends at once.
+    eager = type("Eager", (), {"model": llm.model, "tokenizer": llm.tokenizer,
+                               "eos_ids": (3, 2, *range(A // 2, A + 5120))})
     req = [GenerationRequest(_prompt(llm, "speak"), seed=21)]
-    free = generate_batch(eager, req, SamplingConfig(max_new_tokens=30, slot_mask=False))[0]
-    held = generate_batch(eager, req, SamplingConfig(max_new_tokens=30, min_new_tokens=20, slot_mask=False))[0]
+    free = generate(eager, req, SamplingConfig(max_new_tokens=30, slot_mask=False))[0]
+    held = generate(eager, req, SamplingConfig(max_new_tokens=30, min_new_tokens=20, slot_mask=False))[0]
     assert len(free.answer) < 20 <= len(held.answer)
 
 
 def test_over_long_prompt_is_rejected(llm):
-    with pytest.raises(ValueError, match="limit"):
-        generate_batch(llm, [GenerationRequest(tuple(range(20)), 1)], SamplingConfig(max_length=20))
+    from core.errors import InputError
+
+    with pytest.raises(InputError, match="limit is 20"):
+        generate(llm, [GenerationRequest(tuple(range(20)), 1)], SamplingConfig(max_length=20))

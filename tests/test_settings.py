@@ -33,7 +33,8 @@ def test_cli_beats_environment_beats_default():
     ([], {"STUDIO_MAX_PROMPT_SECONDS": "0"}, "max_prompt_seconds"),
     ([], {"STUDIO_MAX_PROMPT_SECONDS": "nan"}, "max_prompt_seconds"),
     (["--max-upload-bytes", "0"], {}, "max_upload_bytes"),
-    (["--batch-window-ms", "-5"], {}, "batch_window_ms"),
+    (["--llm-max-rows", "0"], {}, "llm_max_rows"),
+    (["--llm-max-rows", "8", "--llm-step-token-budget", "8"], {}, "llm_step_token_budget"),
 ])
 def test_bad_values_name_the_setting(argv, env, field):
     with pytest.raises(ValueError, match=field):

@@ -1,0 +1,245 @@
+"""llm.native.NativeBackend: continuous batching on the golden Step1 and on a tiny real-layout Step1.
+
+Covers: the golden greedy ids through the backend with two rows batched; a request that joins a
+running batch mid-decode gets the ids it gets alone; a row that finishes early finishes before the
+others (checked by the order of the worker's own events, never by wall-clock time); ids are
+streamed as they are sampled; cancellation frees the slot; static batching (the benchmark's
+baseline) makes a late request wait; a failing model fails its rows and the worker survives; close.
+
+The event order comes from a ``GenerationStream`` subclass that records ``put``/``finish`` calls as
+the single worker thread makes them.
+"""
+
+import threading
+
+import pytest
+import torch
+from conftest import FIXTURES
+from safetensors.torch import load_file
+
+from core.errors import InputError, ModelError
+from llm.backend import GenerationCancelled, GenerationRequest, GenerationStream
+from llm.checkpoint import load_step1
+from llm.native import NativeBackend
+from llm.sampling import SamplingConfig
+
+GOLDEN = load_file(str(FIXTURES / "llm" / "golden_step1.safetensors"))
+# Greedy without the repetition ban (a window longer than any sequence) or the audio slot mask: what
+# the reference's plain ``generate`` did for the golden ids.
+GREEDY = SamplingConfig(top_k=1, slot_mask=False, repetition_window=10**6, max_length=256)
+SAMPLED = SamplingConfig(slot_mask=False, max_length=256)   # temperature 0.7, top-k 50 on the 512-id vocab
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_step1(FIXTURES / "llm", "cpu", torch.float32)
+
+
+class Recording(GenerationStream):
+    """A stream that logs ("put", name, id) and ("finish", name) into a shared list, and can run a
+    callback on its n-th id (from the worker thread, so its place in the order is exact)."""
+
+    def __init__(self, request, name, events, on_put=None):
+        super().__init__(request)
+        self.name, self.events, self.on_put = name, events, on_put or {}
+
+    def put(self, token_id):
+        self.events.append(("put", self.name, token_id))
+        super().put(token_id)
+        count = sum(1 for e in self.events if e[:2] == ("put", self.name))
+        if count in self.on_put:
+            self.on_put[count]()
+
+    def finish(self, output):
+        self.events.append(("finish", self.name))
+        super().finish(output)
+
+
+def _backend(model, sampling, start=True, **kw):
+    return NativeBackend(model, None, sampling, eos_ids=(3,), start=start, **kw)
+
+
+def _alone(model, sampling, request):
+    backend = _backend(model, sampling)
+    try:
+        return backend.submit(request).result(120)
+    finally:
+        backend.close()
+
+
+def test_two_batched_rows_give_the_golden_greedy_ids(model):
+    backend = _backend(model, GREEDY, start=False)
+    try:
+        a = backend.submit(GenerationRequest(tuple(GOLDEN["prompt_a"].tolist()), seed=0, max_new_tokens=16))
+        b = backend.submit(GenerationRequest(tuple(GOLDEN["prompt_b"].tolist()), seed=0, max_new_tokens=16))
+        backend.start()
+        out_a, out_b = a.result(120), b.result(120)
+    finally:
+        backend.close()
+    assert list(out_a.answer) == GOLDEN["greedy_a"].tolist()
+    assert list(out_b.answer) == GOLDEN["greedy_b"].tolist()
+    assert out_a.batch_size == out_b.batch_size == 2
+
+
+def test_ids_are_streamed_as_they_are_sampled(model):
+    backend = _backend(model, SAMPLED)
+    try:
+        stream = backend.submit(GenerationRequest(tuple(GOLDEN["prompt_b"].tolist()), seed=4, max_new_tokens=12))
+        streamed = list(stream)
+        out = stream.result(1)
+    finally:
+        backend.close()
+    assert streamed == list(out.answer) and 0 < len(streamed) <= 12
+    assert out.steps >= len(out.answer) and out.prefill_ms > 0 and out.queue_ms >= 0
+
+
+def test_a_request_joining_mid_decode_gets_its_solo_answer(model):
+    config = SamplingConfig(slot_mask=False, max_length=256, min_new_tokens=40)
+    long_req = GenerationRequest(tuple(GOLDEN["prompt_a"].tolist()), seed=11, max_new_tokens=40)
+    short_req = GenerationRequest(tuple(GOLDEN["prompt_b"].tolist()), seed=12, max_new_tokens=10)
+    events, joined = [], {}
+    backend = _backend(model, config)
+    try:
+        # On the long row's 5th id (inside the worker), the short request is submitted: it joins
+        # the running batch at the next step, while the long row still has 35 ids to go.
+        def join():
+            joined["stream"] = backend.submit(short_req, Recording(short_req, "short", events))
+
+        long_stream = backend.submit(long_req, Recording(long_req, "long", events, on_put={5: join}))
+        long_out, short_out = long_stream.result(120), joined["stream"].result(120)
+    finally:
+        backend.close()
+    short_puts = [i for i, e in enumerate(events) if e[:2] == ("put", "short")]
+    long_puts = [i for i, e in enumerate(events) if e[:2] == ("put", "long")]
+    assert long_puts[4] < short_puts[0] < long_puts[-1]            # it really joined mid-decode
+    assert short_out.batch_size == 2 and long_out.batch_size == 2
+    assert short_out.answer == _alone(model, config, short_req).answer
+    assert long_out.answer == _alone(model, config, long_req).answer
+
+
+def test_a_row_that_finishes_early_returns_before_the_others(model):
+    config = SamplingConfig(slot_mask=False, max_length=256, min_new_tokens=30)
+    events = []
+    backend = _backend(model, config, start=False)
+    try:
+        reqs = {"long": GenerationRequest(tuple(GOLDEN["prompt_a"].tolist()), seed=1, max_new_tokens=30),
+                "short": GenerationRequest(tuple(GOLDEN["prompt_b"].tolist()), seed=2, max_new_tokens=4)}
+        streams = {n: backend.submit(r, Recording(r, n, events)) for n, r in reqs.items()}
+        backend.start()
+        outs = {n: s.result(120) for n, s in streams.items()}
+    finally:
+        backend.close()
+    assert len(outs["short"].answer) == 4 and len(outs["long"].answer) == 30
+    short_done = events.index(("finish", "short"))
+    long_puts_after = [e for e in events[short_done:] if e[:2] == ("put", "long")]
+    assert len(long_puts_after) == 30 - 4      # finished right after its 4th id, while the long row had 26 to go
+    assert events[-1] == ("finish", "long")
+
+
+def test_static_batching_makes_a_late_request_wait_for_the_batch(model):
+    config = SamplingConfig(slot_mask=False, max_length=256, min_new_tokens=20)
+    events, late = [], {}
+    backend = _backend(model, config, join_running=False)
+    try:
+        req = GenerationRequest(tuple(GOLDEN["prompt_b"].tolist()), seed=3, max_new_tokens=20)
+
+        def submit_late():
+            late["s"] = backend.submit(req, Recording(req, "late", events))
+
+        first = backend.submit(req, Recording(req, "first", events, on_put={2: submit_late}))
+        first.result(120), late["s"].result(120)
+    finally:
+        backend.close()
+    assert events.index(("finish", "first")) < next(i for i, e in enumerate(events) if e[:2] == ("put", "late"))
+
+
+def test_cancelling_drops_the_row_and_frees_its_slot(model):
+    config = SamplingConfig(slot_mask=False, max_length=256, min_new_tokens=50)
+    events = []
+    backend = _backend(model, config, max_rows=1, step_token_budget=64)
+    try:
+        req = GenerationRequest(tuple(GOLDEN["prompt_b"].tolist()), seed=5, max_new_tokens=50)
+        holder = {}
+        stream = backend.submit(req, Recording(req, "c", events, on_put={3: lambda: holder["s"].cancel()}))
+        holder["s"] = stream
+        with pytest.raises(GenerationCancelled):
+            stream.result(120)
+        assert stream.done and 3 <= len([e for e in events if e[0] == "put"]) < 50
+        # The only slot is free again: a new request runs to the end.
+        after = backend.submit(GenerationRequest(req.prompt_ids, seed=6, max_new_tokens=5)).result(120)
+        assert len(after.answer) == 5
+        assert backend.stats()["rows_running"] == 0
+    finally:
+        backend.close()
+
+
+def test_a_failing_model_fails_its_rows_and_the_worker_survives(model):
+    backend = _backend(model, SAMPLED)
+    real_forward = model.forward
+    try:
+        model.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA out of memory"))  # fault injection
+        failed = backend.submit(GenerationRequest((1, 2, 3), seed=1, max_new_tokens=3))
+        with pytest.raises(RuntimeError, match="out of memory"):
+            failed.result(60)
+        model.forward = real_forward
+        assert len(backend.submit(GenerationRequest((1, 2, 3), seed=1, max_new_tokens=3)).result(60).answer) >= 1
+        assert backend.ready() == (True, "ok") and backend.stats()["requests_failed"] == 1
+    finally:
+        model.forward = real_forward
+        backend.close()
+
+
+def test_bad_prompts_and_a_closed_backend(model):
+    backend = _backend(model, SamplingConfig(slot_mask=False, max_length=64))
+    try:
+        with pytest.raises(InputError, match="empty"):
+            backend.submit(GenerationRequest((), seed=1))
+        with pytest.raises(InputError, match="limit is 64"):
+            backend.submit(GenerationRequest(tuple(range(60)), seed=1))
+    finally:
+        backend.close()
+    assert backend.ready()[0] is False
+    with pytest.raises(ModelError, match="closed"):
+        backend.submit(GenerationRequest((1, 2), seed=1))
+
+
+def test_close_fails_streams_still_waiting(model):
+    backend = _backend(model, SAMPLED, start=False)
+    stream = backend.submit(GenerationRequest((1, 2, 3), seed=1, max_new_tokens=3))
+    backend.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        stream.result(5)
+
+
+def test_settings_are_checked(model):
+    with pytest.raises(ValueError, match="step_token_budget"):
+        _backend(model, SAMPLED, max_rows=8, step_token_budget=8)
+
+
+def test_many_concurrent_clients_each_get_their_solo_answer(model):
+    """More requests than rows, from several threads: every answer equals its solo run."""
+    config = SamplingConfig(slot_mask=False, max_length=256)
+    reqs = [GenerationRequest(tuple(GOLDEN["prompt_a"][: 10 + 3 * i].tolist()), seed=20 + i, max_new_tokens=6 + i)
+            for i in range(6)]
+    backend = _backend(model, config, max_rows=3, step_token_budget=16)   # prompts prefilled in chunks
+    outs = [None] * len(reqs)
+    try:
+        def run(i):
+            outs[i] = backend.submit(reqs[i]).result(120)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        backend.close()
+    assert [o.answer for o in outs] == [_alone(model, config, r).answer for r in reqs]
