@@ -148,5 +148,9 @@ class LLMBackend(abc.ABC):
         """Numbers for /metrics and the page (rows running, queue depth, ...); {} when none."""
         return {}
 
+    def describe(self) -> str:
+        """One line for logs and the engine description (what runs, how big)."""
+        return self.name
+
     def close(self) -> None:
         """Stop workers and release memory; streams still open fail with ``RuntimeError``."""

@@ -1,0 +1,207 @@
+"""Benchmark: the native Step1 decode loop vs transformers.generate, and continuous vs static batching.
+
+Part 1 (``--part single``): a Step1 with the shipped dimensions and random weights (hidden 3072,
+intermediate 8192, 48 heads in 4 groups, vocabulary 74752: vLLM's Step1Config defaults, which the
+golden README section 8 and the mlx-speech port's notes on the shipped config.json agree on; 32 layers
+shipped, ``--layers`` to fit memory) at batch 1: time to first token and decode tokens/s, ours
+(``llm.native.NativeBackend``, full sampling rules) vs ``transformers.generate`` (greedy) on the same
+modules through ``bench/hf_step1.py`` (the reference's way: DynamicCache, bias from the key length,
+logits at every position), interleaved in the same process.
+
+Part 2 (``--part mixed``): 8 requests arriving together (submitted before the worker starts), half
+asking for ``--short`` new ids and half for ``--long``, clone-shaped prompts of ~``--prompt`` ids.
+Three schedules of the same backend: no batching (``max_rows 1``), static batching (the old
+scheduler's policy: a batch runs until its last row is done and hands all its answers back then;
+``join_running=False``, answers counted at batch end; finished rows stop computing, which flatters
+it a little) and continuous batching (rows join and leave between steps). Reports p50/p95 latency of the short requests, their
+solo latency, and total answer ids/s. Answers are forced to their exact lengths (EOS banned).
+
+Usage:
+    PYTHONPATH=$PWD .venv/bin/python bench/llm_bench.py --part single --layers 8 --prompt 64 --new 8
+    PYTHONPATH=$PWD .venv/bin/python bench/llm_bench.py --part mixed --hidden 768 --layers 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from common import environment_header, summary
+from core.devices import configure_tf32, resolve_device, resolve_dtype
+from llm.backend import GenerationRequest
+from llm.checkpoint import random_state_dict
+from llm.native import NativeBackend
+from llm.sampling import SamplingConfig
+from llm.step1 import Step1Config, Step1ForCausalLM
+
+SHIPPED = dict(hidden=3072, intermediate=8192, heads=48, groups=4, layers=32, vocab=74752)
+EOS = (3,)
+
+
+def build_model(args, device, dtype) -> Step1ForCausalLM:
+    config = Step1Config(hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_attention_heads=args.heads, num_attention_groups=args.groups,
+                         num_hidden_layers=args.layers, vocab_size=args.vocab)
+    with torch.device("meta"):
+        model = Step1ForCausalLM(config)
+    model.load_state_dict(random_state_dict(config, seed=0, dtype=dtype), strict=True, assign=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def clone_prompt(rng: np.random.Generator, n: int) -> tuple[int, ...]:
+    """Special ids, text ids, then audio ids in 2:3 groups, like a clone prompt."""
+    text = rng.integers(100, 60000, size=max(1, n // 5)).tolist()
+    audio = []
+    while len(text) + len(audio) + 6 < n:
+        slot = len(audio) % 5
+        audio.append(65536 + int(rng.integers(0, 1024) if slot < 2 else 1024 + rng.integers(0, 4096)))
+    return tuple([1, 4] + text + audio + [3, 4, 77, 78])
+
+
+class Stamps:
+    """A transformers streamer that only notes when each ``put`` (prompt, then every new id) happens."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        if torch.is_tensor(value) and value.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def part_single(args, device, dtype) -> list[str]:
+    from hf_step1 import HFStep1
+
+    model = build_model(args, device, dtype)
+    hf = HFStep1(model).eval()
+    prompt = clone_prompt(np.random.default_rng(0), args.prompt)
+    config = SamplingConfig(max_length=args.prompt + args.new + 8, min_new_tokens=10**6)
+    backend = NativeBackend(model, None, config, EOS, max_rows=1, step_token_budget=max(args.prompt + 1, 64))
+    ids = torch.tensor([prompt], device=device)
+
+    def ours():
+        out = backend.submit(GenerationRequest(prompt, seed=1, max_new_tokens=args.new)).result()
+        return out.prefill_ms, (len(out.answer) - 1) / (out.decode_ms / 1000.0)
+
+    def theirs():
+        stamps = Stamps()
+        with torch.inference_mode():
+            start = time.perf_counter()
+            hf.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0,
+                        streamer=stamps)
+        new = stamps.times[1:]             # the first put is the prompt itself
+        return (new[0] - start) * 1000.0, (len(new) - 1) / (new[-1] - new[0])
+
+    results = {"ours": [], "transformers.generate": []}
+    for i in range(args.repeats + 1):        # round 0 is warm-up
+        for name, fn in (("ours", ours), ("transformers.generate", theirs)):
+            r = fn()
+            if i:
+                results[name].append(r)
+            print(name, f"ttft {r[0]:.0f} ms, decode {r[1]:.2f} tok/s", flush=True)
+    backend.close()
+    rows = ["| batch 1 | TTFT ms (median) | decode tok/s (median) |", "|---|---|---|"]
+    med = {n: (float(np.median([r[0] for r in v])), float(np.median([r[1] for r in v]))) for n, v in results.items()}
+    for name, (ttft, tps) in med.items():
+        rows.append(f"| {name} | {ttft:.0f} | {tps:.2f} |")
+    rows.append(f"| ours / generate | {med['transformers.generate'][0] / med['ours'][0]:.2f}x faster | "
+                f"{med['ours'][1] / med['transformers.generate'][1]:.2f}x |")
+    return rows
+
+
+def run_mixed(model, config, reqs, at_batch_end: bool = False, **backend_kw) -> tuple[list[float], float]:
+    """Latency (s) of each request and total wall (s), all submitted before the worker starts.
+
+    ``at_batch_end``: every request's answer counts as delivered when its batch is done, as the old
+    static scheduler returned a batch's rows together (valid here: all requests fit one batch).
+    """
+    backend = NativeBackend(model, None, config, EOS, start=False, **backend_kw)
+    try:
+        start = time.perf_counter()
+        streams = [backend.submit(r) for r in reqs]
+        backend.start()
+        done = [0.0] * len(reqs)
+        # Results are read in finishing order: poll so that a later-finishing stream never hides an earlier one.
+        pending = set(range(len(reqs)))
+        while pending:
+            for i in list(pending):
+                if streams[i].done:
+                    done[i] = time.perf_counter() - start
+                    streams[i].result()
+                    pending.discard(i)
+            time.sleep(0.002)
+        wall = time.perf_counter() - start
+        return ([max(done)] * len(done) if at_batch_end else done), wall
+    finally:
+        backend.close()
+
+
+def part_mixed(args, device, dtype) -> list[str]:
+    model = build_model(args, device, dtype)
+    rng = np.random.default_rng(1)
+    config = SamplingConfig(max_length=args.prompt + args.long + 64, min_new_tokens=10**6)
+    lengths = [args.short if i % 2 == 0 else args.long for i in range(8)]
+    reqs = [GenerationRequest(clone_prompt(rng, args.prompt + int(rng.integers(-20, 20))), seed=i, max_new_tokens=n)
+            for i, n in enumerate(lengths)]
+    short = [i for i, n in enumerate(lengths) if n == args.short]
+    solo, _ = run_mixed(model, config, [reqs[short[0]]], max_rows=1, step_token_budget=args.budget)
+    solo, _ = run_mixed(model, config, [reqs[short[0]]], max_rows=1, step_token_budget=args.budget)  # warm
+    print(f"solo short request: {solo[0]:.2f} s", flush=True)
+    rows = [f"solo latency of one short request: {solo[0]:.2f} s",
+            "", "| schedule | short p50 (s) | short p95 (s) | short p95 / solo | all done (s) | answer ids/s |",
+            "|---|---|---|---|---|---|"]
+    total_ids = sum(lengths)
+    for name, kw in (("no batching", dict(max_rows=1)),
+                     ("static (old)", dict(max_rows=8, join_running=False, at_batch_end=True)),
+                     ("continuous (new)", dict(max_rows=8))):
+        lat, wall = run_mixed(model, config, reqs, step_token_budget=args.budget, **kw)
+        s = [lat[i] for i in short]
+        p50, p95 = float(np.percentile(s, 50)), float(np.percentile(s, 95))
+        rows.append(f"| {name} | {p50:.2f} | {p95:.2f} | {p95 / solo[0]:.2f}x | {wall:.1f} | {total_ids / wall:.1f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("single", "mixed"), required=True)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    for name, value in SHIPPED.items():
+        parser.add_argument(f"--{name}", type=int, default=value)
+    parser.add_argument("--prompt", type=int, default=300, help="prompt ids")
+    parser.add_argument("--new", type=int, default=32, help="part single: new ids per run")
+    parser.add_argument("--repeats", type=int, default=3, help="part single: timed rounds")
+    parser.add_argument("--short", type=int, default=20)
+    parser.add_argument("--long", type=int, default=200)
+    parser.add_argument("--budget", type=int, default=512, help="step token budget")
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    configure_tf32(True)
+    params = (args.vocab * args.hidden * 2 + args.layers * (
+        2 * args.hidden * args.hidden + 2 * args.hidden * args.hidden * args.groups // args.heads
+        + 3 * args.hidden * args.intermediate)) / 1e9
+    header = environment_header(device, dtype, [
+        f"Step1 random weights: hidden {args.hidden}, intermediate {args.intermediate}, {args.heads} heads / "
+        f"{args.groups} groups, {args.layers} layers, vocab {args.vocab} ({params:.2f} B params)",
+        f"prompt ~{args.prompt} ids"])
+    print(header, flush=True)
+    rows = part_single(args, device, dtype) if args.part == "single" else part_mixed(args, device, dtype)
+    if device.type == "cuda":
+        rows.append(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    print("\n" + header + "\n\n" + "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
