@@ -189,6 +189,7 @@ def _build_vllm_class():
             return self.core.apply(logits, ctx.expanded_idx_mapping)
 
     StepAudioLogitsProcessor.__module__ = __name__
+    StepAudioLogitsProcessor.__qualname__ = "StepAudioLogitsProcessor"
     return StepAudioLogitsProcessor
 
 
