@@ -343,7 +343,7 @@ class VLLMServerBackend(LLMBackend):
 class VLLMInProcessBackend(LLMBackend):
     """vLLM's ``AsyncLLM`` in this process, on the model folder, with the plugin loaded.
 
-    Needs vLLM 0.33 installed next to the studio (``requirements-vllm.txt``; it pins its own torch and
+    Needs vLLM 0.33 installed next to the studio (``pip install vllm==0.33.0``; it pins its own torch and
     transformers, so this is a separate environment from the CPU one) and a GPU. Not exercised by the
     CPU test suite; ``bench/vllm_check.py`` exercises the server path on a GPU. Requests, answers and
     cancellation follow ``VLLMServerBackend``; a cancelled request is aborted in the engine.
@@ -359,7 +359,7 @@ class VLLMInProcessBackend(LLMBackend):
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as exc:
             raise ModelError("llm_backend=vllm without llm_url runs vLLM in this process, and vLLM is not "
-                             f"installed here ({exc}); install requirements-vllm.txt or point --llm-url at a "
+                             f"installed here ({exc}); pip install vllm==0.33.0 (its own environment) or point --llm-url at a "
                              "'vllm serve' (docs/scaling.md)") from None
         import tempfile
 
