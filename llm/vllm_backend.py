@@ -26,10 +26,10 @@ called from any thread.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import math
+import secrets
 import threading
 import time
 from concurrent.futures import Future
@@ -44,7 +44,10 @@ from llm.sampling import SamplingConfig
 from llm.vllm_plugin import PLUGIN_FQCN, request_xargs
 
 log = logging.getLogger(__name__)
-_request_ids = itertools.count(1)
+
+
+def _request_id() -> str:
+    return f"studio-{secrets.token_hex(8)}"
 
 
 class _LoopThread:
@@ -227,7 +230,8 @@ class VLLMServerBackend(LLMBackend):
                 "top_k": s.top_k, "top_p": s.top_p, "seed": int(request.seed), "stream": True,
                 "return_token_ids": True, "stop_token_ids": list(self._eos_ids), "min_tokens": s.min_new_tokens,
                 "vllm_xargs": request_xargs(s.repetition_window, s.slot_mask, self._eos_ids),
-                "request_id": f"studio-{next(_request_ids)}"}
+                # vLLM uses the id as given; several studio replicas share a server, so it must be unique.
+                "request_id": _request_id()}
 
     def _unavailable(self, message: str) -> BackendUnavailable:
         wait = int(math.ceil(self.retry_after_s))
@@ -405,7 +409,7 @@ class VLLMInProcessBackend(LLMBackend):
         answer = _Answer(stream, frozenset(self._eos_ids))
         try:
             prompt = {"prompt_token_ids": list(stream.request.prompt_ids)}
-            async for output in self._engine.generate(prompt, params, f"studio-{next(_request_ids)}"):
+            async for output in self._engine.generate(prompt, params, _request_id()):
                 answer.add(output.outputs[0].token_ids)
                 if answer.ended:
                     break

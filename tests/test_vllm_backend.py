@@ -77,6 +77,8 @@ def test_prompt_ids_in_answer_ids_out_and_the_request_as_vllm_reads_it(stub, bac
 
     capped = backend.submit(GenerationRequest(prompt, seed=11, max_new_tokens=4)).result(timeout=30)
     assert stub.log()["requests"][-1]["max_tokens"] == 4
+    ids = [r["request_id"] for r in stub.log()["requests"]]
+    assert len(set(ids)) == 2 and all(i.startswith("studio-") for i in ids)   # unique across replicas too
     assert capped.answer == tuple(stub_answer(11, 4))          # finish_reason "length": no end id came
 
 
