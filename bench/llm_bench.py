@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from common import environment_header, summary
+from common import environment_header
 from core.devices import configure_tf32, resolve_device, resolve_dtype
 from llm.backend import GenerationRequest
 from llm.checkpoint import random_state_dict

@@ -19,3 +19,12 @@ class ModelError(StudioError):
 
 class CacheError(StudioError):
     """The prompt cache was used wrongly (a malformed key or kind); never raised for I/O trouble."""
+
+
+class BackendUnavailable(ModelError):
+    """The LLM server cannot take or finish work right now (down, unreachable, too slow); answered as a 503
+    with ``Retry-After``. ``retry_after`` is in seconds."""
+
+    def __init__(self, message: str, retry_after: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

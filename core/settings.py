@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 ENV_PREFIX = "STUDIO_"
 ENGINE_CHOICES = ("auto", "step-audio", "preview")
+LLM_BACKENDS = ("native", "vllm")
 EXECUTION_MODES = ("parallel", "sequential")
 
 # Folder names inside model_root, as the upstream release lays them out.
@@ -81,6 +82,17 @@ class Settings:
     llm_slot_mask: bool = field(default=True, metadata={"help": "let the LLM sample only audio ids that fit the 2:3 vq02/vq06 slot pattern (off: sample freely like the reference, then filter)"})
     text_chunk_chars: int = field(default=300, metadata={"help": "long target text is generated in chunks of about this many characters, split at sentence ends"})
 
+    # --- LLM backend (docs/scaling.md)
+    llm_backend: str = field(default="native", metadata={"help": "native (our Step1 in this process) | vllm (llm_url, or vLLM in this process when llm_url is empty)"})
+    llm_url: str = field(default="", metadata={"help": "base URL of a shared 'vllm serve' (OpenAI compatible), e.g. http://vllm:8000"})
+    llm_api_key: str = field(default="", metadata={"help": "the vLLM server's --api-key, sent as a Bearer token"})
+    llm_connect_timeout_s: float = field(default=3.0, metadata={"help": "seconds to open a connection to the vLLM server"})
+    llm_read_timeout_s: float = field(default=60.0, metadata={"help": "longest silence (no token) tolerated from the vLLM server, queueing included"})
+    llm_request_timeout_s: float = field(default=600.0, metadata={"help": "longest time one LLM answer may take on the vLLM server"})
+    llm_retry_after_s: int = field(default=5, metadata={"help": "Retry-After seconds in the 503 answered while the vLLM server is down or slow"})
+    llm_health_interval_s: float = field(default=2.0, metadata={"help": "seconds between health probes of the vLLM server (GET /health)"})
+    llm_gpu_memory_utilization: float = field(default=0.5, metadata={"help": "in-process vLLM only: share of the GPU's memory vLLM may take (the tokenizer and decoder need the rest)"})
+
     def __post_init__(self) -> None:
         if self.engine not in ENGINE_CHOICES:
             raise ValueError(f"engine must be one of {', '.join(ENGINE_CHOICES)}, not {self.engine!r}")
@@ -103,6 +115,17 @@ class Settings:
         for name in ("cache_memory_entries", "llm_max_new_tokens"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)!r}")
+        if self.llm_backend not in LLM_BACKENDS:
+            raise ValueError(f"llm_backend must be one of {', '.join(LLM_BACKENDS)}, not {self.llm_backend!r}")
+        if self.llm_url and not self.llm_url.startswith(("http://", "https://")):
+            raise ValueError(f"llm_url must be an http:// or https:// URL, not {self.llm_url!r}")
+        for name in ("llm_connect_timeout_s", "llm_read_timeout_s", "llm_request_timeout_s", "llm_health_interval_s"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a positive number of seconds, not {getattr(self, name)!r}")
+        if self.llm_retry_after_s < 1:
+            raise ValueError(f"llm_retry_after_s must be at least 1, not {self.llm_retry_after_s!r}")
+        if not 0 < self.llm_gpu_memory_utilization <= 1:
+            raise ValueError(f"llm_gpu_memory_utilization must be in (0, 1], not {self.llm_gpu_memory_utilization!r}")
         if not 0 < self.max_prompt_seconds < float("inf"):  # also refuses NaN
             raise ValueError(f"max_prompt_seconds must be a positive number of seconds, not {self.max_prompt_seconds!r}")
 

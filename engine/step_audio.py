@@ -19,7 +19,7 @@ import torch
 from core.audio_io import Audio, AudioSource, load_audio
 from core.devices import configure_tf32, resolve_device, resolve_dtype
 from core.edit_options import EDIT_TYPES
-from core.errors import InputError, ModelError, StudioError
+from core.errors import ModelError, StudioError
 from core.onnx_session import OnnxOptions
 from core.settings import DECODER_SUBDIR
 from core.timings import StageTimings, Timer
@@ -28,7 +28,9 @@ from engine.contract import (CloneOptions, EditCapability, Engine, EngineInfo, P
                              new_seed, no_progress, validate_edit, validate_text)
 from engine.prompt_bundle import PromptBundler, features_namespace
 from llm.backend import GenerationRequest, LLMBackend
-from llm.native import NativeBackend
+from llm.native import NativeBackend, answer_rules
+from llm.step1 import Step1Config
+from llm.vllm_backend import create_vllm_backend
 from llm.longform import crossfade_join, split_text
 from llm.prompts import AUDIO_ID_OFFSET, clone_prompt_ids, clone_speaker_id, edit_instruction, edit_prompt_ids
 from llm.sampling import audio_answer
@@ -73,10 +75,7 @@ class StepAudioEngine(Engine):
         self.decoder = AudioDecoder.from_dir(decoder_dir, self.device, self.dtype,
                                              OnnxOptions.from_settings(settings, use_cuda=self.device.type == "cuda"),
                                              n_steps=settings.flow_steps)
-        self.llm_backend: LLMBackend = NativeBackend.from_folder(
-            settings.editx_dir, self.device, self.dtype, max_new_tokens=settings.llm_max_new_tokens,
-            slot_mask=settings.llm_slot_mask, max_rows=settings.llm_max_rows,
-            step_token_budget=settings.llm_step_token_budget)
+        self.llm_backend = _create_llm_backend(settings, self.device, self.dtype)
         self.bundler = PromptBundler(self.tokenizer, self.decoder.frontend, cache, features_namespace(decoder_dir))
         self._capabilities = tuple(EditCapability(t, opts) for t, opts in EDIT_TYPES.items())
         log.info("Step-Audio-EditX engine ready in %.1f s on %s (%s); LLM: %s",
@@ -241,3 +240,17 @@ def _log_request(kind: str, t: StageTimings, digest: str) -> None:
              ms.get("llm_decode", 0.0), int(c.get("llm_tokens", 0)), c.get("tokens_per_s", 0.0),
              int(c.get("batch_size", 0)), int(c.get("chunks", 0)), ms.get("token2wav", 0.0))
     log.debug("%s", t.log_line(kind.split(":")[0], req))
+
+
+def _create_llm_backend(settings, device: torch.device, dtype: torch.dtype) -> LLMBackend:
+    """The LLM backend ``--llm-backend`` names: our Step1 loop, or vLLM (a shared server at ``--llm-url``
+    or in this process). Both sample by the same rules, read from the same folder."""
+    folder = settings.editx_dir
+    if settings.llm_backend == "vllm":
+        config = Step1Config.from_json(folder / "config.json")
+        tokenizer, sampling, eos_ids = answer_rules(folder, config, max_new_tokens=settings.llm_max_new_tokens,
+                                                    slot_mask=settings.llm_slot_mask)
+        return create_vllm_backend(settings, folder, tokenizer.encode, eos_ids, sampling)
+    return NativeBackend.from_folder(folder, device, dtype, max_new_tokens=settings.llm_max_new_tokens,
+                                     slot_mask=settings.llm_slot_mask, max_rows=settings.llm_max_rows,
+                                     step_token_budget=settings.llm_step_token_budget)

@@ -41,7 +41,7 @@ from llm.backend import GenerationOutput, GenerationRequest, GenerationStream, L
 from llm.checkpoint import load_step1
 from llm.prompts import END_OF_TURN_ID
 from llm.sampling import SamplingConfig, repetition_ban, slot_allowed, top_candidates
-from llm.step1 import Step1ForCausalLM
+from llm.step1 import Step1Config, Step1ForCausalLM
 from llm.text_tokenizer import TextTokenizer, load_text_tokenizer
 
 log = logging.getLogger(__name__)
@@ -129,24 +129,8 @@ class NativeBackend(LLMBackend):
         """
         folder = Path(folder)
         model = load_step1(folder, device, dtype)
-        tokenizer = load_text_tokenizer(folder)
-        top_k, top_p, eos = 50, 1.0, list(model.config.eos_token_id)
-        gen_path = folder / "generation_config.json"
-        if gen_path.is_file():
-            try:
-                gen = json.loads(gen_path.read_text(encoding="utf-8"))
-                top_k = int(gen["top_k"]) if gen.get("top_k") is not None else top_k
-                top_p = float(gen["top_p"]) if gen.get("top_p") is not None else top_p
-                if gen.get("eos_token_id") is not None:
-                    value = gen["eos_token_id"]
-                    eos = [int(v) for v in value] if isinstance(value, list) else [int(value)]
-            except (OSError, ValueError, TypeError) as exc:
-                log.warning("ignoring unreadable %s: %s", gen_path, exc)
-        if tokenizer.eos_id is not None:
-            eos.append(int(tokenizer.eos_id))
-        # <|EOT|> closes the assistant turn: nothing after it belongs to the answer.
-        eos_ids = tuple(dict.fromkeys([*eos, END_OF_TURN_ID]))
-        sampling = SamplingConfig(top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, slot_mask=slot_mask)
+        tokenizer, sampling, eos_ids = answer_rules(folder, model.config, max_new_tokens=max_new_tokens,
+                                                    slot_mask=slot_mask)
         return cls(model, tokenizer, sampling, eos_ids, max_rows=max_rows, step_token_budget=step_token_budget)
 
     # ------------------------------------------------------------------ contract
@@ -382,3 +366,33 @@ class NativeBackend(LLMBackend):
         for row in pending:
             if not row.stream.done:
                 row.stream.fail(error)
+
+
+def answer_rules(folder: Path, config: Step1Config, *, max_new_tokens: int = 0,
+                 slot_mask: bool = True) -> tuple[TextTokenizer, SamplingConfig, tuple[int, ...]]:
+    """What every backend needs from ``Step-Audio-EditX/`` besides the weights: the text tokenizer,
+    the sampling config (top-k/top-p from ``generation_config.json`` when present, read as data) and
+    the ids that end an answer (the config's and tokenizer's EOS plus ``<|EOT|>``).
+
+    Raises:
+        ModelError: the tokenizer files are missing or unreadable (the message names them).
+    """
+    tokenizer = load_text_tokenizer(folder)
+    top_k, top_p, eos = 50, 1.0, list(config.eos_token_id)
+    gen_path = folder / "generation_config.json"
+    if gen_path.is_file():
+        try:
+            gen = json.loads(gen_path.read_text(encoding="utf-8"))
+            top_k = int(gen["top_k"]) if gen.get("top_k") is not None else top_k
+            top_p = float(gen["top_p"]) if gen.get("top_p") is not None else top_p
+            if gen.get("eos_token_id") is not None:
+                value = gen["eos_token_id"]
+                eos = [int(v) for v in value] if isinstance(value, list) else [int(value)]
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("ignoring unreadable %s: %s", gen_path, exc)
+    if tokenizer.eos_id is not None:
+        eos.append(int(tokenizer.eos_id))
+    # <|EOT|> closes the assistant turn: nothing after it belongs to the answer.
+    eos_ids = tuple(dict.fromkeys([*eos, END_OF_TURN_ID]))
+    sampling = SamplingConfig(top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, slot_mask=slot_mask)
+    return tokenizer, sampling, eos_ids

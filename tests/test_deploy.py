@@ -3,7 +3,7 @@
 Covers: the Dockerfile (hadolint-clean; its ENV and CMD build valid Settings through the app's own
 parser; its HEALTHCHECK probes /healthz; the build context keeps the code and drops weights),
 docker-compose.yml (compose-spec schema; an environment entry for every setting, defaulting to the
-app's defaults; GPU reservation, volumes, the scale profile), and -- slow -- both together: two real
+app's defaults; GPU reservation, volumes, the scale profile, the vllm profile and its plugin), and -- slow -- both together: two real
 app processes started with the image's CMD, ENV and compose's environment on one cache folder, probed
 with the image's HEALTHCHECK, sharing a stored voice and its cached prompt work. Also
 requirements-gpu.txt against requirements.txt, docs/configuration.md being current, and
@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -259,6 +260,44 @@ def test_compose_gpu_volumes_and_scale_profile():
     assert "studio-cache" in compose["volumes"]
     host_ports = [p.rsplit(":", 1)[0] for p in studio["ports"] + replica["ports"]]
     assert len(set(host_ports)) == 2
+
+
+def test_compose_vllm_profile_serves_the_llm_with_our_plugin_and_points_a_studio_at_it(tmp_path):
+    from llm.vllm_view import serve_args
+
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    vllm, studio = services["vllm"], services["studio-vllm"]
+    assert vllm["profiles"] == studio["profiles"] == ["vllm"]
+    assert vllm["image"].startswith("vllm/vllm-openai:v0.33.")
+    device = vllm["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert all(v.endswith(":ro") for v in vllm["volumes"])             # models and our code, read-only
+    assert any(v.endswith(":/models:ro") for v in vllm["volumes"])
+    # The image's entrypoint is `vllm serve`; the command is the rest of our own serve line.
+    command = [_resolve_defaults({"a": c})["a"] for c in vllm["command"]]
+    assert command == serve_args("/models/Step-Audio-EditX-vllm", gpu_memory_utilization=0.5)[2:]
+    port = command[command.index("--port") + 1]
+    assert f"127.0.0.1:{port}/health" in " ".join(vllm["healthcheck"]["test"])
+
+    # The plugin imports with nothing but the two folders compose mounts on vLLM's PYTHONPATH.
+    mounted = {v.split(":")[1] for v in vllm["volumes"] if v.startswith("./")}
+    assert mounted == {"/opt/studio/llm", "/opt/studio/core"} and vllm["environment"]["PYTHONPATH"] == "/opt/studio"
+    for folder in ("llm", "core"):
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    probe = subprocess.run([sys.executable, "-c", "import llm.vllm_plugin as p; print(p.PLUGIN_FQCN)"], cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True)
+    assert probe.returncode == 0 and probe.stdout.strip() == command[command.index("--logits-processors") + 1], probe.stderr
+
+    env = _resolve_defaults(studio["environment"])
+    settings = load_settings([], env=env)
+    assert (settings.llm_backend, settings.llm_url) == ("vllm", f"http://vllm:{port}")
+    assert studio["depends_on"] == {"vllm": {"condition": "service_healthy"}}
+    assert {k: v for k, v in env.items() if k not in ("STUDIO_LLM_BACKEND", "STUDIO_LLM_URL")} == \
+        {k: v for k, v in _resolve_defaults(services["studio"]["environment"]).items()
+         if k not in ("STUDIO_LLM_BACKEND", "STUDIO_LLM_URL")}
+    host_ports = {p.rsplit(":", 1)[0] for name in ("studio", "studio-2", "studio-vllm") for p in services[name]["ports"]}
+    assert len(host_ports) == 3
+    assert "--logits-processors llm.vllm_plugin:StepAudioLogitsProcessor" in (ROOT / "docs" / "scaling.md").read_text()
 
 
 # ------------------------------------------------------------------------------------------ requirements

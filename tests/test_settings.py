@@ -35,6 +35,12 @@ def test_cli_beats_environment_beats_default():
     (["--max-upload-bytes", "0"], {}, "max_upload_bytes"),
     (["--llm-max-rows", "0"], {}, "llm_max_rows"),
     (["--llm-max-rows", "8", "--llm-step-token-budget", "8"], {}, "llm_step_token_budget"),
+    (["--llm-backend", "tgi"], {}, "llm_backend"),
+    ([], {"STUDIO_LLM_URL": "vllm:8000"}, "llm_url"),
+    (["--llm-read-timeout-s", "0"], {}, "llm_read_timeout_s"),
+    ([], {"STUDIO_LLM_REQUEST_TIMEOUT_S": "inf"}, "llm_request_timeout_s"),
+    (["--llm-retry-after-s", "0"], {}, "llm_retry_after_s"),
+    (["--llm-gpu-memory-utilization", "1.5"], {}, "llm_gpu_memory_utilization"),
 ])
 def test_bad_values_name_the_setting(argv, env, field):
     with pytest.raises(ValueError, match=field):

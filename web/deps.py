@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import CacheError, InputError, ModelError, StudioError
+from core.errors import BackendUnavailable, CacheError, InputError, ModelError, StudioError
 from core.settings import Settings
 from engine.contract import Engine, Result
 from web.metrics import Metrics
@@ -91,6 +91,8 @@ def studio_error_status(exc: StudioError) -> tuple[int, str, str]:
         return 404, "invalid_request_error", "voice_not_found"
     if isinstance(exc, InputError):
         return 400, "invalid_request_error", "invalid_input"
+    if isinstance(exc, BackendUnavailable):
+        return 503, "server_error", "llm_unavailable"
     if isinstance(exc, ModelError):
         return 500, "model_error", "model_failed"
     if isinstance(exc, CacheError):
@@ -108,7 +110,8 @@ def install_error_handlers(app) -> None:
     @app.exception_handler(StudioError)
     async def _studio_error(request: Request, exc: StudioError):
         status, type_, code = studio_error_status(exc)
-        return error_response(status, str(exc), type_, code, request_id(request))
+        headers = {"Retry-After": str(int(math.ceil(exc.retry_after)))} if isinstance(exc, BackendUnavailable) else None
+        return error_response(status, str(exc), type_, code, request_id(request), headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
