@@ -75,7 +75,7 @@ class StepAudioEngine(Engine):
         self.llm = load_llm(settings.editx_dir, self.device, self.dtype, settings.trust_remote_code)
         self.sampling = SamplingConfig(top_k=self.llm.top_k, top_p=self.llm.top_p,
                                        max_new_tokens=settings.llm_max_new_tokens, slot_mask=settings.llm_slot_mask)
-        self.bundler = PromptBundler(self.tokenizer, self.decoder.frontend, cache, features_namespace(decoder_dir))
+        self.bundler = PromptBundler(self.tokenizer, self.decoder.frontend, cache, features_namespace(decoder_dir, cache.root))
         self.scheduler = BatchScheduler(lambda batch: generate_batch(self.llm, batch, self.sampling),
                                         settings.batch_window_ms / 1000.0, settings.max_batch_size)
         self._capabilities = tuple(EditCapability(t, opts) for t, opts in EDIT_TYPES.items())
@@ -128,7 +128,7 @@ class StepAudioEngine(Engine):
         bundle, _ = self.bundler.bundle(audio, digest, timer)
         chunks = split_text(target_text, self.settings.text_chunk_chars)
         with timer.stage("prompt_build"):
-            speaker = clone_speaker_id(prompt_text, audio.samples)
+            speaker = clone_speaker_id(prompt_text, audio.as_loaded())   # the raw [C, N] array, as upstream
             prompts = [clone_prompt_ids(self.llm.encode, speaker, prompt_text, bundle.tokens.audio_string, chunk)
                        for chunk in chunks]
         return self._generate("clone", prompts, bundle, seed, options, progress, timer, target_text)
