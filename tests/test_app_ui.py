@@ -233,7 +233,7 @@ def test_tiny_model_engine_round_trip(tmp_path):
 def test_ui_requires_key_puts_the_page_behind_a_login(tmp_path):
     import httpx
 
-    studio = start_studio(tmp_path, None, "--api-key", "k3y", "--ui-requires-key")
+    studio = start_studio(tmp_path, None, "--api-key", "k3y")  # the login is the default with a key
     try:
         from gradio_client.exceptions import AuthenticationError
 
