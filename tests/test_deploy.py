@@ -25,15 +25,18 @@ import sys
 import time
 from pathlib import Path
 
+import json
+
 import dockerfile
 import pytest
 import yaml
 from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
 
 from conftest import ROOT
-from core.settings import ENV_PREFIX, Settings, build_parser, load_settings
+from core.settings import ENV_PREFIX, FUNASR_SUBDIR, Settings, build_parser, load_settings
 
 BIN = Path(sys.executable).parent
+FUNASR_CONFIG = f"{FUNASR_SUBDIR}/config.yaml"
 SETTING_ENV_NAMES = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
 # Values the container sets on purpose (or that the app computes from the machine).
 CONTAINER_SPECIFIC = {"host", "cache_dir", "model_root", "ort_intra_op_threads", "engine"}
@@ -398,6 +401,8 @@ def test_hub_metadata_checks_sizes_checksums_and_unlisted_files(tmp_path):
 
 
 def test_cli_dry_run_check_only_and_offline_download(tmp_path, capsys, monkeypatch):
+    (tmp_path / "hashes.json").write_text("{}")  # the fake weights below are not upstream's
+    monkeypatch.setattr(dl, "HASHES_FILE", tmp_path / "hashes.json")
     root = tmp_path / "models"
     assert dl.main(["--dry-run", "--model-root", str(root)]) == 0
     out = capsys.readouterr().out
@@ -413,3 +418,46 @@ def test_cli_dry_run_check_only_and_offline_download(tmp_path, capsys, monkeypat
     monkeypatch.setenv("STUDIO_MODEL_ROOT", str(root))  # the studio's own setting is the default root
     assert dl.main(["--check-only"]) == 0
     assert "are complete" in capsys.readouterr().out
+
+
+def test_pins_manifest_and_upstream_hashes_catch_changed_files(tmp_path, capsys, monkeypatch):
+    shipped = json.loads(dl.HASHES_FILE.read_text())
+    assert re.fullmatch(r"[0-9a-f]{40}", shipped["stepfun-ai/Step-Audio-Tokenizer"]["commit"])
+    assert all(re.fullmatch(r"[0-9a-f]{64}", h) for repo in shipped.values() if isinstance(repo, dict)
+               for h in repo.get("sha256", {}).values())
+    tokenizer, editx = dl.default_repos()
+    assert tokenizer.commit == shipped["stepfun-ai/Step-Audio-Tokenizer"]["commit"]
+    assert dl.awq_repo().repo_id == "stepfun-ai/Step-Audio-EditX-AWQ-4bit"
+
+    # Upstream hashes of our own making for the fake files (the real ones are checked the same way).
+    _fill(tmp_path)   # the ONNX file has its published size (sparse)
+    onnx = tmp_path / "Step-Audio-Tokenizer" / "speech_tokenizer_v1.onnx"
+    onnx_sha = dl.sha256_file(onnx)
+    assert onnx_sha == hashlib.sha256(b"\0" * onnx.stat().st_size).hexdigest()
+    hashes = {"stepfun-ai/Step-Audio-Tokenizer": {"commit": "a" * 40, "sha256": {"speech_tokenizer_v1.onnx": onnx_sha}}}
+    (tmp_path / "hashes.json").write_text(json.dumps(hashes))
+    monkeypatch.setattr(dl, "HASHES_FILE", tmp_path / "hashes.json")
+    tokenizer = dl.default_repos()[0]
+    assert dl.verify_hashes(tmp_path, tokenizer) == ([], False)
+    assert dl.main(["--write-manifest", "--model-root", str(tmp_path)]) == 0
+    manifest = json.loads((tmp_path / "Step-Audio-Tokenizer" / dl.MANIFEST).read_text())
+    assert manifest["commit"] == "a" * 40
+    assert manifest["files"]["speech_tokenizer_v1.onnx"]["sha256"] == onnx_sha
+    assert dl.main(["--check-only", "--offline", "--model-root", str(tmp_path)]) == 0
+    capsys.readouterr()
+
+    config = tmp_path / "Step-Audio-Tokenizer" / FUNASR_CONFIG
+    config.write_bytes(config.read_bytes().replace(b"w", b"v"))   # same size, other bytes
+    with open(onnx, "r+b") as handle:   # one byte changed, size kept
+        handle.seek(1000)
+        handle.write(b"!")
+    (tmp_path / "Step-Audio-Tokenizer" / "extra.py").write_text("print('hi')")
+    problems, had_manifest = dl.verify_hashes(tmp_path, tokenizer)
+    assert had_manifest and {str(p) for p in problems} == {
+        f"Step-Audio-Tokenizer/{FUNASR_CONFIG}: changed since download (SHA-256 differs from the manifest)",
+        "Step-Audio-Tokenizer/extra.py: not in the manifest (added after download)",
+        "Step-Audio-Tokenizer/speech_tokenizer_v1.onnx: changed since download (SHA-256 differs from the manifest)",
+        f"Step-Audio-Tokenizer/speech_tokenizer_v1.onnx: SHA-256 {dl.sha256_file(onnx)[:16]}... differs from "
+        f"upstream's {onnx_sha[:16]}...",
+    }
+    assert dl.main(["--check-only", "--offline", "--model-root", str(tmp_path)]) == 1
