@@ -57,7 +57,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     STUDIO_HOST=0.0.0.0 \
     STUDIO_PORT=7860 \
     STUDIO_CACHE_DIR=/app/cache \
-    STUDIO_MODEL_ROOT=/app/models
+    STUDIO_MODEL_ROOT=/app/models \
+    STUDIO_ENGINE=step-audio
 USER 1000:1000
 EXPOSE 7860
 
@@ -66,5 +67,7 @@ EXPOSE 7860
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('STUDIO_PORT', '7860') + '/healthz', timeout=4)"]
 
-# engine auto: Step-Audio-EditX when /app/models is complete, else the CPU preview engine (logged).
-CMD ["python", "app.py", "--engine", "auto"]
+# STUDIO_ENGINE=step-audio (above): an incomplete /app/models stops the container with the missing
+# files named, instead of serving the CPU preview; /readyz is 503 whenever the engine serving is not
+# the configured one. Set STUDIO_ENGINE=preview (or auto) to run the image without the models.
+CMD ["python", "app.py"]

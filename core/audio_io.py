@@ -1,7 +1,9 @@
 """Audio in and out: decoding, channel mixing, resampling, encoding.
 
-Owns: the ``Audio`` value type (mono float32 samples + rate), turning whatever a user uploads
-into one, the resampler every stage uses, and encoding results for download or HTTP.
+Owns: the ``Audio`` value type (mono float32 samples + rate, plus the channels as decoded), turning
+whatever a user uploads into one -- within bounds read from the file's header *before* decoding, so
+a small compressed upload cannot expand into gigabytes of samples -- the resampler every stage uses,
+and encoding results for download or HTTP.
 Does not own: model-specific preprocessing (trim, normalisation), which lives with each model.
 
 Resampling reproduces the windowed-sinc resampler of torchaudio (``sinc_interp_hann``,
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Union
@@ -30,16 +32,28 @@ from core.errors import InputError
 
 OUTPUT_FORMATS = ("wav", "flac", "mp3", "opus", "pcm")
 _MAX_KERNEL_TAPS = 4_000_000  # standard rate pairs need < 300k (11025 -> 16000 is the largest)
+# Decoding bounds, checked against the header before any sample is decoded (and again while
+# reading, in case the header lies). 30 s of 192 kHz stereo is 11.5 M samples; a 46 KB FLAC of a
+# minute of 96 kHz 8-channel silence would be 46 M (184 MB of float32) and is refused.
+MAX_CHANNELS = 8
+MAX_SAMPLE_RATE = 384_000
+MAX_DECODED_SAMPLES = 2**24   # frames x channels; 16.8 M float32 values = 64 MiB
 _MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg", "opus": "audio/ogg",
                 "pcm": "audio/L16"}
 
 
 @dataclass(frozen=True)
 class Audio:
-    """Mono float32 samples in [-1, 1] at ``sample_rate`` Hz."""
+    """Mono float32 samples in [-1, 1] at ``sample_rate`` Hz.
+
+    ``channels`` keeps the decoded ``[C, N]`` array (channels first, as the reference loads a
+    file) when the source had more than one channel; the clone speaker id hashes it. It is None
+    for mono sources, where ``samples`` is the decoded array itself.
+    """
 
     samples: np.ndarray
     sample_rate: int
+    channels: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         samples = np.ascontiguousarray(self.samples, dtype=np.float32)
@@ -49,6 +63,16 @@ class Audio:
             raise ValueError(f"Audio.sample_rate must be positive, got {self.sample_rate}")
         samples.setflags(write=False)
         object.__setattr__(self, "samples", samples)
+        if self.channels is not None:
+            channels = np.ascontiguousarray(self.channels, dtype=np.float32)
+            if channels.ndim != 2 or channels.shape[1] != samples.shape[0]:
+                raise ValueError(f"Audio.channels must be [C, {samples.shape[0]}], got shape {channels.shape}")
+            channels.setflags(write=False)
+            object.__setattr__(self, "channels", channels)
+
+    def as_loaded(self) -> np.ndarray:
+        """The decoded ``[C, N]`` float32 array (``[1, N]`` for mono sources)."""
+        return self.channels if self.channels is not None else self.samples[None, :]
 
     @property
     def duration(self) -> float:
@@ -65,18 +89,19 @@ def load_audio(source: AudioSource, max_seconds: float | None = None, what: str 
         source: an :class:`Audio`, a file path, the bytes of an audio file (WAV, FLAC, OGG, MP3,
             any bit depth), or a ``(sample_rate, array)`` pair as Gradio gives it (int or float
             array, ``[N]`` or ``[N, channels]``).
-        max_seconds: reject longer clips.
+        max_seconds: reject longer clips (for files: from the header, before decoding).
         what: how error messages name the clip (e.g. "the prompt clip", "the audio to edit").
 
     Raises:
-        InputError: the data is not decodable audio, is empty, holds NaN/inf, or is too long.
+        InputError: the data is not decodable audio, is empty, holds NaN/inf, is too long, or
+            exceeds :data:`MAX_CHANNELS`, :data:`MAX_SAMPLE_RATE` or :data:`MAX_DECODED_SAMPLES`.
     """
     if isinstance(source, Audio):
         audio = source
     elif isinstance(source, tuple):
         audio = _from_array(*source)
     else:
-        audio = _decode_file(source)
+        audio = _decode_file(source, max_seconds, what)
     if len(audio.samples) == 0:
         raise InputError(f"{what} is empty (0 samples)")
     if not np.isfinite(audio.samples).all():
@@ -87,18 +112,50 @@ def load_audio(source: AudioSource, max_seconds: float | None = None, what: str 
     return audio
 
 
-def _decode_file(source: str | Path | bytes) -> Audio:
+def _decode_file(source: str | Path | bytes, max_seconds: float | None, what: str) -> Audio:
     name = "uploaded data" if isinstance(source, bytes) else Path(source).name
     handle = io.BytesIO(source) if isinstance(source, bytes) else str(source)
     if isinstance(source, (str, Path)) and not Path(source).is_file():
         raise InputError(f"audio file not found: {name}")
     try:
-        data, rate = sf.read(handle, dtype="float32", always_2d=True)
+        with sf.SoundFile(handle) as f:
+            limit = _frame_limit(f.frames, f.samplerate, f.channels, max_seconds, what)
+            # Never more than the limit (+1 to notice a header that under-reports its length).
+            data = f.read(frames=limit + 1, dtype="float32", always_2d=True)
+            rate = f.samplerate
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         # libsndfile's own message names the Python file object; its error string alone is the reason.
         reason = getattr(exc, "error_string", None) or str(exc)
         raise InputError(f"could not decode {name} as audio ({reason.rstrip('.')}); use WAV, FLAC, OGG or MP3") from None
-    return Audio(data.mean(axis=1), int(rate))
+    if len(data) > limit:
+        _frame_limit(len(data), rate, data.shape[1], max_seconds, what)  # raises with the real length
+    return _from_channels(data, int(rate))
+
+
+def _frame_limit(frames: int, rate: int, channels: int, max_seconds: float | None, what: str) -> int:
+    """The most frames a clip with this header may decode to; InputError naming the limit when
+    ``frames`` (from the header) already exceeds it."""
+    if not 0 < channels <= MAX_CHANNELS:
+        raise InputError(f"{what} has {channels} channels; at most {MAX_CHANNELS} are accepted")
+    if not 0 < rate <= MAX_SAMPLE_RATE:
+        raise InputError(f"{what} has a sample rate of {rate} Hz; at most {MAX_SAMPLE_RATE} Hz is accepted")
+    if max_seconds is not None and frames / rate > max_seconds:
+        raise InputError(f"{what} is {frames / rate:.1f} s long; the limit is {max_seconds:g} s "
+                         "(setting max_prompt_seconds)")
+    if frames * channels > MAX_DECODED_SAMPLES:
+        raise InputError(f"{what} would decode to {frames * channels:,} samples ({frames:,} frames x {channels} "
+                         f"channels at {rate} Hz); the limit is {MAX_DECODED_SAMPLES:,}")
+    limit = MAX_DECODED_SAMPLES // channels
+    if max_seconds is not None:
+        limit = min(limit, math.floor(max_seconds * rate) + 1)
+    return limit
+
+
+def _from_channels(data: np.ndarray, rate: int) -> Audio:
+    """``[N, C]`` float32 as decoded -> Audio (mono mix, and the channels when there are several)."""
+    if data.shape[1] == 1:
+        return Audio(data[:, 0], rate)
+    return Audio(data.mean(axis=1), rate, channels=data.T)
 
 
 def _from_array(sample_rate: int, array: np.ndarray) -> Audio:
@@ -111,10 +168,10 @@ def _from_array(sample_rate: int, array: np.ndarray) -> Audio:
     if array.ndim == 2:
         # Gradio gives [N, channels]; accept [channels, N] too when it is clearly that.
         array = array.T if array.shape[0] < array.shape[1] and array.shape[0] <= 8 else array
-        array = array.mean(axis=1) if np.issubdtype(array.dtype, np.floating) else array
-    if array.ndim == 2:  # integer multi-channel: scale first, then mix
-        array = _int_to_float(array).mean(axis=1)
-    elif array.ndim != 1:
+        if array.shape[1] > MAX_CHANNELS:
+            raise InputError(f"the audio clip has {array.shape[1]} channels; at most {MAX_CHANNELS} are accepted")
+        return _from_channels(_int_to_float(array), int(rate))  # integers: scale first, then mix
+    if array.ndim != 1:
         raise InputError(f"audio array must be 1-D or 2-D, got shape {array.shape}")
     return Audio(_int_to_float(array), int(rate))
 

@@ -45,6 +45,21 @@ def configure_tf32(enabled: bool) -> None:
     log.debug("TF32 %s (matmul and cuDNN)", "enabled" if enabled else "disabled")
 
 
+def numerics_class(device: str | torch.device, tf32: bool) -> str:
+    """The arithmetic a device computes prompt tokens with: ``cpu-fp32``, ``cuda-fp32`` or ``cuda-tf32``.
+
+    Goes into the tokens' cache namespace: TF32 rounds matmul inputs to a 10-bit mantissa (about
+    1e-3 relative), enough to move Paraformer encoder frames across a near-tie between two
+    codebook centroids (the golden fixture's smallest vq02 margin is 0.0089) and to change vq06
+    codes from ONNX Runtime's CUDA provider, so tokens computed under one class are not served
+    to another.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "cpu-fp32"
+    return f"{device.type}-{'tf32' if tf32 else 'fp32'}"
+
+
 def check_allocation(device: str | torch.device) -> tuple[bool, str]:
     """(ok, reason): whether a small allocation and a synchronize work on ``device``.
 

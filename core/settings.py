@@ -41,7 +41,9 @@ class Settings:
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind (the Docker image uses 0.0.0.0)"})
     port: int = field(default=7860, metadata={"help": "HTTP port for the UI and the API"})
     api_key: str = field(default="", metadata={"help": "when set, /v1 requires 'Authorization: Bearer <key>'"})
-    ui_requires_key: bool = field(default=False, metadata={"help": "also protect the Gradio UI's API with api_key"})
+    ui_requires_key: bool = field(default=True, metadata={"help": "with api_key set, the page and its named API need it too (a login; any user name, the key as password); --no-ui-requires-key opens them"})
+    cors_origins: str = field(default="", metadata={"help": "comma-separated browser origins (e.g. https://app.example) allowed to call /v1 from other sites (CORS); empty: none, and cross-origin browser requests that change state are refused"})
+    bundle_key: str = field(default="", metadata={"help": "secret (16+ characters) that signs exported voice bundles (HMAC-SHA256); an import uses a bundle's cache entries only when its signature verifies with this key, else recomputes them"})
     concurrency_limit: int = field(default=2, metadata={"help": "Gradio jobs that may run at once on the engine"})
     queue_size: int = field(default=32, metadata={"help": "Gradio queue length before requests are refused"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
@@ -126,8 +128,18 @@ class Settings:
             raise ValueError(f"llm_retry_after_s must be at least 1, not {self.llm_retry_after_s!r}")
         if not 0 < self.llm_gpu_memory_utilization <= 1:
             raise ValueError(f"llm_gpu_memory_utilization must be in (0, 1], not {self.llm_gpu_memory_utilization!r}")
+        if self.bundle_key and len(self.bundle_key) < 16:
+            raise ValueError("bundle_key must be at least 16 characters (or empty: bundles are then unsigned)")
+        for origin in self.cors_origin_list:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ValueError(f"cors_origins entries must be http(s)://host[:port] origins or *, not {origin!r}")
         if not 0 < self.max_prompt_seconds < float("inf"):  # also refuses NaN
             raise ValueError(f"max_prompt_seconds must be a positive number of seconds, not {self.max_prompt_seconds!r}")
+
+    @property
+    def cors_origin_list(self) -> tuple[str, ...]:
+        """``cors_origins`` split at commas, without trailing slashes."""
+        return tuple(o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip())
 
     @property
     def tokenizer_dir(self) -> Path:

@@ -1,8 +1,9 @@
 """The engine contract: what the studio asks of an engine, and the value types that cross it.
 
-Owns: the ``Engine`` interface (clone, edit, prompt preparation, capabilities, readiness), the frozen
-value types (``Result``, ``CloneOptions``, ``EngineInfo``, ``EditCapability``, ``PromptReport``) and
-the request validation every engine shares.
+Owns: the ``Engine`` interface (clone, edit, prompt preparation, capabilities, readiness, and
+copying a clip's prompt-cache entries out of and into the cache for voice bundles), the frozen
+value types (``Result``, ``CloneOptions``, ``EngineInfo``, ``EditCapability``, ``PromptReport``,
+``PromptEntry``, ``PromptImport``) and the request validation every engine shares.
 Does not own: any engine (``engine/step_audio.py``, ``preview/``), nor choosing one
 (``engine/select.py``).
 """
@@ -10,15 +11,19 @@ Does not own: any engine (``engine/step_audio.py``, ``preview/``), nor choosing 
 from __future__ import annotations
 
 import abc
+import logging
 import secrets
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
+
+import numpy as np
 
 from core.audio_io import Audio, AudioSource
 from core.edit_options import EDIT_TYPES
 from core.errors import InputError
 from core.timings import StageTimings
 
+log = logging.getLogger(__name__)
 # progress(fraction in [0, 1], description)
 ProgressFn = Callable[[float, str], None]
 
@@ -87,6 +92,27 @@ class PromptReport:
     namespaces: Mapping[str, str] = field(default_factory=dict)  # kind -> cache namespace
 
 
+@dataclass(frozen=True)
+class PromptEntry:
+    """One prompt-cache entry of a clip, as a voice bundle carries it."""
+
+    kind: str
+    namespace: str
+    digest: str
+    payload: Mapping
+    arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
+    cost_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class PromptImport:
+    """What :meth:`Engine.import_prompt` did: the preparation report and the kinds it stored."""
+
+    report: PromptReport
+    imported: frozenset[str]                   # kinds taken from the bundle into the cache
+    added: tuple[tuple[str, str, str], ...] = ()   # (kind, namespace, digest) it stored
+
+
 class Engine(abc.ABC):
     """A voice-cloning engine. Implementations must be thread-safe."""
 
@@ -129,6 +155,74 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def cache(self):
         """The engine's :class:`funasr_cache.PromptCache`."""
+
+    def export_prompt(self, prompt_audio: AudioSource) -> tuple[PromptEntry, ...]:
+        """The clip's prompt-cache entries, for a voice bundle. Entries that were evicted are
+        computed again; reading them counts as no cache hit and no seconds saved.
+
+        Raises:
+            InputError / ModelError: as :meth:`prepare_prompt`.
+        """
+        with self.cache.uncounted():
+            report = self.prepare_prompt(prompt_audio)
+            entries = []
+            for kind, namespace in sorted(report.namespaces.items()):
+                entry = self.cache.get(kind, namespace, report.digest)
+                if entry is None:
+                    log.warning("cache entry %s/%s vanished before export", kind, namespace)
+                    continue
+                entries.append(PromptEntry(kind, namespace, report.digest, dict(entry.payload),
+                                           dict(entry.arrays), float(entry.cost_s)))
+        return tuple(entries)
+
+    def import_prompt(self, prompt_audio: AudioSource, entries: tuple[PromptEntry, ...] = ()) -> PromptImport:
+        """Prepare a clip, first storing those of ``entries`` (from a *verified* bundle) that
+        match this engine's namespaces and the clip's digest and are not cached yet.
+
+        An import never replaces an existing entry, and stores ``cost_s = 0`` (seconds the
+        bundle claims were not saved here). If preparation fails, the entries it stored are
+        removed again before the error propagates.
+
+        Raises:
+            InputError / ModelError: as :meth:`prepare_prompt`.
+        """
+        from core.audio_io import load_audio
+        from core.errors import CacheError
+        from prompt_cache.funasr_cache import audio_digest
+
+        wanted = dict(self.prompt_namespaces())
+        added, imported = [], set()
+        if entries:
+            audio = load_audio(prompt_audio)
+            digest = audio_digest(audio.samples, audio.sample_rate)
+            prompt_audio = audio
+            for entry in entries:
+                if entry.digest != digest or wanted.get(entry.kind) != entry.namespace:
+                    log.info("bundle entry %s/%s does not match this engine or clip; it is recomputed",
+                             entry.kind, entry.namespace)
+                    continue
+                try:
+                    stored = self.cache.add(entry.kind, entry.namespace, digest, dict(entry.payload), 0.0,
+                                            dict(entry.arrays))
+                except CacheError as exc:   # e.g. an array the cache cannot store
+                    log.info("bundle entry %s/%s refused by the cache (%s); it is recomputed", entry.kind,
+                             entry.namespace, exc)
+                    continue
+                if stored:
+                    added.append((entry.kind, entry.namespace, digest))
+                    imported.add(entry.kind)
+        try:
+            report = self.prepare_prompt(prompt_audio)
+        except BaseException:
+            for kind, namespace, digest in added:
+                self.cache.discard(kind, namespace, digest)
+            raise
+        return PromptImport(report, frozenset(imported), tuple(added))
+
+    def undo_prompt_import(self, done: PromptImport) -> None:
+        """Remove the entries an import stored (when what followed it failed)."""
+        for kind, namespace, digest in done.added:
+            self.cache.discard(kind, namespace, digest)
 
     def ready(self) -> tuple[bool, str]:
         """(ready, reason) for /readyz; engines override to check their device."""

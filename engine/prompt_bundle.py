@@ -8,8 +8,8 @@ that work.
 Does not own: the models (``tokenizer.py``, ``decoder/``), cache mechanics (``funasr_cache``).
 
 Cache namespaces: tokens use the tokenizer's namespace; prompt features use
-``CosyVoice-300M-25Hz-frontend@<fingerprint of cosyvoice.yaml + campplus.onnx>/v<FEATURES_VERSION>``,
-so editing ``mel_conf`` or swapping CAM++ invalidates them.
+``CosyVoice-300M-25Hz-frontend@<fingerprint of cosyvoice.yaml + campplus.onnx>/v<FEATURES_VERSION>``
+(the fingerprint is over file contents), so editing ``mel_conf`` or swapping CAM++ invalidates them.
 """
 
 from __future__ import annotations
@@ -52,10 +52,14 @@ class PromptBundle:
             raise ValueError("PromptBundle.tokens has no whole token group")
 
 
-def features_namespace(decoder_folder: Path) -> str:
-    """Cache namespace of the prompt features computed from ``decoder_folder``'s frontend files."""
+def features_namespace(decoder_folder: Path, memo_dir: Path | None = None) -> str:
+    """Cache namespace of the prompt features computed from ``decoder_folder``'s frontend files
+    (content-keyed; ``memo_dir`` is the cache folder holding the file-hash memo). No numerics
+    class: the features are continuous values that no decision is taken on, so TF32's rounding
+    moves them by far less than the flow decoder's own noise."""
     files = [Path(decoder_folder) / "cosyvoice.yaml", Path(decoder_folder) / "campplus.onnx"]
-    return make_namespace(f"{Path(decoder_folder).name}-frontend", fingerprint_files(files), FEATURES_VERSION)
+    return make_namespace(f"{Path(decoder_folder).name}-frontend", fingerprint_files(files, memo_dir),
+                          FEATURES_VERSION)
 
 
 class PromptBundler:

@@ -76,7 +76,7 @@ class StepAudioEngine(Engine):
                                              OnnxOptions.from_settings(settings, use_cuda=self.device.type == "cuda"),
                                              n_steps=settings.flow_steps)
         self.llm_backend = _create_llm_backend(settings, self.device, self.dtype)
-        self.bundler = PromptBundler(self.tokenizer, self.decoder.frontend, cache, features_namespace(decoder_dir))
+        self.bundler = PromptBundler(self.tokenizer, self.decoder.frontend, cache, features_namespace(decoder_dir, cache.root))
         self._capabilities = tuple(EditCapability(t, opts) for t, opts in EDIT_TYPES.items())
         log.info("Step-Audio-EditX engine ready in %.1f s on %s (%s); LLM: %s",
                  time.perf_counter() - started, self.device, str(self.dtype).replace("torch.", ""),
@@ -130,7 +130,7 @@ class StepAudioEngine(Engine):
         bundle, _ = self.bundler.bundle(audio, digest, timer)
         chunks = split_text(target_text, self.settings.text_chunk_chars)
         with timer.stage("prompt_build"):
-            speaker = clone_speaker_id(prompt_text, audio.samples)
+            speaker = clone_speaker_id(prompt_text, audio.as_loaded())   # the raw [C, N] array, as upstream
             prompts = [clone_prompt_ids(self.llm_backend.encode, speaker, prompt_text, bundle.tokens.audio_string, chunk)
                        for chunk in chunks]
         return self._generate("clone", prompts, bundle, seed, options, progress, timer, target_text)

@@ -5,7 +5,8 @@ on disk and in RAM under the key ``kind`` + ``namespace`` + ``digest``; the key 
 (:func:`audio_digest`, :func:`fingerprint_files`, :func:`make_namespace`); the RAM layer; one
 computation per key in flight (``get_or_compute``); the folder lock (``<root>/.lock``) and the order
 of steps that makes reads, writes, eviction and ``clear()`` safe between processes; when counters
-are flushed; memory-only mode on disk faults; every log message of the cache; ``check()``.
+are flushed; memory-only mode on disk faults; every log message of the cache; ``check()``; the
+memo of model-file SHA-256 digests (``<root>/file_hashes.json``) behind :func:`fingerprint_files`.
 Does not own: the file format, atomic writes and folder scans (``cache_files``); the index, its
 journal and LRU eviction (``cache_index``); counters and ``stats.json`` (``cache_stats``); what a
 namespace means (callers pass model identity + preprocessing version), what a payload holds, which
@@ -24,12 +25,16 @@ models exist. ``docs/cache.md`` is the long-form contract; in short:
       switches to memory-only caching with one WARNING and retries the disk after a minute; a lock
       busy for 10 s skips the disk write. The cache never raises for I/O trouble; malformed kinds,
       digests or payloads raise :class:`errors.CacheError` (a caller bug).
+    * ``stats(flush=False)`` (the /metrics scrape) takes no lock and writes nothing. Lookups made
+      inside ``uncounted()`` (e.g. a voice export) change no hit/miss/saved-seconds counter.
+      ``add()`` never replaces an existing entry (imports use it); ``discard()`` removes one.
 """
 
 from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -82,22 +87,86 @@ def audio_digest(samples: np.ndarray, sample_rate: int) -> str:
     return h.hexdigest()
 
 
-def fingerprint_files(paths: Iterable[Path | str]) -> str:
-    """16 hex from each file's name, size and mtime (ns); reads no contents. A missing file
-    counts as "missing", so creating it later changes the fingerprint."""
-    h = hashlib.blake2b(digest_size=8)
+HASH_MEMO = "file_hashes.json"
+_HASH_MEMO_MAX = 512       # memo records kept (a model folder has a few dozen files)
+_HASH_CHUNK = 8 * 1024 * 1024
+_memo_lock = threading.Lock()
+
+
+def fingerprint_files(paths: Iterable[Path | str], memo_dir: Path | str | None = None) -> str:
+    """16 hex identifying the *contents* of ``paths``: SHA-256 over each file's name and SHA-256.
+
+    Two copies of one model (other hosts, other mtimes) share a fingerprint; a fine-tune with the
+    same size and a preserved mtime does not. Hashing a model file reads all of it, so each digest
+    is memoised in ``memo_dir/file_hashes.json`` under the file's (st_dev, st_ino, size,
+    mtime_ns, ctime_ns). The ctime is there because an in-place rewrite keeps the inode and can
+    restore the mtime (``touch -r``, ``cp -p``), but always sets the ctime, which no user can set
+    back. A missing file counts as "missing", so creating it later changes the fingerprint.
+
+    Parameters:
+        paths: the files that determine a cached value (order does not matter).
+        memo_dir: the cache folder, or None to hash without a memo.
+    """
+    memo_path = Path(memo_dir) / HASH_MEMO if memo_dir is not None else None
+    memo = _read_memo(memo_path)
+    changed = False
+    h = hashlib.sha256()
     for p in sorted(Path(x) for x in paths):
         try:
             st = p.stat()
-            h.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         except FileNotFoundError:
             h.update(f"{p.name}|missing\n".encode())
-    return h.hexdigest()
+            continue
+        key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+        digest = memo.get(key)
+        if not (isinstance(digest, str) and len(digest) == 64):
+            started = time.perf_counter()
+            digest = _sha256_file(p)
+            log.info("hashed %s (%d bytes) in %.1f s for the cache namespace", p, st.st_size,
+                     time.perf_counter() - started)
+            memo[key], changed = digest, True
+        h.update(f"{p.name}|{digest}\n".encode())
+    if changed and memo_path is not None:
+        _write_memo(memo_path, memo)
+    return h.hexdigest()[:16]
 
 
-def make_namespace(model: str, fingerprint: str, version: int | str) -> str:
-    """``model@fingerprint/vversion``: everything besides the clip that determines a value."""
-    return f"{model}@{fingerprint}/v{version}"
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_HASH_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_memo(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        doc = json.loads(path.read_bytes())
+        files = doc.get("files") if isinstance(doc, dict) else None
+        return dict(files) if isinstance(files, dict) else {}
+    except (OSError, ValueError):
+        return {}  # missing or damaged: hash again
+
+
+def _write_memo(path: Path, memo: dict) -> None:
+    # Merge with what another process may have written meanwhile; newest records win, oldest go.
+    with _memo_lock:
+        merged = {**_read_memo(path), **memo}
+        kept = dict(list(merged.items())[-_HASH_MEMO_MAX:])
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, dump_json({"format": FORMAT, "files": kept}), fsync=False)
+        except OSError as exc:  # read-only cache folder: the next start hashes again
+            log.warning("prompt cache: cannot write %s (%s); model files are hashed again next start", path, exc)
+
+
+def make_namespace(model: str, fingerprint: str, version: int | str, numerics: str = "") -> str:
+    """``model@fingerprint/vversion`` (``.../vversion/numerics`` when given): everything besides
+    the clip that determines a value. ``numerics`` names the arithmetic (e.g. ``cpu-fp32``,
+    ``cuda-tf32``) where it can change a discrete result."""
+    return f"{model}@{fingerprint}/v{version}" + (f"/{numerics}" if numerics else "")
 
 
 Compute = Callable[[], "tuple[Mapping, Mapping[str, np.ndarray] | None]"]
@@ -112,6 +181,10 @@ class _Flight:
 
 class _Lost(Exception):
     """A concurrent clear() removed the folder an entry was being published into."""
+
+
+class _Exists(Exception):
+    """``add()`` found an entry already committed under the key."""
 
 
 class PromptCache:
@@ -141,6 +214,7 @@ class PromptCache:
         self._counts = Counters()
         self._warned: set = set()
         self._degraded, self._retry_at = "", 0.0
+        self._quiet = threading.local()  # .active: lookups in this thread are not counted
         self._open()
         atexit.register(_flush_at_exit, weakref.ref(self))
 
@@ -159,10 +233,69 @@ class PromptCache:
         """
         folder = self._folder(kind, namespace, digest)
         entry = self._lookup(kind, namespace, digest, folder)
+        if getattr(self._quiet, "active", False):
+            return entry
         self._counts.add_lookup(kind, entry.cost_s if entry else None)
         if time.monotonic() - self._counts.last_flush > _FLUSH_EVERY_S:
             self._try_flush(timeout=0)
         return entry
+
+    @contextmanager
+    def uncounted(self) -> Iterator[None]:
+        """Lookups made by this thread inside the block count as neither hits nor misses (nor
+        seconds saved): for reading entries to copy them, e.g. a voice export."""
+        before = getattr(self._quiet, "active", False)
+        self._quiet.active = True
+        try:
+            yield
+        finally:
+            self._quiet.active = before
+
+    def add(self, kind: str, namespace: str, digest: str, payload: Mapping, cost_s: float,
+            arrays: Mapping[str, np.ndarray] | None = None) -> bool:
+        """Store an entry only if none exists under the key (checked under the folder lock); True
+        when it was stored. Counts a put, never a hit or miss.
+
+        Raises:
+            CacheError: as :meth:`put`.
+        """
+        folder = self._folder(kind, namespace, digest)
+        if self._lookup(kind, namespace, digest, folder) is not None:
+            return False
+        entry, text, blob, sidecar = encode_entry(kind, namespace, digest, payload, cost_s, arrays)
+        fits = len(text) + len(blob) <= self.max_bytes
+        try:
+            on_disk = fits and self._disk_ok() and self._publish(folder, entry, text, blob, sidecar, exclusive=True)
+        except _Exists:
+            return False
+        self._counts.add(kind, "puts")
+        self._remember(entry, on_disk)
+        return True
+
+    def discard(self, kind: str, namespace: str, digest: str) -> None:
+        """Remove one entry (RAM and disk) if it exists; I/O trouble is logged, never raised.
+
+        Raises:
+            CacheError: malformed key.
+        """
+        folder = self._folder(kind, namespace, digest)
+        with self._mlock:
+            self._mem.pop((kind, namespace, digest), None)
+        if self._flock is None:
+            return
+        path = entry_path(self.root, folder, digest)
+        try:
+            with self._locked():
+                self._ix.sync_locked()
+                meta = self._ix.entries.get((folder, digest))
+                side = named_sidecar(path) or (meta.sidecar if meta else None)
+                unlink_quiet(path)
+                if side:
+                    unlink_quiet(os.path.join(os.path.dirname(path), side))
+                if meta is not None:
+                    self._ix.remove_locked((folder, digest))
+        except (OSError, Timeout) as exc:
+            log.warning("prompt cache: could not remove %s (%s)", path, exc)
 
     def put(self, kind: str, namespace: str, digest: str, payload: Mapping, cost_s: float,
             arrays: Mapping[str, np.ndarray] | None = None) -> CacheEntry:
@@ -226,11 +359,19 @@ class PromptCache:
                 self._flights.pop(mkey, None)
             flight.done.set()
 
-    def stats(self) -> dict:
-        """JSON-able counters since the last ``clear()`` (all processes), plus current sizes."""
-        if self._disk_ok():
-            self._try_flush(timeout=_LOCK_TIMEOUT_S)
-        totals, per_kind = self._counts.summary(list(self._ix.entries.items()))
+    def stats(self, flush: bool = True) -> dict:
+        """JSON-able counters since the last ``clear()`` (all processes), plus current sizes.
+
+        ``flush=False`` (for frequent scrapes) takes no lock and writes nothing: it reads
+        ``stats.json`` as other processes last wrote it and adds this process's unflushed counts.
+        """
+        if not flush:
+            shared = load_stats(self.root / "stats.json") if self._flock is not None else None
+            totals, per_kind = self._counts.summary(list(self._ix.entries.items()), shared)
+        else:
+            if self._disk_ok():
+                self._try_flush(timeout=_LOCK_TIMEOUT_S)
+            totals, per_kind = self._counts.summary(list(self._ix.entries.items()))
         with self._mlock:
             mem = len(self._mem)
         return {**totals, "entries": len(self._ix), "bytes": self._ix.nbytes, "max_entries": self.max_entries,
@@ -385,11 +526,13 @@ class PromptCache:
 
     # ------------------------------------------------------------------ writing
 
-    def _publish(self, folder: str, entry: CacheEntry, text: bytes, blob: bytes, sidecar: str | None) -> bool:
-        """Write the entry's files and commit it; False when it stays in RAM only."""
+    def _publish(self, folder: str, entry: CacheEntry, text: bytes, blob: bytes, sidecar: str | None,
+                 exclusive: bool = False) -> bool:
+        """Write the entry's files and commit it; False when it stays in RAM only. With
+        ``exclusive``, raises :class:`_Exists` when an entry is already committed."""
         for _ in range(2):
             try:
-                return self._publish_once(folder, entry, text, blob, sidecar)
+                return self._publish_once(folder, entry, text, blob, sidecar, exclusive)
             except _Lost:
                 self._made.discard(folder)  # a concurrent clear() removed the folder: make it again
                 continue
@@ -401,7 +544,8 @@ class PromptCache:
             return False
         return False
 
-    def _publish_once(self, folder: str, entry: CacheEntry, text: bytes, blob: bytes, sidecar: str | None) -> bool:
+    def _publish_once(self, folder: str, entry: CacheEntry, text: bytes, blob: bytes, sidecar: str | None,
+                      exclusive: bool = False) -> bool:
         shard = os.path.join(self.root, folder, entry.digest[:2])
         path, key = os.path.join(shard, entry.digest + ".json"), (folder, entry.digest)
         tmp = side_path = None
@@ -419,6 +563,8 @@ class PromptCache:
                 self._ix.sync_locked()
                 if side_path and not os.path.exists(side_path):
                     raise _Lost
+                if exclusive and os.path.exists(path):
+                    raise _Exists
                 old_side = named_sidecar(path)
                 now = time.time_ns()
                 os.utime(tmp, ns=(now, now))
@@ -524,7 +670,7 @@ class PromptCache:
             log.warning(msg, *args)
 
     def _audit_locked(self) -> list[str]:
-        problems, seen = audit_files(self.root, known=(".lock", "journal", "stats.json"))
+        problems, seen = audit_files(self.root, known=(".lock", "journal", "stats.json", HASH_MEMO))
         for key in seen ^ set(self._ix.entries):
             problems.append(f"index and disk disagree on {key[0]}/{key[1]}")
         if len(self._ix) > self.max_entries or self._ix.nbytes > self.max_bytes:

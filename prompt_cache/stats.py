@@ -102,14 +102,17 @@ class Counters:
                     self._delta[k] += v
             raise
 
-    def summary(self, entries: Iterable[tuple[Key, EntryMeta]]) -> tuple[dict, dict]:
+    def summary(self, entries: Iterable[tuple[Key, EntryMeta]], shared: dict | None = None) -> tuple[dict, dict]:
         """(totals over all kinds with ``hit_rate``, per-kind rows with ``entries`` and ``bytes``).
 
         Parameters:
             entries: the index's (key, meta) pairs, for the per-kind sizes.
+            shared: a fresher ``stats.json`` document read without the lock; used instead of
+                ``persisted`` when it is of the same epoch (it already holds our flushed counts).
         """
         with self._lock:
-            per_kind = {k: dict(v) for k, v in self.persisted["per_kind"].items()}
+            base = shared if shared is not None and shared.get("epoch") == self.persisted["epoch"] else self.persisted
+            per_kind = {k: dict(v) for k, v in base["per_kind"].items() if isinstance(v, dict)}
             for (kind, name), amount in self._delta.items():
                 per_kind.setdefault(kind, {})[name] = per_kind.get(kind, {}).get(name, 0) + amount
         for key, meta in entries:

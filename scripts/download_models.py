@@ -1,9 +1,18 @@
 """Download the Step-Audio-EditX model folders into the model root, and check them.
 
-Owns: fetching ``stepfun-ai/Step-Audio-Tokenizer`` and ``stepfun-ai/Step-Audio-EditX`` (Hugging Face
-``snapshot_download``, or the ModelScope equivalent) into ``<model_root>/<name>/``, and the integrity
-check of what is on disk: every file the engine needs is present and non-empty, sizes known in advance
-match, every file the hub lists has the hub's size, and the key weight files have the hub's SHA-256.
+Owns: fetching ``stepfun-ai/Step-Audio-Tokenizer`` and ``stepfun-ai/Step-Audio-EditX`` (and, with
+``--awq``, ``stepfun-ai/Step-Audio-EditX-AWQ-4bit`` for the vLLM backend) at a pinned commit (Hugging
+Face ``snapshot_download``, or the ModelScope equivalent) into ``<model_root>/<name>/``, and the
+integrity check of what is on disk: every file the engine needs is present and non-empty, sizes known
+in advance match, every file matches the SHA-256 manifest written at download time
+(``<folder>/.studio-manifest.json``: commit + size + SHA-256 of every file), and files whose hashes
+upstream publishes match those (``scripts/model_hashes.json``, shipped with this repository). The
+hub's own listing (sizes, LFS checksums) is an extra completeness check, never the trust anchor.
+
+Pins: a full commit per repository from ``model_hashes.json``; where none is publicly known (null),
+the first download resolves the branch to a commit once, downloads exactly that commit and records it
+in the manifest, and later runs (resumes) stay on it. ``--revision`` overrides (``REPO=COMMIT`` for
+one repository, or a bare value for all).
 Does not own: which files the engine needs (``tts_engine.REQUIRED_*``), where the model root is
 (``settings.py``: ``--model-root`` / ``STUDIO_MODEL_ROOT``), or loading the models.
 
@@ -12,6 +21,8 @@ Usage::
     python scripts/download_models.py                  # download (resumes) + check
     python scripts/download_models.py --check-only     # check what is on disk (+ hub sizes when online)
     python scripts/download_models.py --dry-run        # say what would happen; no network, no writes
+    python scripts/download_models.py --awq            # also the AWQ 4-bit LLM (vLLM backend)
+    python scripts/download_models.py --write-manifest # trust what is on disk now (folders from before)
     docker compose --profile tools run --rm download   # the same inside the image
 
 Exit status: 0 all good; 1 the check found problems (each printed); 2 could not run (offline mode,
@@ -22,9 +33,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -36,6 +49,10 @@ from core.settings import EDITX_DIRNAME, FUNASR_SUBDIR, TOKENIZER_DIRNAME, load_
 log = logging.getLogger("download_models")
 
 _CHUNK = 8 * 1024 * 1024
+MANIFEST = ".studio-manifest.json"
+AWQ_REPO, AWQ_DIRNAME = "stepfun-ai/Step-Audio-EditX-AWQ-4bit", "Step-Audio-EditX-AWQ-4bit"
+HASHES_FILE = Path(__file__).resolve().parent / "model_hashes.json"
+_SKIP_DIRS = (".cache",)   # huggingface_hub's download bookkeeping inside local_dir
 
 
 @dataclass(frozen=True)
@@ -46,6 +63,19 @@ class ModelRepo:
     dirname: str                                  # folder under model_root
     key_files: tuple[str, ...]                    # relative paths the engine needs; "a|b" = either
     known_sizes: Mapping[str, int] = field(default_factory=dict)  # bytes, when known without the hub
+    commit: str | None = None                     # pinned commit (None: pinned at first download)
+    upstream_sha256: Mapping[str, str] = field(default_factory=dict)  # path -> hex, published upstream
+
+
+def upstream_facts(repo_id: str) -> tuple[str | None, dict[str, str]]:
+    """(pinned commit or None, {path: sha256}) for ``repo_id`` from ``model_hashes.json``."""
+    entry = json.loads(HASHES_FILE.read_text()).get(repo_id) or {}
+    return entry.get("commit"), dict(entry.get("sha256") or {})
+
+
+def awq_repo() -> ModelRepo:
+    commit, hashes = upstream_facts(AWQ_REPO)
+    return ModelRepo(AWQ_REPO, AWQ_DIRNAME, ("config.json",), commit=commit, upstream_sha256=hashes)
 
 
 def default_repos() -> tuple[ModelRepo, ...]:
@@ -56,14 +86,17 @@ def default_repos() -> tuple[ModelRepo, ...]:
     def under(folder: str, names: Iterable[str]) -> tuple[str, ...]:
         return tuple("|".join(f"{folder}/{option}" for option in name.split("|")) for name in names)
 
+    tok_commit, tok_hashes = upstream_facts("stepfun-ai/Step-Audio-Tokenizer")
+    editx_commit, editx_hashes = upstream_facts("stepfun-ai/Step-Audio-EditX")
     tokenizer = ModelRepo(
         "stepfun-ai/Step-Audio-Tokenizer", TOKENIZER_DIRNAME,
         tuple(REQUIRED_TOKENIZER_FILES) + under(FUNASR_SUBDIR, REQUIRED_FUNASR_FILES),
         # Size of the S3 tokenizer as published (docs/reference: pipeline.md section 2.1).
-        {"speech_tokenizer_v1.onnx": 522_625_011})
+        {"speech_tokenizer_v1.onnx": 522_625_011}, commit=tok_commit, upstream_sha256=tok_hashes)
     editx = ModelRepo(
         "stepfun-ai/Step-Audio-EditX", EDITX_DIRNAME,
-        tuple(REQUIRED_EDITX_FILES) + under(DECODER_SUBDIR, REQUIRED_DECODER_FILES))
+        tuple(REQUIRED_EDITX_FILES) + under(DECODER_SUBDIR, REQUIRED_DECODER_FILES),
+        commit=editx_commit, upstream_sha256=editx_hashes)
     return tokenizer, editx
 
 
@@ -176,6 +209,102 @@ def check_folder(model_root: Path, repo: ModelRepo, remote: Mapping[str, RemoteF
     return problems
 
 
+# ------------------------------------------------------------------------------------------ manifest
+
+def local_files(folder: Path) -> list[str]:
+    """Every file under ``folder`` ("/"-separated, sorted), without the manifest and hub bookkeeping."""
+    out = []
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder)
+        if path.is_file() and rel.as_posix() != MANIFEST and rel.parts[0] not in _SKIP_DIRS:
+            out.append(rel.as_posix())
+    return sorted(out)
+
+
+def read_manifest(folder: Path) -> dict | None:
+    try:
+        doc = json.loads((folder / MANIFEST).read_text())
+        return doc if isinstance(doc, dict) and isinstance(doc.get("files"), dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def write_manifest(folder: Path, repo: ModelRepo, commit: str | None) -> dict:
+    """Record the SHA-256 and size of every file in ``folder`` (and the commit) in its manifest."""
+    files = {}
+    for rel in local_files(folder):
+        files[rel] = {"size": (folder / rel).stat().st_size, "sha256": sha256_file(folder / rel)}
+    doc = {"repo_id": repo.repo_id, "commit": commit, "files": files,
+           "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
+    os.replace(tmp, folder / MANIFEST)
+    return doc
+
+
+def verify_hashes(model_root: Path, repo: ModelRepo) -> tuple[list[Problem], bool]:
+    """(problems, whether a manifest was there): every file against the manifest (missing, changed,
+    added), and the files upstream publishes hashes for against those."""
+    folder = model_root / repo.dirname
+    problems: list[Problem] = []
+    actual: dict[str, str] = {}
+
+    def digest(rel: str) -> str:
+        if rel not in actual:
+            actual[rel] = sha256_file(folder / rel)
+        return actual[rel]
+
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        recorded = manifest["files"]
+        present = set(local_files(folder))
+        for rel, info in sorted(recorded.items()):
+            if rel not in present:
+                problems.append(Problem(f"{repo.dirname}/{rel}", "missing (listed in the manifest)"))
+            elif (folder / rel).stat().st_size != info.get("size") or digest(rel) != info.get("sha256"):
+                problems.append(Problem(f"{repo.dirname}/{rel}", "changed since download (SHA-256 differs from the manifest)"))
+        for rel in sorted(present - set(recorded)):
+            problems.append(Problem(f"{repo.dirname}/{rel}", "not in the manifest (added after download)"))
+    for rel, expected in sorted(repo.upstream_sha256.items()):
+        if (folder / rel).is_file() and digest(rel) != expected:
+            problems.append(Problem(f"{repo.dirname}/{rel}",
+                                    f"SHA-256 {digest(rel)[:16]}... differs from upstream's {expected[:16]}..."))
+    return problems, manifest is not None
+
+
+def resolve_commit(repo: ModelRepo, model_root: Path, override: str | None) -> str | None:
+    """The commit to download: the override, else the pin, else the one the manifest recorded,
+    else the hub's current commit of the default branch (looked up once, then recorded)."""
+    if override:
+        return override
+    if repo.commit:
+        return repo.commit
+    manifest = read_manifest(model_root / repo.dirname)
+    if manifest and manifest.get("commit"):
+        return manifest["commit"]
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        sha = HfApi().model_info(repo.repo_id).sha
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise OSError(f"could not resolve the current commit of {repo.repo_id}: {exc}") from None
+    print(f"note: {repo.repo_id} has no published pin; pinning the hub's current commit {sha} (recorded in "
+          f"{repo.dirname}/{MANIFEST})")
+    return sha
+
+
+def _overrides(values: Sequence[str], repos: Sequence[ModelRepo]) -> dict[str, str]:
+    out = {}
+    for value in values:
+        name, sep, rev = value.rpartition("=")
+        if not sep:
+            out.update({repo.repo_id: value for repo in repos})
+        else:
+            out[name] = rev
+    return out
+
+
 # ------------------------------------------------------------------------------------------ download
 
 def _offline() -> bool:
@@ -216,7 +345,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="where the folders go (default: --model-root of the studio, i.e. STUDIO_MODEL_ROOT or ./models)")
     parser.add_argument("--source", choices=("huggingface", "modelscope"), default="huggingface",
                         help="hub to download from (hub size/checksum checks need huggingface)")
-    parser.add_argument("--revision", default=None, help="branch, tag or commit to download (default: the hub's default)")
+    parser.add_argument("--revision", action="append", default=[], metavar="[REPO=]COMMIT",
+                        help="commit to download instead of the pin (REPO=COMMIT for one repository; repeatable)")
+    parser.add_argument("--awq", action="store_true", help=f"also {AWQ_REPO} (AWQ 4-bit LLM for the vLLM backend)")
+    parser.add_argument("--write-manifest", action="store_true",
+                        help="record the SHA-256 of what is on disk now as the manifest (trust on first use); no download")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the plan and the offline check; no network, no writes")
     mode.add_argument("--check-only", action="store_true", help="check the folders on disk; do not download")
@@ -234,15 +367,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     model_root = args.model_root or load_settings([], os.environ).model_root
-    repos = default_repos()
+    repos = default_repos() + ((awq_repo(),) if args.awq else ())
+    overrides = _overrides(args.revision, repos)
+
+    if args.write_manifest:
+        for repo in repos:
+            folder = model_root / repo.dirname
+            if not folder.is_dir():
+                print(f"{repo.repo_id}: {folder} does not exist; nothing recorded")
+                continue
+            old = read_manifest(folder)
+            doc = write_manifest(folder, repo, overrides.get(repo.repo_id) or (old or {}).get("commit") or repo.commit)
+            print(f"{repo.repo_id}: manifest of {len(doc['files'])} file(s) written to {folder / MANIFEST}")
+        return 0
 
     if args.dry_run:
-        print(f"dry run: would download into {model_root.resolve()} from {args.source}"
-              f" (revision {args.revision or 'default'}); nothing is fetched or written")
+        print(f"dry run: would download into {model_root.resolve()} from {args.source}; nothing is fetched or written")
         for repo in repos:
             problems = check_folder(model_root, repo)
             state = "complete" if not problems else f"{len(problems)} problem(s) now"
-            print(f"- {repo.repo_id} -> {model_root / repo.dirname} ({state})")
+            pin = overrides.get(repo.repo_id) or repo.commit or "pinned at first download"
+            print(f"- {repo.repo_id} @ {pin} -> {model_root / repo.dirname} ({state})")
             for name in repo.key_files:
                 size = repo.known_sizes.get(name.split("|")[0])
                 first, *others = name.split("|")
@@ -261,14 +406,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     all_problems: list[Problem] = []
     for repo in repos:
+        commit = overrides.get(repo.repo_id) or repo.commit
         try:
             if not args.check_only:
-                print(f"downloading {repo.repo_id} into {model_root / repo.dirname} ...")
-                download(repo, model_root, args.source, args.revision)
+                commit = resolve_commit(repo, model_root, overrides.get(repo.repo_id))
+                print(f"downloading {repo.repo_id} @ {commit} into {model_root / repo.dirname} ...")
+                download(repo, model_root, args.source, commit)
+                problems, _ = verify_hashes(model_root, repo)   # upstream hashes, before trusting the files
+                if not any("upstream" in p.message for p in problems):
+                    write_manifest(model_root / repo.dirname, repo, commit)
             remote = None
             if use_hub:
                 try:
-                    remote = fetch_hub_metadata(repo.repo_id, args.revision)
+                    remote = fetch_hub_metadata(repo.repo_id, commit)
                 except OSError as exc:
                     if not args.check_only:
                         raise
@@ -277,7 +427,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         problems = check_folder(model_root, repo, remote, hash_all=args.hash_all)
+        hash_problems, had_manifest = verify_hashes(model_root, repo) if (model_root / repo.dirname).is_dir() \
+            else ([], False)
+        problems += [p for p in hash_problems if p.path not in {q.path for q in problems}]
         checked = "hub sizes and checksums" if remote is not None else "presence and known sizes"
+        checked += ", manifest SHA-256" if had_manifest else ", no manifest (run --write-manifest to record one)"
+        checked += ", upstream SHA-256" if repo.upstream_sha256 else ""
         print(f"{repo.repo_id}: {'OK' if not problems else 'INCOMPLETE'} ({checked})")
         _report(problems)
         all_problems.extend(problems)

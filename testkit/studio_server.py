@@ -1,4 +1,6 @@
-"""Test helper: run the real studio app (UI + API) on 127.0.0.1 in a background thread.
+"""Test helper: run the real studio app (UI + API) on 127.0.0.1, in a background thread
+(``start_studio``) or as its own ``python app.py`` process (``start_studio_process``, for memory and
+temp-file measurements and the load bench).
 
 Each server gets a free port and its own cache folder; ``stop()`` shuts uvicorn down and closes
 the engine through the app's lifespan.
@@ -7,7 +9,10 @@ the engine through the app's lifespan.
 from __future__ import annotations
 
 import io
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -77,3 +82,63 @@ def speech_wav(seconds: float = 1.6, rate: int = 16000, f0: float = 140.0, seed:
     buffer = io.BytesIO()
     sf.write(buffer, samples.astype(np.float32), rate, format="WAV", subtype="PCM_16")
     return buffer.getvalue()
+
+
+@dataclass
+class StudioProcess:
+    """A studio running as its own process (``python app.py``), so its memory and temp files are its own."""
+
+    url: str
+    proc: subprocess.Popen
+    tmpdir: Path          # the process's TMPDIR (where multipart uploads spool)
+    log_path: Path
+
+    def rss_kib(self, field: str = "VmRSS") -> int:
+        """``VmRSS`` (now) or ``VmHWM`` (peak) of the server process, in KiB, from /proc."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise RuntimeError(f"{field} not in /proc/{self.proc.pid}/status")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_studio_process(root: Path, *flags: str, timeout_s: float = 120) -> StudioProcess:
+    """``python app.py --engine preview`` on a free loopback port, cache and temp files under ``root``;
+    ``flags`` are extra command-line settings. Waits until ``/healthz`` answers."""
+    import httpx
+
+    from testkit.paths import ROOT
+
+    port = free_port()
+    tmpdir = root / "tmp"
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STUDIO_")}
+    env.update(TMPDIR=str(tmpdir), GRADIO_TEMP_DIR=str(root / "gradio"), HF_HUB_OFFLINE="1",
+               GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=str(ROOT))
+    log_path = root / "server.log"
+    cmd = [sys.executable, str(ROOT / "app.py"), "--engine", "preview", "--host", "127.0.0.1", "--port", str(port),
+           "--cache-dir", str(root / "cache"), *flags]
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    studio = StudioProcess(f"http://127.0.0.1:{port}", proc, tmpdir, log_path)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            studio.stop()
+            raise RuntimeError(f"the studio process did not start:\n{studio.log()[-3000:]}")
+        try:
+            if httpx.get(studio.url + "/healthz", timeout=2).status_code == 200:
+                return studio
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key-123"
+BUNDLE_KEY = "bundle-signing-key-for-tests"
 EXAMPLE = "examples/en_low.flac"
 EXAMPLE_TEXT = "The quiet harbour woke slowly as the first boats went out."
 
@@ -30,7 +31,7 @@ EXAMPLE_TEXT = "The quiet harbour woke slowly as the first boats went out."
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
     server = start_studio(tmp_path_factory.mktemp("api"), None, "--api-key", KEY, "--max-upload-bytes", "400000",
-                          "--max-prompt-seconds", "8")
+                          "--max-prompt-seconds", "8", "--bundle-key", BUNDLE_KEY)
     yield server
     server.stop()
 
@@ -121,8 +122,10 @@ def test_export_import_round_trip(http, studio, voice, tmp_path):
     names = zipfile.ZipFile(io.BytesIO(bundle.content)).namelist()
     assert {"voice.json", "audio.wav"} <= set(names) and any(n.startswith("entries/0/") for n in names)
 
-    # A second server with its own cache: the matching entry is imported, so nothing is recomputed.
-    other = start_studio(tmp_path, None)
+    assert bundle.headers["x-bundle-signed"] == "true"
+    # A second server with its own cache and the same bundle key: the signed entry is imported, so
+    # nothing is recomputed.
+    other = start_studio(tmp_path, None, "--bundle-key", BUNDLE_KEY)
     try:
         with httpx.Client(base_url=other.url, timeout=120) as client:
             seed_voice = client.post("/v1/audio/voices", files={"file": ("s.wav", speech_wav(), "audio/wav")},
@@ -132,19 +135,36 @@ def test_export_import_round_trip(http, studio, voice, tmp_path):
             r = client.post("/v1/audio/voices/import", files={"file": ("v.zip", bundle.content, "application/zip")})
             assert r.status_code == 201, r.text
             imported = r.json()
+            assert imported["signed"] is True and imported["trust"] == ""
             assert imported["imported"] == ["preview_voice"] and imported["recomputed"] == []
             assert imported["prepared"]["hits"] == ["preview_voice"]
             assert imported["digest"] == voice["digest"] and imported["transcript"] == EXAMPLE_TEXT
             assert other.engine.cache.stats()["misses"] == misses_before
 
-            # The same bundle claiming another model's namespace: the entry is not trusted, it is recomputed.
+            # Imported seconds are not "saved" seconds: the entry's cost is not taken from the bundle.
+            saved_before = other.engine.cache.stats()["seconds_saved"]
+            speech = client.post("/v1/audio/speech", json={"input": "Hi.", "voice": imported["id"],
+                                                           "response_format": "wav"})
+            assert "prompt_analysis" in json.loads(speech.headers["x-timings"])["cached"]
+            assert other.engine.cache.stats()["seconds_saved"] == saved_before
+
+            # The same bundle changed after signing (another model's namespace): not trusted, recomputed.
             foreign = _rewrite_namespace(bundle.content, "other-model@0000/v9")
             r = client.post("/v1/audio/voices/import", files={"file": ("v.zip", foreign, "application/zip")},
                             data={"name": "foreign"})
             assert r.status_code == 201, r.text
-            assert r.json()["imported"] == [] and r.json()["name"] == "foreign"
+            assert r.json()["imported"] == [] and r.json()["name"] == "foreign" and r.json()["signed"] is False
     finally:
         other.stop()
+    # A server without the key (or with another one) recomputes the entries of the same bundle.
+    third = start_studio(tmp_path / "third", None)
+    try:
+        r = httpx.post(third.url + "/v1/audio/voices/import", timeout=120,
+                       files={"file": ("v.zip", bundle.content, "application/zip")})
+        assert r.status_code == 201, r.text
+        assert (r.json()["imported"], r.json()["recomputed"], r.json()["signed"]) == ([], ["preview_voice"], False)
+    finally:
+        third.stop()
 
 
 def _rewrite_entries(bundle: bytes, change) -> bytes:
@@ -243,7 +263,7 @@ def test_oversize_upload_is_413(http):
     r = http.post("/v1/audio/voices", files={"file": ("big.wav", big, "audio/wav")}, data={"transcript": "x"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
 
-    # Without Content-Length (chunked), the route's own read limit catches it.
+    # Without Content-Length (chunked), the body limit cuts it off while it streams in.
     boundary = "studioboundary"
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"transcript\"\r\n\r\nx\r\n"
             f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.wav\"\r\n"
@@ -251,7 +271,7 @@ def test_oversize_upload_is_413(http):
     chunks = (body[i:i + 65536] for i in range(0, len(body), 65536))
     r = http.post("/v1/audio/voices", content=chunks,
                   headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    assert r.status_code == 413 and "larger than the limit" in r.json()["error"]["message"]
+    assert r.status_code == 413 and "limited to 400000 bytes" in r.json()["error"]["message"]
 
 
 def test_too_long_prompt_is_400(http):
@@ -284,21 +304,30 @@ def test_failure_outside_the_engine_is_a_json_500_too(http, studio, monkeypatch)
     assert r.headers["x-request-id"] == error["request_id"]
 
 
-@pytest.mark.parametrize("field, value", [("payload", {"junk": 1}), ("cost_s", -1.0)])
-def test_a_bundle_with_a_malformed_entry_cannot_break_the_voice(http, studio, voice, field, value):
-    # Same audio and namespace as the stored voice, but an entry the engine (payload) or the cache
-    # (negative cost) cannot use: the import still works, and the voice keeps working.
+@pytest.mark.parametrize("field, value", [("payload", {"junk": 1}), ("cost_s", -1.0), ("cost_s", 1e9)])
+def test_a_bundle_with_a_changed_entry_cannot_touch_the_cache(http, studio, voice, field, value):
+    # Same audio and namespace as the stored voice, but an entry changed after export: its signature
+    # no longer verifies, so nothing of it is stored; the existing entry stays and the voice works.
+    entry_before = studio.engine.export_prompt(studio.app.state.voices.audio(voice["id"]))[0]
     bundle = http.get(f"/v1/audio/voices/{voice['id']}/export").content
     damaged = _rewrite_entries(bundle, lambda entries: entries[0].__setitem__(field, value))
     r = http.post("/v1/audio/voices/import", files={"file": ("v.zip", damaged, "application/zip")})
     assert r.status_code == 201, r.text
-    if field == "payload":  # stored over the good entry, then found unusable and recomputed
-        assert r.json()["imported"] == ["preview_voice"] and r.json()["recomputed"] == ["preview_voice"]
-    else:                   # refused by the cache; the good entry stays
-        assert r.json()["imported"] == [] and r.json()["prepared"]["hits"] == ["preview_voice"]
+    assert r.json()["signed"] is False and "changed after signing" in r.json()["trust"]
+    assert r.json()["imported"] == [] and r.json()["prepared"]["hits"] == ["preview_voice"]
+    entry_after = studio.engine.export_prompt(studio.app.state.voices.audio(voice["id"]))[0]
+    assert (entry_after.payload, entry_after.cost_s) == (entry_before.payload, entry_before.cost_s)
     assert http.delete(f"/v1/audio/voices/{r.json()['id']}").status_code == 200
     r = http.post("/v1/audio/speech", json={"input": "Still here.", "voice": voice["id"], "response_format": "wav"})
     assert r.status_code == 200, r.text
+
+
+def test_export_counts_no_cache_hit(http, studio, voice):
+    before = http.get("/v1/cache/stats").json()
+    assert http.get(f"/v1/audio/voices/{voice['id']}/export").status_code == 200
+    after = http.get("/v1/cache/stats").json()
+    assert [after[k] for k in ("hits", "misses", "seconds_saved")] == \
+        [before[k] for k in ("hits", "misses", "seconds_saved")]
 
 
 def test_cache_stats_and_clear(http, studio, voice):

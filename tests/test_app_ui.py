@@ -199,7 +199,7 @@ def test_tiny_model_engine_round_trip(tmp_path):
 
     root = build_tiny_model_root(tmp_path)
     studio = start_studio(tmp_path, StepAudioEngine, "--engine", "step-audio", "--model-root", str(root),
-                          "--llm-max-new-tokens", "50")
+                          "--llm-max-new-tokens", "50", "--bundle-key", "tiny-model-bundle-key")
     try:
         client = Client(studio.url + "/", verbose=False, download_files=False)
         assert not studio.engine.describe().preview
@@ -219,7 +219,7 @@ def test_tiny_model_engine_round_trip(tmp_path):
             assert set(bundle.headers["x-bundle-entries"].split(",")) == {"tokens", "prompt_features"}
             assert client.predict(api_name="/cache_clear")["entries"] == 0
             imported = http.post("/v1/audio/voices/import", files={"file": ("v.zip", bundle.content)}).json()
-            # The engine reports its namespaces, so the bundle refills the cleared cache: nothing recomputed.
+            # A bundle signed with this server's key refills the cleared cache: nothing recomputed.
             assert imported["imported"] == ["prompt_features", "tokens"] and imported["recomputed"] == []
             speech = http.post("/v1/audio/speech", json={"input": "Hi.", "voice": imported["id"],
                                                          "response_format": "wav"})
@@ -233,7 +233,7 @@ def test_tiny_model_engine_round_trip(tmp_path):
 def test_ui_requires_key_puts_the_page_behind_a_login(tmp_path):
     import httpx
 
-    studio = start_studio(tmp_path, None, "--api-key", "k3y", "--ui-requires-key")
+    studio = start_studio(tmp_path, None, "--api-key", "k3y")  # the login is the default with a key
     try:
         from gradio_client.exceptions import AuthenticationError
 

@@ -138,3 +138,62 @@ def test_every_output_format_round_trips(fmt):
 def test_unknown_output_format_is_an_input_error():
     with pytest.raises(InputError, match="unsupported audio format"):
         encode_audio(Audio(_tone(24000), 24000), "aiff")
+
+
+# --------------------------------------------------------------------------- decompression bombs
+
+def _encoded(frames: int, channels: int, rate: int, fmt: str = "FLAC", subtype: str = "PCM_16") -> bytes:
+    buffer = io.BytesIO()
+    with sf.SoundFile(buffer, "w", rate, channels, format=fmt, subtype=subtype) as f:
+        block = np.zeros((min(frames, 65536), channels), np.float32)
+        for start in range(0, frames, len(block)):
+            f.write(block[: frames - start])
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+    """Fault injection: decoding samples fails loudly, so a refusal must come from the header."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("samples were decoded")
+
+    monkeypatch.setattr(sf.SoundFile, "read", refuse)
+
+
+def test_a_flac_bomb_is_refused_from_its_header(no_decoding):
+    # One minute of 96 kHz 8-channel silence: a few dozen KB that would decode to 184 MB of float32.
+    bomb = _encoded(60 * 96000, 8, 96000)
+    assert len(bomb) < 200_000
+    with pytest.raises(InputError, match=r"60.0 s long; the limit is 30 s"):
+        load_audio(bomb, max_seconds=30)
+    with pytest.raises(InputError, match=r"would decode to 46,080,000 samples .* the limit is 16,777,216"):
+        load_audio(bomb)  # no duration limit: the decoded-size limit still holds
+
+
+@pytest.mark.parametrize("channels, rate, match", [(9, 16000, "9 channels; at most 8"),
+                                                   (1, 400000, "400000 Hz; at most 384000 Hz")])
+def test_odd_channel_counts_and_rates_are_refused_before_decoding(no_decoding, channels, rate, match):
+    with pytest.raises(InputError, match=match):
+        load_audio(_encoded(1000, channels, rate, "WAV", "PCM_16"), what="the prompt clip")
+
+
+def test_a_stereo_clip_keeps_its_channels_and_the_clone_speaker_id_hashes_them():
+    import hashlib
+
+    from llm.prompts import clone_speaker_id
+
+    rng = np.random.default_rng(3)
+    left, right = (0.3 * rng.standard_normal(3000)).astype(np.float32), (0.1 * rng.standard_normal(3000)).astype(np.float32)
+    buffer = io.BytesIO()
+    sf.write(buffer, np.stack([left, right], axis=1), 16000, format="WAV", subtype="FLOAT")
+    audio = load_audio(buffer.getvalue())
+    assert np.array_equal(audio.as_loaded(), np.stack([left, right]))
+    np.testing.assert_array_equal(audio.samples, (np.stack([left, right], axis=1)).mean(axis=1))
+    # The reference's rule over the raw [C, N] array, flattened channel by channel (golden prompts.json).
+    flat = np.concatenate([left, right])
+    expected = hashlib.sha256("hello".encode() + flat[:1000].tobytes() + flat[-1000:].tobytes()).hexdigest()[:16]
+    assert clone_speaker_id("hello", audio.as_loaded()) == "clone_" + expected
+    assert clone_speaker_id("hello", audio.samples) != "clone_" + expected  # the mono mix is not it
+    # A mono clip is its own [1, N] array.
+    mono = load_audio((16000, left))
+    assert mono.channels is None and np.array_equal(mono.as_loaded(), left[None])

@@ -26,18 +26,21 @@ import sys
 import time
 from pathlib import Path
 
+import json
+
 import dockerfile
 import pytest
 import yaml
 from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
 
 from conftest import ROOT
-from core.settings import ENV_PREFIX, Settings, build_parser, load_settings
+from core.settings import ENV_PREFIX, FUNASR_SUBDIR, Settings, build_parser, load_settings
 
 BIN = Path(sys.executable).parent
+FUNASR_CONFIG = f"{FUNASR_SUBDIR}/config.yaml"
 SETTING_ENV_NAMES = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
 # Values the container sets on purpose (or that the app computes from the machine).
-CONTAINER_SPECIFIC = {"host", "cache_dir", "model_root", "ort_intra_op_threads"}
+CONTAINER_SPECIFIC = {"host", "cache_dir", "model_root", "ort_intra_op_threads", "engine"}
 
 
 def _load_script(name: str):
@@ -96,7 +99,8 @@ def test_image_cmd_and_env_are_the_apps_real_flags_and_variables():
     studio_vars = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
     assert set(studio_vars) <= SETTING_ENV_NAMES, f"not settings: {set(studio_vars) - SETTING_ENV_NAMES}"
     settings = load_settings(flags, env=studio_vars)
-    assert settings.engine == "auto"
+    # Never a silent fallback in production: the image serves Step-Audio-EditX or fails loudly.
+    assert settings.engine == "step-audio"
     assert (settings.host, settings.cache_dir, settings.model_root) == ("0.0.0.0", Path("/app/cache"), Path("/app/models"))
     assert _instruction(stage, "EXPOSE").value == (str(settings.port),)
 
@@ -114,12 +118,15 @@ def test_image_runs_as_non_root_with_cache_and_model_volumes():
 def test_build_context_keeps_what_the_app_needs_and_drops_weights_and_cache():
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
-    ignored = {p.name for p in ROOT.iterdir() if any(fnmatch.fnmatch(p.name, pattern) for pattern in patterns)}
+    def ignored(name: str) -> bool:
+        return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+
     needed = {p.name for p in ROOT.iterdir()
               if p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists())}
     needed |= {"examples", "scripts", "requirements-gpu.txt"}
-    assert not needed & ignored, f"the image would lack {sorted(needed & ignored)}"
-    assert {"models", "cache", ".git", ".venv", "tests"} <= ignored
+    assert not {n for n in needed if ignored(n)}, f"the image would lack {sorted(n for n in needed if ignored(n))}"
+    # By name, whether or not the checkout has them (a CI checkout has no .venv, models or cache).
+    assert all(ignored(name) for name in ("models", "cache", ".git", ".venv", "tests"))
 
 
 def _healthcheck_argv() -> list[str]:
@@ -184,6 +191,7 @@ def test_image_cmd_and_healthcheck_run_two_replicas_sharing_one_cache(tmp_path):
     services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     studio_vars = {k: v for k, v in _dockerfile_env(stage).items() if k.startswith(ENV_PREFIX)}
     studio_vars.update(_resolve_defaults(services["studio"]["environment"]))
+    studio_vars["STUDIO_ENGINE"] = "preview"  # the image's step-audio needs the real models; this runs on CPU
     cmd = [sys.executable, *_instruction(stage, "CMD").value[1:]]
     probe = [sys.executable, *_healthcheck_argv()[1:]]
     ports = [_free_port(), _free_port()]
@@ -242,8 +250,8 @@ def test_compose_sets_every_setting_with_the_apps_defaults():
     for f in dataclasses.fields(Settings):
         if f.name not in CONTAINER_SPECIFIC:
             assert getattr(loaded, f.name) == getattr(defaults, f.name), f.name
-    assert (loaded.host, loaded.port, loaded.cache_dir, loaded.model_root) == (
-        "0.0.0.0", 7860, Path("/app/cache"), Path("/app/models"))
+    assert (loaded.host, loaded.port, loaded.cache_dir, loaded.model_root, loaded.engine) == (
+        "0.0.0.0", 7860, Path("/app/cache"), Path("/app/models"), "step-audio")
     assert services["studio-2"]["environment"] == services["studio"]["environment"]
 
 
@@ -432,6 +440,8 @@ def test_hub_metadata_checks_sizes_checksums_and_unlisted_files(tmp_path):
 
 
 def test_cli_dry_run_check_only_and_offline_download(tmp_path, capsys, monkeypatch):
+    (tmp_path / "hashes.json").write_text("{}")  # the fake weights below are not upstream's
+    monkeypatch.setattr(dl, "HASHES_FILE", tmp_path / "hashes.json")
     root = tmp_path / "models"
     assert dl.main(["--dry-run", "--model-root", str(root)]) == 0
     out = capsys.readouterr().out
@@ -447,3 +457,46 @@ def test_cli_dry_run_check_only_and_offline_download(tmp_path, capsys, monkeypat
     monkeypatch.setenv("STUDIO_MODEL_ROOT", str(root))  # the studio's own setting is the default root
     assert dl.main(["--check-only"]) == 0
     assert "are complete" in capsys.readouterr().out
+
+
+def test_pins_manifest_and_upstream_hashes_catch_changed_files(tmp_path, capsys, monkeypatch):
+    shipped = json.loads(dl.HASHES_FILE.read_text())
+    assert re.fullmatch(r"[0-9a-f]{40}", shipped["stepfun-ai/Step-Audio-Tokenizer"]["commit"])
+    assert all(re.fullmatch(r"[0-9a-f]{64}", h) for repo in shipped.values() if isinstance(repo, dict)
+               for h in repo.get("sha256", {}).values())
+    tokenizer, editx = dl.default_repos()
+    assert tokenizer.commit == shipped["stepfun-ai/Step-Audio-Tokenizer"]["commit"]
+    assert dl.awq_repo().repo_id == "stepfun-ai/Step-Audio-EditX-AWQ-4bit"
+
+    # Upstream hashes of our own making for the fake files (the real ones are checked the same way).
+    _fill(tmp_path)   # the ONNX file has its published size (sparse)
+    onnx = tmp_path / "Step-Audio-Tokenizer" / "speech_tokenizer_v1.onnx"
+    onnx_sha = dl.sha256_file(onnx)
+    assert onnx_sha == hashlib.sha256(b"\0" * onnx.stat().st_size).hexdigest()
+    hashes = {"stepfun-ai/Step-Audio-Tokenizer": {"commit": "a" * 40, "sha256": {"speech_tokenizer_v1.onnx": onnx_sha}}}
+    (tmp_path / "hashes.json").write_text(json.dumps(hashes))
+    monkeypatch.setattr(dl, "HASHES_FILE", tmp_path / "hashes.json")
+    tokenizer = dl.default_repos()[0]
+    assert dl.verify_hashes(tmp_path, tokenizer) == ([], False)
+    assert dl.main(["--write-manifest", "--model-root", str(tmp_path)]) == 0
+    manifest = json.loads((tmp_path / "Step-Audio-Tokenizer" / dl.MANIFEST).read_text())
+    assert manifest["commit"] == "a" * 40
+    assert manifest["files"]["speech_tokenizer_v1.onnx"]["sha256"] == onnx_sha
+    assert dl.main(["--check-only", "--offline", "--model-root", str(tmp_path)]) == 0
+    capsys.readouterr()
+
+    config = tmp_path / "Step-Audio-Tokenizer" / FUNASR_CONFIG
+    config.write_bytes(config.read_bytes().replace(b"w", b"v"))   # same size, other bytes
+    with open(onnx, "r+b") as handle:   # one byte changed, size kept
+        handle.seek(1000)
+        handle.write(b"!")
+    (tmp_path / "Step-Audio-Tokenizer" / "extra.py").write_text("print('hi')")
+    problems, had_manifest = dl.verify_hashes(tmp_path, tokenizer)
+    assert had_manifest and {str(p) for p in problems} == {
+        f"Step-Audio-Tokenizer/{FUNASR_CONFIG}: changed since download (SHA-256 differs from the manifest)",
+        "Step-Audio-Tokenizer/extra.py: not in the manifest (added after download)",
+        "Step-Audio-Tokenizer/speech_tokenizer_v1.onnx: changed since download (SHA-256 differs from the manifest)",
+        f"Step-Audio-Tokenizer/speech_tokenizer_v1.onnx: SHA-256 {dl.sha256_file(onnx)[:16]}... differs from "
+        f"upstream's {onnx_sha[:16]}...",
+    }
+    assert dl.main(["--check-only", "--offline", "--model-root", str(tmp_path)]) == 1

@@ -341,3 +341,32 @@ def test_seeds_are_folded_into_the_generators_range():
     assert new_seed(7) == 7
     assert new_seed(2**64 + 5) == (2**64 + 5) % 2**31
     assert 0 <= new_seed(None) < 2**31 and 0 <= new_seed(-1) < 2**31
+
+
+def test_a_stereo_prompt_gets_the_reference_speaker_id(engine, tmp_path):
+    import hashlib
+
+    class Recording:   # a spy on the tokenizer: the real encode still runs
+        def __init__(self, inner):
+            self.inner, self.texts = inner, []
+
+        def encode(self, text, **kwargs):
+            self.texts.append(text)
+            return self.inner.encode(text, **kwargs)
+
+    mono, rate = sf.read(PROMPT_WAV, dtype="float32")
+    stereo = np.stack([mono, 0.5 * mono[::-1]], axis=1)
+    path = tmp_path / "stereo.wav"
+    sf.write(path, stereo, rate, subtype="FLOAT")
+    backend = engine.llm_backend
+    saved = backend.tokenizer
+    spy = Recording(saved)
+    backend.tokenizer = spy
+    try:
+        engine.clone(str(path), PROMPT_TEXT, "Hi.", seed=2)
+    finally:
+        backend.tokenizer = saved
+    flat = stereo.T.reshape(-1)   # the raw [C, N] array as the reference loads it, flattened
+    expected = "clone_" + hashlib.sha256(PROMPT_TEXT.encode() + flat[:1000].tobytes()
+                                         + flat[-1000:].tobytes()).hexdigest()[:16]
+    assert any(f"speaker name: {expected}\n" in text for text in spy.texts)

@@ -86,18 +86,43 @@ def test_namespace_change_is_a_miss(tmp_path, root):
     model.mkdir()
     onnx = model / "speech_tokenizer_v1.onnx"
     onnx.write_bytes(b"a" * 100)
-    ns1 = make_namespace("tok", fingerprint_files([onnx, model / "absent.npy"]), 1)
+    ns1 = make_namespace("tok", fingerprint_files([onnx, model / "absent.npy"], root), 1)
     cache = PromptCache(root)
     cache.put("tokens", ns1, key(0), {"v": 1}, 0.1)
     assert cache.get("tokens", ns1, key(0)) is not None
-    os.utime(onnx, ns=(1_000_000_000, 1_000_000_000))  # the model file changed
-    ns2 = make_namespace("tok", fingerprint_files([onnx, model / "absent.npy"]), 1)
+    stat = onnx.stat()
+    onnx.write_bytes(b"b" * 100)  # a fine-tune: same size, mtime preserved
+    os.utime(onnx, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    ns2 = make_namespace("tok", fingerprint_files([onnx, model / "absent.npy"], root), 1)
     assert ns2 != ns1
     assert cache.get("tokens", ns2, key(0)) is None
     assert cache.get("tokens", make_namespace("tok", fingerprint_files([onnx]), 2), key(0)) is None
     assert cache.get("prompt_features", ns1, key(0)) is None  # another kind
     (model / "absent.npy").write_bytes(b"")
     assert fingerprint_files([onnx, model / "absent.npy"]) != fingerprint_files([onnx])
+
+
+def test_fingerprint_is_by_content_and_memoised_per_file_identity(tmp_path, root):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    for folder, mtime in ((a, 1_000_000_000), (b, 2_000_000_000)):  # two hosts' copies
+        (folder / "model.onnx").write_bytes(b"weights" * 1000)
+        os.utime(folder / "model.onnx", ns=(mtime, mtime))
+    assert fingerprint_files([a / "model.onnx"], root) == fingerprint_files([b / "model.onnx"]) \
+        == fingerprint_files([b / "model.onnx"], tmp_path / "other-cache")
+    # The memo holds each file's SHA-256 under (device, inode, size, mtime_ns, ctime_ns).
+    memo = json.loads((root / "file_hashes.json").read_text())["files"]
+    st = (a / "model.onnx").stat()
+    assert memo[f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"] == \
+        hashlib.sha256(b"weights" * 1000).hexdigest()
+    # ... and is what later calls use for that identity (a poisoned record shows it is not re-hashed).
+    before = fingerprint_files([a / "model.onnx"], root)
+    memo[f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"] = "f" * 64
+    (root / "file_hashes.json").write_text(json.dumps({"format": 1, "files": memo}))
+    assert fingerprint_files([a / "model.onnx"], root) != before
+    os.utime(a / "model.onnx", ns=(3_000_000_000, 3_000_000_000))  # a touch: a new identity, same content
+    assert fingerprint_files([a / "model.onnx"], root) == before
+    assert PromptCache(root).check() == []  # the memo file belongs in the cache folder
 
 
 @pytest.mark.parametrize("kind", ["", "Tokens", "../x", "a" * 33, "tok-ens", "1abc", None, "tok\n"])

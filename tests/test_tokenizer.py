@@ -209,7 +209,10 @@ def test_a_failing_model_is_a_model_error(tok, tmp_path, monkeypatch, target):
 def test_namespace_covers_model_files(tok):
     files = [TOK_DIR / "linguistic_tokenizer.npy", TOK_DIR / "speech_tokenizer_v1.onnx",
              *(FUNASR_DIR / n for n in ("config.yaml", "model.safetensors", "am.mvn", "tokens.json"))]
-    assert tok.namespace == make_namespace("Step-Audio-Tokenizer", fingerprint_files(files), tk.PREPROCESS_VERSION)
+    # Content-keyed, plus the numerics class (CPU here): tokens made under TF32 are not served to CPU.
+    assert tok.namespace == make_namespace("Step-Audio-Tokenizer", fingerprint_files(files), tk.PREPROCESS_VERSION,
+                                           "cpu-fp32")
+    assert tok.namespace.endswith("/cpu-fp32")
 
 
 def test_loads_model_pt_with_tf32_off_and_parallel_onnx(tok, tmp_path):

@@ -1,10 +1,13 @@
 """web.voices: the voice folder and the portable bundle, without a server.
 
-Covers: sample-exact storage (the cache digest survives a round trip), id checks that keep caller
-strings out of paths, export/read of entries with their arrays, entries for other audio dropped,
-and refusal of malformed, oversized or pickled bundles.
+Covers: sample-exact storage (the cache digest survives a round trip; a stereo clip keeps its
+channels), id checks that keep caller strings out of paths, export/read of entries with their
+arrays, entries for other audio dropped, signed bundles (entries only with the right key and
+untouched files), and refusal of malformed, oversized or pickled bundles.
 """
 
+import hashlib
+import hmac
 import io
 import json
 import zipfile
@@ -50,13 +53,27 @@ def test_ids_from_callers_never_become_paths(store, bad):
         store.delete(bad)
 
 
+KEY = "a deployment secret of 32 chars"
+
+
+def test_stereo_voice_keeps_its_channels(store):
+    rng = np.random.default_rng(9)
+    channels = (0.2 * rng.standard_normal((2, 16000))).astype(np.float32)
+    audio = Audio(channels.mean(axis=0), 16000, channels=channels)
+    voice = store.create(audio, "two channels", "st")
+    back = store.audio(voice.id)
+    assert np.array_equal(back.as_loaded(), channels) and np.array_equal(back.samples, audio.samples)
+    assert audio_digest(back.samples, back.sample_rate) == voice.digest
+
+
 def test_bundle_round_trip_keeps_entries_and_drops_foreign_ones(store):
     audio = _audio(1)
     voice = store.create(audio, "a transcript", "v")
     tokens = np.arange(12, dtype=np.int64).reshape(3, 4)
     good = BundleEntry("tokens", "tok@abc/v1", voice.digest, {"n": 12}, {"codes": tokens}, 0.7)
     other = BundleEntry("tokens", "tok@abc/v1", "0" * 64, {"n": 1}, {}, 0.1)  # for some other clip
-    bundle = VoiceStore.read_bundle(store.export_bundle(voice.id, [good, other], "Test engine"))
+    bundle = VoiceStore.read_bundle(store.export_bundle(voice.id, [good, other], "Test engine", KEY), key=KEY)
+    assert bundle.signed and bundle.trust == ""
     assert bundle.transcript == "a transcript" and bundle.engine == "Test engine"
     assert np.array_equal(bundle.audio.samples, audio.samples)
     assert len(bundle.entries) == 1
@@ -64,6 +81,47 @@ def test_bundle_round_trip_keeps_entries_and_drops_foreign_ones(store):
     assert (entry.kind, entry.namespace, entry.digest, dict(entry.payload), entry.cost_s) == \
         ("tokens", "tok@abc/v1", voice.digest, {"n": 12}, 0.7)
     assert entry.arrays["codes"].dtype == np.int64 and np.array_equal(entry.arrays["codes"], tokens)
+
+
+def _members(bundle: bytes) -> dict[str, bytes]:
+    source = zipfile.ZipFile(io.BytesIO(bundle))
+    return {name: source.read(name) for name in source.namelist()}
+
+
+def test_only_a_bundle_signed_with_this_key_and_unchanged_gives_entries(store):
+    voice = store.create(_audio(7), "signed words", "s")
+    codes = np.arange(6, dtype=np.int64)
+    entry = BundleEntry("tokens", "tok@abc/v1", voice.digest, {"n": 6}, {"codes": codes}, 0.5)
+    signed = store.export_bundle(voice.id, [entry], "e", KEY)
+    assert len(VoiceStore.read_bundle(signed, key=KEY).entries) == 1
+
+    unsigned = VoiceStore.read_bundle(store.export_bundle(voice.id, [entry], "e"), key=KEY)
+    assert (unsigned.entries, unsigned.signed, unsigned.trust) == ((), False, "the bundle is not signed")
+    no_key = VoiceStore.read_bundle(signed)  # a server without bundle_key trusts no entry
+    assert no_key.entries == () and "no bundle_key" in no_key.trust
+    other_key = VoiceStore.read_bundle(signed, key="another secret of 32 characters")
+    assert other_key.entries == () and other_key.trust == "the bundle is signed with another key"
+    # The voice itself still reads in every case.
+    assert np.array_equal(other_key.audio.samples, VoiceStore.read_bundle(signed, key=KEY).audio.samples)
+
+    members = _members(signed)
+    meta = json.loads(members["voice.json"])
+    forged = dict(meta, entries=[dict(meta["entries"][0], cost_s=1e6)])  # "seconds saved" inflated
+    tampered = VoiceStore.read_bundle(_zip({**members, "voice.json": json.dumps(forged).encode()}), key=KEY)
+    assert tampered.entries == () and "changed after signing" in tampered.trust
+    other_codes = io.BytesIO()
+    np.save(other_codes, np.arange(6, dtype=np.int64)[::-1].copy())
+    swapped = VoiceStore.read_bundle(_zip({**members, "entries/0/codes.npy": other_codes.getvalue()}), key=KEY)
+    assert swapped.entries == () and "entries/0/codes.npy does not match" in swapped.trust
+
+    # The MAC is HMAC-SHA256 under the documented context over voice.json without its signature:
+    # recomputed here independently, a bundle re-signed with the key verifies again.
+    body = json.dumps({k: v for k, v in forged.items() if k != "signature"}, sort_keys=True,
+                      separators=(",", ":")).encode()
+    forged["signature"] = dict(meta["signature"], mac=hmac.new(
+        KEY.encode(), b"step-audio-studio voice bundle v2\n" + body, hashlib.sha256).hexdigest())
+    resigned = VoiceStore.read_bundle(_zip({**members, "voice.json": json.dumps(forged).encode()}), key=KEY)
+    assert resigned.signed and resigned.entries[0].cost_s == 1e6
 
 
 def _zip(members: dict[str, bytes]) -> bytes:
@@ -119,14 +177,13 @@ def test_damaged_or_odd_bundles_are_refused_with_a_reason(store):
     sf.write(nan_wav, np.full(1000, np.nan, np.float32), 16000, format="WAV", subtype="FLOAT")
     with pytest.raises(InputError, match="NaN"):
         VoiceStore.read_bundle(_zip({**members, "audio.wav": nan_wav.getvalue()}))
-    # A truncated .npy drops its entry; the voice still reads.
-    meta["entries"] = [{"kind": "tokens", "namespace": "n@1/v1", "digest": voice.digest, "payload": {},
-                        "arrays": ["codes"]}]
-    full = io.BytesIO()
-    np.save(full, np.arange(100, dtype=np.int64))
-    bundle = VoiceStore.read_bundle(_zip({**members, "voice.json": json.dumps(meta).encode(),
-                                          "entries/0/codes.npy": full.getvalue()[:90]}))
-    assert bundle.entries == ()
+    # A truncated .npy in a signed bundle drops its entry; the voice still reads.
+    entry = BundleEntry("tokens", "n@1/v1", voice.digest, {}, {"codes": np.arange(100, dtype=np.int64)})
+    signed = _members(store.export_bundle(voice.id, [entry], "e", KEY))
+    assert len(VoiceStore.read_bundle(_zip(signed), key=KEY).entries) == 1
+    bundle = VoiceStore.read_bundle(_zip({**signed, "entries/0/codes.npy": signed["entries/0/codes.npy"][:90]}),
+                                    key=KEY)
+    assert bundle.entries == () and bundle.transcript == "t"
 
 
 def test_an_unwritable_voice_folder_is_a_clear_error(tmp_path):

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from core.audio_io import Audio, resample
-from core.devices import configure_tf32
+from core.devices import configure_tf32, numerics_class
 from core.errors import InputError, ModelError
 from prompt_cache.funasr_cache import PromptCache, audio_digest, fingerprint_files, make_namespace
 from core.onnx_session import OnnxOptions, create_session
@@ -234,7 +234,9 @@ class StepAudioTokenizer:
             raise ModelError(f"{ONNX_FILE} must take (mel, length) and return codes")
         _warm_up_trim()
         files = [folder / CODEBOOK_FILE, folder / ONNX_FILE, *paraformer.files.all()]
-        namespace = make_namespace(folder.name, fingerprint_files(files), PREPROCESS_VERSION)
+        fingerprint = fingerprint_files(files, memo_dir=getattr(cache, "root", None))
+        namespace = make_namespace(folder.name, fingerprint, PREPROCESS_VERSION,
+                                   numerics_class(device, settings.tf32))
         return cls(paraformer, codebook, session, options, cache, namespace, device)
 
     # -------------------------------------------------------------- stages

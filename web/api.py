@@ -171,10 +171,14 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@ops_router.get("/readyz", summary="The engine is loaded (and, on CUDA, can allocate)")
-def readyz(engine: Engine = Depends(get_engine)) -> JSONResponse:
+@ops_router.get("/readyz", summary="The configured engine is loaded (and, on CUDA, can allocate)")
+def readyz(engine: Engine = Depends(get_engine), settings: Settings = Depends(get_settings)) -> JSONResponse:
     try:
         ready, reason = engine.ready()
+        serving = "preview" if engine.describe().preview else "step-audio"
+        if ready and settings.engine not in ("auto", serving):
+            # e.g. a fallback to the CPU preview where Step-Audio-EditX was asked for: not ready.
+            ready, reason = False, f"the {serving} engine is serving, but engine={settings.engine} is configured"
         if ready:
             device_ok, why = _device_check(engine.describe().device)
             if not device_ok:

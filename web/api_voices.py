@@ -1,9 +1,11 @@
 """HTTP routes for stored voices: create, list, get, delete, export and import.
 
-Owns: ``/v1/audio/voices`` and its pydantic models; gathering a voice's prompt-cache entries
-for export and putting a bundle's entries into the cache on import (only those whose namespace
-matches the running engine; the rest are recomputed by ``prepare_prompt``).
-Does not own: the voice folder format (``web.voices``) or the cache (``funasr_cache``).
+Owns: ``/v1/audio/voices`` and its pydantic models: export asks the engine for the voice's
+prompt-cache entries (``Engine.export_prompt``) and packs them into a bundle signed with
+``settings.bundle_key``; import unpacks a bundle and hands the engine its entries only when the
+signature verified (``Engine.import_prompt`` stores those that match it; the rest are recomputed).
+Does not own: the bundle format and its signature (``web.voices``), which entries exist or how they
+are stored (the engine and its cache).
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from core.audio_io import load_audio
-from core.errors import CacheError
 from core.settings import Settings
 from engine.contract import Engine, PromptReport, validate_text
 from web.deps import get_engine, get_settings, get_voices, read_upload, require_api_key, run_engine
-from web.voices import BundleEntry, Voice, VoiceStore, check_voice_id
+from web.voices import Voice, VoiceStore, check_voice_id
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,9 @@ class VoiceCreated(VoiceModel):
 
 class VoiceImported(VoiceCreated):
     imported: list[str]          # kinds put into the cache from the bundle
-    recomputed: list[str]        # kinds the engine had to compute (namespace differs or entry absent)
+    recomputed: list[str]        # kinds the engine had to compute (unsigned bundle, other model, or absent)
+    signed: bool                 # the bundle's signature verified with this server's bundle_key
+    trust: str                   # why its entries were not used ("" when signed)
 
 
 def _voice_model(voice: Voice) -> dict:
@@ -93,26 +96,19 @@ def delete_voice(voice_id: str, voices: VoiceStore = Depends(get_voices)) -> dic
     return {"id": voice_id, "object": "voice", "deleted": True}
 
 
-@router.get("/{voice_id}/export", summary="The voice as a portable bundle (zip)",
+@router.get("/{voice_id}/export", summary="The voice as a portable bundle (zip, signed when bundle_key is set)",
             response_class=Response, responses={200: {"content": {"application/zip": {}}}})
 def export_voice(voice_id: str, request: Request, engine: Engine = Depends(get_engine),
-                 voices: VoiceStore = Depends(get_voices)) -> Response:
+                 voices: VoiceStore = Depends(get_voices), settings: Settings = Depends(get_settings)) -> Response:
     voice = voices.get(check_voice_id(voice_id))
     audio = voices.audio(voice.id)
-    # Re-preparing is a cache hit normally; it refills entries that were evicted or cleared.
-    report = run_engine(request, "voice_prepare", lambda: engine.prepare_prompt(audio))
-    entries = []
-    for kind, namespace in sorted(report.namespaces.items()):
-        entry = engine.cache.get(kind, namespace, report.digest)
-        if entry is None:
-            log.warning("voice %s: cache entry %s/%s vanished before export", voice.id, kind, namespace)
-            continue
-        entries.append(BundleEntry(kind, namespace, report.digest, dict(entry.payload), dict(entry.arrays),
-                                   float(entry.cost_s)))
-    data = voices.export_bundle(voice.id, entries, engine.describe().name)
+    # Entries that were evicted or cleared are computed again; reading them is no cache hit.
+    entries = run_engine(request, "voice_export", lambda: engine.export_prompt(audio))
+    data = voices.export_bundle(voice.id, list(entries), engine.describe().name, settings.bundle_key)
     return Response(data, media_type="application/zip",
                     headers={"Content-Disposition": f'attachment; filename="{voice.id}.voice.zip"',
-                             "X-Bundle-Entries": ",".join(f"{e.kind}" for e in entries)})
+                             "X-Bundle-Entries": ",".join(f"{e.kind}" for e in entries),
+                             "X-Bundle-Signed": "true" if settings.bundle_key else "false"})
 
 
 @router.post("/import", status_code=201, response_model=VoiceImported, summary="Store a voice from a bundle")
@@ -120,24 +116,14 @@ def import_voice(request: Request, file: UploadFile = File(..., description="a b
                  name: str = Form("", description="overrides the bundle's name"),
                  engine: Engine = Depends(get_engine), voices: VoiceStore = Depends(get_voices),
                  settings: Settings = Depends(get_settings)) -> dict:
-    bundle = VoiceStore.read_bundle(read_upload(file, settings, "voice bundle"), settings.max_prompt_seconds)
+    bundle = VoiceStore.read_bundle(read_upload(file, settings, "voice bundle"), settings.max_prompt_seconds,
+                                    settings.bundle_key)
     transcript = validate_text(bundle.transcript, "the bundle's transcript", settings.max_text_chars)
-    wanted = dict(engine.prompt_namespaces()) or voices.known_namespaces()
-    imported = []
-    for entry in bundle.entries:
-        if wanted.get(entry.kind) == entry.namespace:
-            try:
-                engine.cache.put(entry.kind, entry.namespace, entry.digest, dict(entry.payload), entry.cost_s,
-                                 dict(entry.arrays))
-            except CacheError as exc:  # e.g. a negative cost or an array the cache cannot store
-                log.info("bundle entry %s/%s rejected by the cache (%s); it will be recomputed",
-                         entry.kind, entry.namespace, exc)
-                continue
-            imported.append(entry.kind)
-        else:
-            log.info("bundle entry %s/%s does not match this engine (%s); it will be recomputed",
-                     entry.kind, entry.namespace, wanted.get(entry.kind, "unknown"))
-    report = run_engine(request, "voice_prepare", lambda: engine.prepare_prompt(bundle.audio))
-    voice = voices.create(bundle.audio, transcript, name or bundle.name, report.namespaces)
-    return {**_voice_model(voice), "prepared": _prepared(report), "imported": sorted(imported),
-            "recomputed": sorted(report.misses)}
+    done = run_engine(request, "voice_prepare", lambda: engine.import_prompt(bundle.audio, bundle.entries))
+    try:
+        voice = voices.create(bundle.audio, transcript, name or bundle.name, done.report.namespaces)
+    except BaseException:
+        engine.undo_prompt_import(done)   # a failed import leaves nothing behind
+        raise
+    return {**_voice_model(voice), "prepared": _prepared(done.report), "imported": sorted(done.imported),
+            "recomputed": sorted(done.report.misses), "signed": bundle.signed, "trust": bundle.trust}

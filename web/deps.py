@@ -2,8 +2,7 @@
 
 Owns: the overridable dependencies (``get_engine``, ``get_settings``, ``get_voices``,
 ``get_metrics``), the optional Bearer key check, the JSON error body and the mapping from studio
-errors to status codes, the ASGI middleware (request ids, upload size, a JSON 500 for anything
-uncaught), and ``run_engine`` (the one place an engine call is timed, counted, logged and has
+errors to status codes, the ASGI middleware (request ids, a JSON 500 for anything uncaught), and ``run_engine`` (the one place an engine call is timed, counted, logged and has
 unexpected errors turned into a 500 with a request id).
 Does not own: the routes themselves (``web.api``, ``web.api_voices``).
 
@@ -167,28 +166,17 @@ def result_headers(result: Result, engine: Engine) -> dict[str, str]:
 
 class StudioMiddleware:
     """Pure ASGI middleware (it must not buffer Gradio's streams): a request id on every HTTP
-    request and response, a 413 for ``/v1`` bodies whose Content-Length is over the limit, and a
-    JSON 500 for exceptions no handler caught."""
+    request and response, and a JSON 500 for exceptions no handler caught. (Body limits and the
+    cross-origin check are ``web.guards``.)"""
 
-    def __init__(self, app, max_body_bytes: int) -> None:
+    def __init__(self, app) -> None:
         self.app = app
-        # Multipart framing adds a little to the file itself.
-        self.max_body_bytes = max_body_bytes + 64 * 1024
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         rid = secrets.token_hex(6)
         scope.setdefault("state", {})["request_id"] = rid
-        if scope["path"].startswith("/v1/"):
-            length = dict(scope.get("headers") or []).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-                limit = self.max_body_bytes - 64 * 1024
-                message = f"request body is {int(length)} bytes; uploads are limited to {limit} bytes"
-                await _send_json(send, 413, {"error": {"message": message, "type": "invalid_request_error",
-                                                       "code": "payload_too_large", "request_id": rid}}, rid,
-                                 close=True)
-                return
 
         started = False
 

@@ -6,8 +6,10 @@ Gradio page mounted at ``/`` (the API routes are registered first, so they win).
 closes the engine at shutdown.
 Does not own: building the engine or settings, logging setup, running uvicorn (``app.py``).
 
-When ``settings.ui_requires_key`` is set, the page asks for a login whose password is
-``settings.api_key`` (any user name); otherwise the page is open even when the API needs a key.
+With an ``api_key``, the page and its named API (``/clone``, ``/edit``, ``/cache_clear``, uploads,
+files) ask for a login whose password is the key (any user name; ``gradio_client`` passes
+``auth=(name, key)``), unless ``ui_requires_key`` is switched off. State-changing ``/v1`` routes
+refuse other sites' browsers (``web.guards.OriginGuard``); CORS is added only for ``cors_origins``.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from pathlib import Path
 
 import gradio as gr
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from core.settings import Settings
 from engine.contract import Engine
 from web import api, api_voices
 from web.deps import StudioMiddleware, install_error_handlers
+from web.guards import BodyLimit, OriginGuard
 from web.metrics import Metrics
 from web.ui import EXAMPLES_DIR, build_demo
 from web.voices import VoiceStore
@@ -55,17 +59,25 @@ def create_app(engine: Engine, settings: Settings, output_dir: Path | None = Non
     app.state.engine = engine
     app.state.settings = settings
     app.state.voices = VoiceStore(Path(settings.cache_dir) / "voices")
-    app.state.metrics = Metrics(engine.cache.stats)
+    # A scrape reads the counters without the cache's file lock and writes nothing.
+    app.state.metrics = Metrics(lambda: engine.cache.stats(flush=False))
     install_error_handlers(app)
     app.include_router(api.ops_router)
     app.include_router(api_voices.router)
     app.include_router(api.router)
-    app.add_middleware(StudioMiddleware, max_body_bytes=settings.max_upload_bytes)
+    # add_middleware wraps: the last added runs first (request id, then body limit, then origins).
+    app.add_middleware(OriginGuard, allowed_origins=settings.cors_origin_list)
+    if settings.cors_origin_list:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origin_list), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-Id", "X-Timings", "X-Seed",
+                                                                "X-Cache-Hits", "X-Engine"])
+    app.add_middleware(BodyLimit, max_body_bytes=settings.max_upload_bytes)
+    app.add_middleware(StudioMiddleware)
 
     demo = build_demo(engine, settings, app.state.metrics, output_dir)
     auth = _key_login(settings.api_key) if settings.ui_requires_key and settings.api_key else None
-    if settings.ui_requires_key and not settings.api_key:
-        log.warning("ui_requires_key is set but api_key is empty; the page stays open")
+    if settings.api_key and not settings.ui_requires_key:
+        log.warning("the API needs a key but the page and its named API are open (--no-ui-requires-key)")
     gr.mount_gradio_app(app, demo, path="/", server_name=settings.host, server_port=settings.port,
                         footer_links=["api"], auth=auth, max_file_size=settings.max_upload_bytes,
                         show_error=True, ssr_mode=False, theme=gr.themes.Soft(),

@@ -3,27 +3,39 @@
 Owns: the voice folder ``<cache_dir>/voices/<id>/`` (``audio.wav`` + ``voice.json``), voice ids,
 and the portable bundle file (a zip) that carries a voice to another server together with the
 prompt-cache entries (tokens, features) computed for it and the namespaces they were computed
-under (which carry the model fingerprints).
-Does not own: computing prompt entries (``Engine.prepare_prompt``) or storing them
-(``funasr_cache.PromptCache``).
+under (which carry the model fingerprints); signing bundles and checking their signature.
+Does not own: which entries a clip has or putting them into the cache (``Engine.export_prompt``
+and ``Engine.import_prompt``), the cache itself (``funasr_cache.PromptCache``).
+
+Trust: a bundle's cache entries decide what the model is fed for that voice, so they are used only
+when the bundle is signed with this deployment's ``bundle_key`` (HMAC-SHA256 over ``voice.json``,
+which records the SHA-256 of ``audio.wav`` and of every array file; compared in constant time).
+An unsigned bundle, one signed with another key, or one changed after signing still imports its
+voice (audio and transcript are what any upload could send), but :meth:`VoiceStore.read_bundle`
+returns no entries, so they are recomputed.
 
 Ids are made here (``[a-z0-9-]``, never from a caller's path) and every id a caller gives is
 checked against :data:`VOICE_ID` before it touches the file system.
 
-The audio is stored as 32-bit float WAV at its original rate, so reading it back gives exactly
-the samples that were prepared -- the cache digest (computed over decoded samples) matches and
-later clones hit the cache.
+The audio is stored as 32-bit float WAV at its original rate with all its channels, so reading it
+back gives exactly the samples that were prepared -- the cache digest (computed over the decoded
+mono mix) matches and later clones hit the cache, and the clone speaker id (over the channels as
+decoded) matches a clone from the original upload.
 
-Bundle layout (zip, ``format`` 1)::
+Bundle layout (zip, ``format`` 2; format 1 bundles, which had no signature, still import)::
 
-    voice.json                 {"format": 1, "name", "transcript", "digest", "engine", "entries": [
-                                 {"kind", "namespace", "digest", "payload", "cost_s", "arrays": [names]}]}
+    voice.json                 {"format": 2, "name", "transcript", "digest", "engine", "audio_sha256",
+                                 "entries": [{"kind", "namespace", "digest", "payload", "cost_s",
+                                              "arrays": [names], "sha256": {name: hex}}],
+                                 "signature": {"alg": "hmac-sha256", "key_id", "mac"}}
     audio.wav                  float32 WAV
     entries/<i>/<name>.npy     the entry's arrays (read with allow_pickle=False)
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import json
 import logging
@@ -41,14 +53,17 @@ from typing import Mapping
 import numpy as np
 import soundfile as sf
 
-from core.audio_io import Audio
+from core.audio_io import Audio, load_audio
 from core.errors import InputError, StudioError
+from engine.contract import PromptEntry
 from prompt_cache.funasr_cache import audio_digest
 
 log = logging.getLogger(__name__)
 
 VOICE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2
+_READABLE_FORMATS = (1, 2)
+_SIGNATURE_CONTEXT = b"step-audio-studio voice bundle v2\n"   # a MAC for this use only
 MAX_BUNDLE_MEMBERS = 256
 MAX_BUNDLE_UNPACKED = 256 * 1024**2  # a 30 s prompt's entries are a few MB; this stops zip bombs
 _MEMBER = re.compile(r"^(voice\.json|audio\.wav|entries/\d{1,3}/[A-Za-z0-9_.-]{1,64}\.npy)$")
@@ -77,27 +92,32 @@ class Voice:
         return data
 
 
-@dataclass(frozen=True)
-class BundleEntry:
-    """One prompt-cache entry carried by a bundle."""
-
-    kind: str
-    namespace: str
-    digest: str
-    payload: Mapping
-    arrays: Mapping[str, np.ndarray]
-    cost_s: float = 0.0
+BundleEntry = PromptEntry   # one prompt-cache entry carried by a bundle
 
 
 @dataclass(frozen=True)
 class Bundle:
-    """A parsed voice bundle: what :meth:`VoiceStore.read_bundle` returns."""
+    """A parsed voice bundle: what :meth:`VoiceStore.read_bundle` returns. ``entries`` is empty
+    unless ``signed`` (the signature verified with this server's key); ``trust`` says why not."""
 
     name: str
     transcript: str
     audio: Audio
     engine: str
     entries: tuple[BundleEntry, ...]
+    signed: bool = False
+    trust: str = ""
+
+
+def _mac(key: str, meta: Mapping) -> str:
+    body = {k: v for k, v in meta.items() if k != "signature"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    return hmac.new(key.encode(), _SIGNATURE_CONTEXT + canonical, hashlib.sha256).hexdigest()
+
+
+def key_id(key: str) -> str:
+    """A short public name of a bundle key (reveals nothing about the key itself)."""
+    return hmac.new(key.encode(), b"key id", hashlib.sha256).hexdigest()[:8]
 
 
 def check_voice_id(voice_id: str) -> str:
@@ -150,7 +170,7 @@ class VoiceStore:
         tmp = self.root / f".tmp-{voice_id}-{secrets.token_hex(4)}"
         try:
             tmp.mkdir(parents=True)
-            sf.write(tmp / "audio.wav", audio.samples, audio.sample_rate, format="WAV", subtype="FLOAT")
+            sf.write(tmp / "audio.wav", audio.as_loaded().T, audio.sample_rate, format="WAV", subtype="FLOAT")
             (tmp / "voice.json").write_text(json.dumps(voice.to_json(), sort_keys=True, indent=1))
             with self._lock:
                 if folder.exists():
@@ -178,10 +198,9 @@ class VoiceStore:
         """The stored clip, sample-exact."""
         path = self._dir(voice_id) / "audio.wav"
         try:
-            data, rate = sf.read(path, dtype="float32", always_2d=False)
-        except (OSError, sf.LibsndfileError, RuntimeError) as exc:
+            return load_audio(path, what=f"voice {voice_id!r}'s audio")
+        except InputError as exc:
             raise VoiceNotFound(f"voice {voice_id!r} has no readable audio ({exc})") from None
-        return Audio(data, int(rate))
 
     def list(self) -> list[Voice]:
         voices = []
@@ -209,33 +228,40 @@ class VoiceStore:
 
     # ------------------------------------------------------------------ bundles
 
-    def export_bundle(self, voice_id: str, entries: list[BundleEntry], engine: str) -> bytes:
-        """The voice as a portable zip holding its audio, transcript and ``entries``."""
+    def export_bundle(self, voice_id: str, entries: list[BundleEntry], engine: str, key: str = "") -> bytes:
+        """The voice as a portable zip holding its audio, transcript and ``entries``; signed with
+        ``key`` when one is given (see the module docstring)."""
         voice = self.get(voice_id)
         audio_bytes = (self._dir(voice_id) / "audio.wav").read_bytes()
         meta = {"format": BUNDLE_FORMAT, "name": voice.name, "transcript": voice.transcript,
-                "digest": voice.digest, "engine": engine, "entries": []}
+                "digest": voice.digest, "engine": engine, "entries": [],
+                "audio_sha256": hashlib.sha256(audio_bytes).hexdigest()}
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
             zf.writestr("audio.wav", audio_bytes)
             for index, entry in enumerate(entries):
-                names = []
+                names, hashes = [], {}
                 for name, array in entry.arrays.items():
                     array_buffer = io.BytesIO()
                     np.save(array_buffer, np.asarray(array), allow_pickle=False)
                     zf.writestr(f"entries/{index}/{name}.npy", array_buffer.getvalue())
                     names.append(name)
+                    hashes[name] = hashlib.sha256(array_buffer.getvalue()).hexdigest()
                 meta["entries"].append({"kind": entry.kind, "namespace": entry.namespace, "digest": entry.digest,
-                                        "payload": dict(entry.payload), "cost_s": entry.cost_s, "arrays": names})
+                                        "payload": dict(entry.payload), "cost_s": entry.cost_s, "arrays": names,
+                                        "sha256": hashes})
+            if key:
+                meta["signature"] = {"alg": "hmac-sha256", "key_id": key_id(key), "mac": _mac(key, meta)}
             zf.writestr("voice.json", json.dumps(meta, sort_keys=True, indent=1))
         return buffer.getvalue()
 
     @staticmethod
-    def read_bundle(data: bytes, max_seconds: float | None = None) -> Bundle:
+    def read_bundle(data: bytes, max_seconds: float | None = None, key: str = "") -> Bundle:
         """Parse and check a bundle made by :meth:`export_bundle`.
 
-        Entries whose digest does not match the bundle's audio are dropped (they could never be
-        looked up under this audio anyway).
+        Its entries are returned only when its signature verifies with ``key`` (else ``entries``
+        is empty and ``trust`` says why); entries whose digest does not match the bundle's audio
+        are dropped too (they could never be looked up under this audio anyway).
 
         Raises:
             InputError: not a zip, unknown format, unexpected members, bad JSON or audio.
@@ -247,13 +273,13 @@ class VoiceStore:
                              "(export one with GET /v1/audio/voices/{id}/export)") from None
         try:
             with zf:
-                return VoiceStore._parse_bundle(zf, max_seconds)
+                return VoiceStore._parse_bundle(zf, max_seconds, key)
         except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
             # A damaged member (bad CRC, broken deflate stream) or an unsupported compression.
             raise InputError(f"the voice bundle is damaged ({exc})") from None
 
     @staticmethod
-    def _parse_bundle(zf: zipfile.ZipFile, max_seconds: float | None) -> Bundle:
+    def _parse_bundle(zf: zipfile.ZipFile, max_seconds: float | None, key: str) -> Bundle:
         """The checks of :meth:`read_bundle` on an opened zip."""
         members = zf.infolist()
         if len(members) > MAX_BUNDLE_MEMBERS:
@@ -270,37 +296,59 @@ class VoiceStore:
             meta = json.loads(zf.read("voice.json"))
         except ValueError as exc:
             raise InputError(f"the voice bundle's voice.json is not valid JSON ({exc})") from None
-        if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") not in _READABLE_FORMATS:
             found = meta.get("format") if isinstance(meta, dict) else None
             raise InputError(f"unsupported voice bundle format {found!r}; this server reads format {BUNDLE_FORMAT}")
-        try:
-            samples, rate = sf.read(io.BytesIO(zf.read("audio.wav")), dtype="float32", always_2d=True)
-        except (sf.LibsndfileError, RuntimeError) as exc:
-            raise InputError(f"the voice bundle's audio.wav is not readable ({exc})") from None
-        if len(samples) == 0:
-            raise InputError("the voice bundle's audio is empty")
-        if not np.isfinite(samples).all():
-            raise InputError("the voice bundle's audio contains NaN or infinite samples")
-        audio = Audio(samples.mean(axis=1), int(rate))
-        if max_seconds is not None and audio.duration > max_seconds:
-            raise InputError(f"the voice bundle's audio is {audio.duration:.1f} s long; "
-                             f"the limit is {max_seconds:g} s")
+        audio_bytes = zf.read("audio.wav")
+        # Bounded like any upload: the header is checked before the samples are decoded.
+        audio = load_audio(audio_bytes, max_seconds=max_seconds, what="the voice bundle's audio")
         digest = audio_digest(audio.samples, audio.sample_rate)
         raw_entries = meta.get("entries") or []
         if not isinstance(raw_entries, list):
             raise InputError("the voice bundle's entries are not a list")
+        transcript = meta.get("transcript")
+        if not isinstance(transcript, str) or not transcript.strip():
+            raise InputError("the voice bundle has no transcript")
+        trust = _verify(meta, key, audio_bytes, zf, names)
         entries = []
-        for index, raw in enumerate(raw_entries):
+        for index, raw in enumerate(raw_entries if not trust else []):
             entry = _read_entry(zf, index, raw, names)
             if entry is None or entry.digest != digest:
                 log.info("voice bundle entry %d dropped (malformed or for other audio)", index)
                 continue
             entries.append(entry)
-        transcript = meta.get("transcript")
-        if not isinstance(transcript, str) or not transcript.strip():
-            raise InputError("the voice bundle has no transcript")
+        if trust and raw_entries:
+            log.info("voice bundle entries not used (%s); they will be recomputed", trust)
         return Bundle(name=str(meta.get("name") or "")[:200], transcript=transcript, audio=audio,
-                      engine=str(meta.get("engine") or ""), entries=tuple(entries))
+                      engine=str(meta.get("engine") or ""), entries=tuple(entries), signed=not trust, trust=trust)
+
+
+def _verify(meta: dict, key: str, audio_bytes: bytes, zf: zipfile.ZipFile, names: set[str]) -> str:
+    """"" when ``meta`` is signed with ``key`` and every file matches its recorded SHA-256; else why not."""
+    signature = meta.get("signature")
+    if not isinstance(signature, dict) or not isinstance(signature.get("mac"), str):
+        return "the bundle is not signed"
+    if not key:
+        return "this server has no bundle_key to check signatures with"
+    if signature.get("key_id") != key_id(key):
+        return "the bundle is signed with another key"
+    try:
+        expected = _mac(key, meta)
+    except (TypeError, ValueError):   # NaN or non-JSON values: cannot have been signed by us
+        return "the bundle's voice.json cannot be canonicalised"
+    if not hmac.compare_digest(expected.encode(), signature["mac"].encode()):
+        return "the signature does not verify (the bundle was changed after signing)"
+    # The MAC covers the recorded hashes; now the files must match them.
+    if meta.get("audio_sha256") != hashlib.sha256(audio_bytes).hexdigest():
+        return "audio.wav does not match the signed hash"
+    for index, raw in enumerate(meta.get("entries") or []):
+        hashes = raw.get("sha256") if isinstance(raw, dict) else None
+        for name in (raw.get("arrays") or []) if isinstance(raw, dict) else []:
+            member = f"entries/{index}/{name}.npy"
+            if not isinstance(hashes, dict) or member not in names \
+                    or hashes.get(name) != hashlib.sha256(zf.read(member)).hexdigest():
+                return f"{member} does not match the signed hash"
+    return ""
 
 
 def _read_entry(zf: zipfile.ZipFile, index: int, raw, names: set[str]) -> BundleEntry | None:
