@@ -5,6 +5,6 @@ the byte-exact prompt layout (``prompts``), the sampling rules and output filter
 (``sampling``), padded batched generation (``generation``), the request batcher (``batching``),
 loading the model folder (``loader``) and splitting long text / joining the audio pieces
 (``longform``).
-Does not own: audio tokenisation (``tokenizer.py``), waveform synthesis (``decoder/``),
-request orchestration and timing (``tts_engine.py``).
+Does not own: audio tokenisation (``tokenizer/``), the audio-token layout (``core.audio_tokens``),
+waveform synthesis (``decoder/``), request orchestration and timing (``engine/step_audio.py``).
 """

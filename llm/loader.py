@@ -2,7 +2,7 @@
 
 Owns: ``AutoModelForCausalLM``/``AutoTokenizer`` loading with ``local_files_only=True`` (never a
 hub download), the end-of-answer ids and sampling defaults read from the folder, and turning
-load failures into :class:`errors.ModelError`.
+load failures into :class:`core.errors.ModelError`.
 Does not own: generation (``llm.generation``).
 
 ``trust_remote_code``: the released checkpoint is a ``Step1ForCausalLM`` whose modelling code

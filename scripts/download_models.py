@@ -4,8 +4,8 @@ Owns: fetching ``stepfun-ai/Step-Audio-Tokenizer`` and ``stepfun-ai/Step-Audio-E
 ``snapshot_download``, or the ModelScope equivalent) into ``<model_root>/<name>/``, and the integrity
 check of what is on disk: every file the engine needs is present and non-empty, sizes known in advance
 match, every file the hub lists has the hub's size, and the key weight files have the hub's SHA-256.
-Does not own: which files the engine needs (``tts_engine.REQUIRED_*``), where the model root is
-(``settings.py``: ``--model-root`` / ``STUDIO_MODEL_ROOT``), or loading the models.
+Does not own: which files the engine needs (``engine.select.REQUIRED_*``), where the model root is
+(``core/settings.py``: ``--model-root`` / ``STUDIO_MODEL_ROOT``), or loading the models.
 
 Usage::
 

@@ -1,4 +1,4 @@
-"""tts_engine.StepAudioEngine end to end on CPU with tiny random-weight models of the real layout.
+"""engine.step_audio.StepAudioEngine end to end on CPU with tiny random-weight models of the real layout.
 
 Covers clone and every edit type (24 kHz audio whose length follows from the generated tokens:
 5 ids = 120 ms = 2880 samples), the whole-prompt cache (a repeat is served without running the
@@ -8,7 +8,6 @@ and validation errors.
 """
 
 import dataclasses
-import threading
 
 import numpy as np
 import pytest
@@ -156,40 +155,21 @@ def test_edit_rounds_chain_and_going_back_is_free(engine, first_clone):
     assert set(report.namespaces) == {"tokens", "prompt_features"} == set(engine.prompt_namespaces())
 
 
-def test_concurrent_requests_with_one_new_clip_encode_it_once(engine):
+def test_concurrent_requests_with_one_new_clip_encode_it_once(engine, concurrently):
     clip = _fresh_clip(0.5)
     before = _calls(engine)
-    results = [None] * 3
-
-    def run(i):
-        results[i] = engine.clone(clip, PROMPT_TEXT, "Single flight.", seed=i)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results = concurrently(lambda i: engine.clone(clip, PROMPT_TEXT, "Single flight.", seed=i), [(0,), (1,), (2,)])
     after = _calls(engine)
     assert {k: after[k] - before[k] for k in after} == {"vq02": 1, "vq06": 1, "mel": 1, "emb": 1}
-    assert all(r is not None for r in results)
+    assert [r.seed for r in results] == [0, 1, 2]
 
 
-def test_concurrent_clones_are_batched_with_unbatched_output(engine, first_clone):
+def test_concurrent_clones_are_batched_with_unbatched_output(engine, first_clone, concurrently):
     texts = ["One fish.", "Two fish, red fish.", "Blue fish and a much longer line of text."]
     engine.scheduler.window_s = 1.0
     try:
-        batched = [None] * 3
-        barrier = threading.Barrier(3)
-
-        def run(i):
-            barrier.wait()
-            batched[i] = engine.clone(str(PROMPT_WAV), PROMPT_TEXT, texts[i], seed=100 + i)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        batched = concurrently(lambda i: engine.clone(str(PROMPT_WAV), PROMPT_TEXT, texts[i], seed=100 + i),
+                               [(0,), (1,), (2,)])
         assert engine.scheduler.batch_sizes[-1] == 3
         assert all(r.timings.counters["batch_size"] == 3 for r in batched)
     finally:
