@@ -28,13 +28,6 @@ EXAMPLE_TEXT = "The quiet harbour woke slowly as the first boats went out."
 
 
 @pytest.fixture(scope="module")
-def studio(tmp_path_factory):
-    server = start_studio(tmp_path_factory.mktemp("ui"), None)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def client(studio):
     return Client(studio.url + "/", verbose=False, download_files=False)
 
