@@ -109,10 +109,11 @@ class Handlers:
                 _text_check(target_text, "target text", limit), None, None, None, None]
 
     def validate_edit(self, edit_type, edit_info, new_text, seed, flow_steps, fmt, state):
-        """Gradio ``validator=`` of the edit event: there must be a result to edit."""
+        """Gradio ``validator=`` of the edit event: there must be a result to edit. (Reported on the edit
+        type: Gradio drops ``gr.State`` values from a validator's answer.)"""
         state = _copy_state(state)
-        return [None, None, None, None, None, None,
-                gr.validate(bool(state["items"]), "Clone something first: edits apply to the last result.")]
+        return [gr.validate(bool(state["items"]), "Clone something first: edits apply to the last result."),
+                None, None, None, None, None, None]
 
     # ------------------------------------------------------------------ engine events
 
