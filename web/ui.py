@@ -7,9 +7,9 @@ private).
 Does not own: what the buttons do (``web.ui_handlers``) or serving (``web.server``).
 
 Every engine event shares ``concurrency_id="engine"`` with ``settings.concurrency_limit``, so
-clones and edits from all sessions queue for the same slots; their cheap input checks run as
-Gradio ``validator=`` before a request is queued; cache and history events are cheap and skip the
-queue.
+clones and edits from all sessions queue for the same slots; cache and history events are cheap
+and skip the queue. (Gradio 6.17's ``validator=`` is not used: in the browser a second click of an
+event with a validator never runs, and a validator cannot see ``gr.State``.)
 """
 
 from __future__ import annotations
@@ -172,10 +172,10 @@ def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = Non
         dice.click(lambda: random.randrange(2**31), outputs=seed, **quick)
         clone_btn.click(guarded(h.clone), [prompt_audio, prompt_text, target_text, seed, flow_steps, fmt, state],
                         [out_audio, out_timings, out_summary, *result_outputs], api_name="clone",
-                        validator=h.validate_clone, **engine_events).then(h.cache_stats, outputs=cache_json, **quick)
+                        **engine_events).then(h.cache_stats, outputs=cache_json, **quick)
         edit_btn.click(guarded(h.edit), [edit_type, edit_info, para_text, seed, flow_steps, fmt, state],
                        [edit_audio, edit_timings, edit_summary, *result_outputs], api_name="edit",
-                       validator=h.validate_edit, **engine_events).then(h.cache_stats, outputs=cache_json, **quick)
+                       **engine_events).then(h.cache_stats, outputs=cache_json, **quick)
 
         def on_edit_type(kind: str):
             cap = by_type.get(kind)

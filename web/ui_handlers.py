@@ -3,9 +3,7 @@
 Owns: turning UI values into engine calls and results into what the page shows (an audio file,
 a stage-timings table, a one-line summary, the history chain), the per-session history state,
 the files of each result (a lossless float WAV that the next edit starts from, and the file in the
-chosen format that the page plays and offers for download), the cheap input checks that run
-before the queue (``validate_clone``/``validate_edit``, Gradio ``validator=``), and the UI's error
-policy: a ``StudioError`` becomes ``gr.Error`` with its message; anything else is logged with its
+chosen format that the page plays and offers for download), and the UI's error policy: a ``StudioError`` becomes ``gr.Error`` with its message; anything else is logged with its
 traceback and shown as a generic error naming the request id (the same id as the event's HTTP
 request and its ``timing`` log line: ``web.deps.run_engine_call`` runs every engine call).
 Does not own: the page layout and event wiring (``web.ui``).
@@ -39,7 +37,7 @@ from core.audio_io import encode_audio, encode_lossless
 from core.edit_options import EDIT_TYPES
 from core.errors import StudioError
 from core.settings import Settings
-from engine.contract import CloneOptions, Engine, Result, validate_text
+from engine.contract import CloneOptions, Engine, Result
 from web.deps import InternalError, jsonable, request_id, run_engine_call
 from web.metrics import Metrics
 
@@ -97,23 +95,6 @@ class Handlers:
         self.metrics = metrics or Metrics(engine.cache.stats)
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="studio-out-"))
         self.output_dir.mkdir(parents=True, exist_ok=True)
-
-    # ------------------------------------------------------------------ checks before the queue
-
-    def validate_clone(self, prompt_audio, prompt_text, target_text, seed, flow_steps, fmt, state):
-        """Gradio ``validator=`` of the clone event: the engine's cheap input rules, run before the
-        request takes a queue slot; one ``gr.validate`` (or None: not checked) per input."""
-        limit = self.settings.max_text_chars
-        return [gr.validate(bool(prompt_audio), "Upload or record a prompt clip first."),
-                _text_check(prompt_text, "prompt text (what the prompt clip says)", limit),
-                _text_check(target_text, "target text", limit), None, None, None, None]
-
-    def validate_edit(self, edit_type, edit_info, new_text, seed, flow_steps, fmt, state):
-        """Gradio ``validator=`` of the edit event: there must be a result to edit. (Reported on the edit
-        type: Gradio drops ``gr.State`` values from a validator's answer.)"""
-        state = _copy_state(state)
-        return [gr.validate(bool(state["items"]), "Clone something first: edits apply to the last result."),
-                None, None, None, None, None, None]
 
     # ------------------------------------------------------------------ engine events
 
@@ -257,14 +238,6 @@ def history_table(state: dict) -> str:
     lines += [f"| {item['n']} | {_cell(item['op'])} | {_cell(_short(item['text'], 60))} | {item['seed']} "
               f"| {item['ms']:.0f} |" for item in state["items"]]
     return "\n".join(lines)
-
-
-def _text_check(text: str | None, what: str, limit: int):
-    try:
-        validate_text(text, what, limit)
-    except StudioError as exc:
-        return gr.validate(False, str(exc))
-    return None
 
 
 def _cell(text: str) -> str:
