@@ -91,7 +91,7 @@ def main() -> None:
     features = decoder.prompt_features(load_audio(FIXTURES / "prompt_22k.wav"))
     rng = np.random.default_rng(0)
     prompt = mixed_tokens(38, rng)                       # 4.56 s of prompt tokens, like the fixture clip
-    decoder.token2wav(mixed_tokens(5, rng), prompt, features.mel, features.embedding, seed=0, n_steps=1)  # warm-up
+    decoder.token2wav(mixed_tokens(5, rng), prompt, features, seed=0, n_steps=1)  # warm-up
 
     rows = []
     for seconds in [float(s) for s in args.seconds.split(",")]:
@@ -104,7 +104,7 @@ def main() -> None:
             for rep in range(args.repeats):
                 timer = Timer()
                 start = time.perf_counter()
-                decoder.token2wav(tokens, prompt, features.mel, features.embedding, seed=rep, n_steps=steps,
+                decoder.token2wav(tokens, prompt, features, seed=rep, n_steps=steps,
                                   timer=timer)
                 runs.append(time.perf_counter() - start)
                 for k, v in timer.finish().stages_ms.items():

@@ -252,6 +252,14 @@ def media_type(fmt: str) -> str:
     return _MEDIA_TYPES[fmt]
 
 
+def encode_lossless(audio: Audio) -> bytes:
+    """A 32-bit float WAV holding ``audio``'s samples exactly (not clipped): what an edit chain keeps
+    as the next edit's input, so that it never re-decodes its own lossy download."""
+    buffer = io.BytesIO()
+    sf.write(buffer, audio.samples, audio.sample_rate, format="WAV", subtype="FLOAT")
+    return buffer.getvalue()
+
+
 def encode_audio(audio: Audio, fmt: str = "wav") -> bytes:
     """Encode for download/HTTP: wav (16-bit PCM), flac, mp3, opus (Ogg) or raw 16-bit little-endian pcm.
 

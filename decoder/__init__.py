@@ -5,22 +5,11 @@ Modules, one job each:
     encoder.py    upsampling conformer encoder (25 Hz tokens -> 50 Hz features)
     estimator.py  DiT velocity estimator of the flow-matching decoder
     flow.py       token embedding, speaker projection, Euler CFM solver with guidance
-    vocoder.py    HiFT vocoder (mel -> waveform) with its F0 predictor
+    vocoder.py    HiFT vocoder (mel -> waveform) with its F0 predictor and weight-norm key styles
     source.py     HiFT's harmonic-plus-noise source (and its random draws)
-    checkpoint.py reading .safetensors / .pt (weights_only) state dicts, strict loading
     frontend.py   prompt features: 24 kHz mel and CAM++ speaker embedding
     model.py      ``AudioDecoder``: loads the folder strictly, ``prompt_features``, ``token2wav``
 
-Importing the package loads nothing heavy; use ``from decoder.model import AudioDecoder``.
+Checkpoints are read and strictly loaded by ``core/checkpoint.py``; the token layout is
+``core/audio_tokens.py``. Use ``from decoder.model import AudioDecoder``.
 """
-
-__all__ = ["AudioDecoder"]
-
-
-def __getattr__(name: str):
-    # Lazy, so that ``import decoder.config`` does not pull in torch modules it does not need.
-    if name == "AudioDecoder":
-        from decoder.model import AudioDecoder
-
-        return AudioDecoder
-    raise AttributeError(f"module 'decoder' has no attribute {name!r}")

@@ -10,7 +10,7 @@ Does not own: the HiFT and mel hyper-parameters themselves (``decoder/vocoder.py
 
 Why not hyperpyyaml: ``load_hyperpyyaml`` imports and calls whatever class path the file names,
 so a model folder could run arbitrary code. Here a tag only records its class path and arguments;
-a path outside the table below is a :class:`errors.ModelError` that names it.
+a path outside the table below is a :class:`core.errors.ModelError` that names it.
 
 Only the top-level keys ``mel_conf``, ``flow`` and ``hift`` are read; anything else in the file
 (e.g. an ``llm`` or ``feat_extractor`` entry of other CosyVoice releases) is ignored, unevaluated.

@@ -35,6 +35,7 @@ import torch
 from core.audio_io import Audio, peak_limit, resample
 from core.errors import InputError, ModelError
 from core.onnx_session import OnnxOptions, create_session
+from core.timings import Timer
 
 log = logging.getLogger(__name__)
 
@@ -129,14 +130,21 @@ class PromptFrontend:
         need = max(need_24 / rate_24, _FBANK_WINDOW / SPEAKER_RATE)
         return int(np.ceil(need * sample_rate)) + 1
 
-    def features(self, audio: Audio) -> PromptFeatures:
+    def features(self, audio: Audio, timer: Timer | None = None) -> PromptFeatures:
         """Peak-limit to 0.6, then :meth:`mel` and :meth:`embedding` of the untrimmed clip.
+
+        ``timer``, when given, gets stages ``prompt_mel`` and ``speaker_embedding``.
 
         Raises:
             InputError: the clip is empty, too short for one frame, or not finite.
         """
+        timer = timer or Timer()
         samples = peak_limit(self._check(audio.samples, audio.sample_rate), PROMPT_PEAK)
-        features = PromptFeatures(self.mel(samples, audio.sample_rate), self.embedding(samples, audio.sample_rate))
+        with timer.stage("prompt_mel"):
+            mel = self.mel(samples, audio.sample_rate)
+        with timer.stage("speaker_embedding"):
+            embedding = self.embedding(samples, audio.sample_rate)
+        features = PromptFeatures(mel, embedding)
         log.debug("prompt features: %.2f s at %d Hz -> mel %s", audio.duration, audio.sample_rate, features.mel.shape)
         return features
 

@@ -1,12 +1,13 @@
 """The audio decoder as one object: load ``CosyVoice-300M-25Hz/``, then tokens -> 24 kHz speech.
 
-Owns: ``AudioDecoder`` (loading the folder strictly, prompt features, ``token2wav``), checking
-and reshaping the mixed token sequence exactly as the reference does, aligning the prompt mel,
+Owns: ``AudioDecoder`` (loading the folder strictly, prompt features, ``token2wav``), reshaping
+the mixed token sequence into 25 Hz frames exactly as the reference does, aligning the prompt mel,
 the reference's bf16 rounding of the prompt features, and where the randomness comes from
 (one ``torch.Generator`` per call, seeded by the caller).
 Does not own: the networks (``decoder/flow.py``, ``decoder/vocoder.py``), the prompt frontend
-(``decoder/frontend.py``), reading the yaml (``decoder/config.py``), the LLM id offset (callers
-pass mixed ids 0..5119, i.e. LLM id - 65536).
+(``decoder/frontend.py``), reading the yaml (``decoder/config.py``), the token layout and its
+slot check (``core.audio_tokens``; callers pass mixed ids 0..5119, i.e. LLM id - 65536), reading
+checkpoints (``core.checkpoint``).
 
 Shape legend:
     L  mixed tokens (5 per 120 ms group: 2 vq02 ids 0..1023, then 3 ids 1024 + vq06 in 1024..5119)
@@ -30,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from core.audio_io import Audio
-from decoder.checkpoint import load_state_dict_file, load_strict
+from core.audio_tokens import GROUP, VQ02_CODES, VQ02_SLOTS, check_mixed
+from core.checkpoint import find_weights, load_state_dict_file, load_strict
 from decoder.config import DecoderConfig, load_decoder_config
 from decoder.flow import FlowDecoder
 from decoder.frontend import PromptFeatures, PromptFrontend
@@ -42,46 +44,11 @@ from core.timings import Timer
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 24000
-GROUP = 5                      # mixed tokens per 120 ms group: [vq02, vq02, vq06, vq06, vq06]
-VQ02_SLOTS = 2
-VQ02_CODES = 1024              # vq02 ids 0..1023; 1024 is also the vq02 pad of the third 25 Hz slot
-MIXED_VOCAB = 5120             # 1024 vq02 + 4096 vq06 ids
+VQ02_PAD = VQ02_CODES          # the vq02 column's pad in the third 25 Hz frame of each group
 MAX_MEL_FRAMES = 30000         # the reference's noise buffer: 50 Hz x 600 s, prompt + generated
 # Upstream pads a ragged tail with the end of this list: vq02 slots get 0, vq06 slots 1024 (code 0).
 _TAIL_PAD = (0, 0, 0, 1024, 1024, 1024)
 HIFT_DRAW_NAMES = ("rand_ini", "sine_noise", "uv_noise")
-
-
-def check_mixed_tokens(tokens: Sequence[int] | np.ndarray | torch.Tensor, what: str = "tokens") -> list[int]:
-    """The ids as a list, after checking them; the reference checked none of this.
-
-    Raises:
-        InputError: empty, not integers, outside 0..5119 (LLM ids need - 65536), or an id of the
-            wrong codebook for its slot (slots 0-1 of each group of 5 are vq02 < 1024, slots 2-4
-            are 1024 + vq06); the message names the first offending position.
-    """
-    array = tokens.detach().cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
-    if array.size == 0:
-        raise InputError(f"{what} is empty: there is nothing to decode")
-    if array.ndim == 2 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 1:
-        raise InputError(f"{what} must be a flat sequence of ids, got shape {tuple(array.shape)}")
-    if not np.issubdtype(array.dtype, np.integer):
-        raise InputError(f"{what} must hold integer ids, got {array.dtype}")
-    bad = np.flatnonzero((array < 0) | (array >= MIXED_VOCAB))
-    if bad.size:
-        i = int(bad[0])
-        hint = " (LLM audio ids start at 65536; subtract it)" if array[i] >= 65536 else ""
-        raise InputError(f"{what}[{i}] = {int(array[i])} is not an audio token id 0..{MIXED_VOCAB - 1}{hint}")
-    slot = np.arange(array.size) % GROUP
-    wrong = np.flatnonzero((slot < VQ02_SLOTS) != (array < VQ02_CODES))
-    if wrong.size:
-        i = int(wrong[0])
-        kind = "a vq02 id (0..1023)" if slot[i] < VQ02_SLOTS else "a vq06 id (1024..5119)"
-        raise InputError(f"{what}[{i}] = {int(array[i])} is in slot {slot[i]} of its group of 5, which must "
-                         f"hold {kind}; groups are [vq02, vq02, vq06, vq06, vq06]")
-    return [int(x) for x in array]
 
 
 def reshape_mixed_tokens(mixed: Sequence[int]) -> torch.Tensor:
@@ -95,7 +62,7 @@ def reshape_mixed_tokens(mixed: Sequence[int]) -> torch.Tensor:
     if len(seq) % GROUP:
         seq += list(_TAIL_PAD[-(GROUP - len(seq) % GROUP):])
     groups = torch.tensor(seq, dtype=torch.long).view(-1, GROUP)
-    vq02 = torch.cat([groups[:, :VQ02_SLOTS], torch.full_like(groups[:, :1], VQ02_CODES)], dim=1)
+    vq02 = torch.cat([groups[:, :VQ02_SLOTS], torch.full_like(groups[:, :1], VQ02_PAD)], dim=1)
     vq06 = groups[:, VQ02_SLOTS:] + 1
     return torch.stack([vq02.reshape(-1), vq06.reshape(-1)], dim=1)
 
@@ -117,13 +84,6 @@ def bf16_round(x: torch.Tensor) -> torch.Tensor:
     output matches it. bf16 keeps about 3 significant digits; the difference is inaudible.
     """
     return x.to(torch.bfloat16).to(torch.float32)
-
-
-def _find(folder: Path, stem: str) -> Path:
-    for suffix in (".safetensors", ".pt"):
-        if (folder / (stem + suffix)).is_file():
-            return folder / (stem + suffix)
-    raise ModelError(f"{folder} has neither {stem}.safetensors nor {stem}.pt")
 
 
 def _as_float_tensor(x, shape_hint: str, what: str) -> torch.Tensor:
@@ -175,7 +135,7 @@ class AudioDecoder:
             raise ModelError(f"{folder} has no campplus.onnx")
         device = torch.device(device)
         config = load_decoder_config(folder / "cosyvoice.yaml")
-        flow_path, hift_path = _find(folder, "flow"), _find(folder, "hift")
+        flow_path, hift_path = find_weights(folder, "flow"), find_weights(folder, "hift")
         # Built on the meta device and given uninitialised storage: no 154 M-parameter random
         # init and no use of the global RNG; every tensor is then overwritten by the strict load.
         with torch.device("meta"):
@@ -185,7 +145,7 @@ class AudioDecoder:
         flow = flow.to(device=device, dtype=dtype).eval()
         with torch.random.fork_rng(devices=[]):  # the vocoder's default init must not move the global RNG
             hift = HiFTGenerator(config.hift)
-        load_hift_state_dict(hift, load_state_dict_file(hift_path))
+        load_hift_state_dict(hift, load_state_dict_file(hift_path), f"hift ({hift_path.name})")
         hift.fold_weight_norm()  # weights are fixed from here on: no per-call renormalisation
         hift = hift.to(device=device, dtype=torch.float32).eval()
         frontend = PromptFrontend(config.mel, folder / "campplus.onnx", onnx_options)
@@ -205,18 +165,17 @@ class AudioDecoder:
         return self.frontend.features(audio)
 
     @torch.inference_mode()
-    def token2wav(self, tokens, prompt_tokens, prompt_mel, speaker_embedding, seed: int | None = None,
+    def token2wav(self, tokens, prompt_tokens, prompt: PromptFeatures, seed: int | None = None,
                   n_steps: int | None = None, *, noise: torch.Tensor | None = None,
-                  hift_draws: Mapping[str, torch.Tensor] | None = None,
-                  timer: Timer | None = None) -> tuple[np.ndarray, int]:
+                  hift_draws: Mapping[str, torch.Tensor] | None = None, timer: Timer | None = None) -> Audio:
         """Speech for ``tokens`` in the voice of the prompt.
 
         Parameters:
-            tokens: generated mixed ids [L] in 0..5119 (LLM ids - 65536), groups of 5 as in the legend;
-                a ragged tail is padded as the reference does.
+            tokens: generated mixed ids [L] in 0..5119 (LLM ids - 65536, ``core.audio_tokens``),
+                groups of 5 as in the legend; a ragged tail is padded as the reference does.
             prompt_tokens: the prompt clip's mixed ids [Lp], same format.
-            prompt_mel: [Tm, 80] float mel of the prompt (``PromptFeatures.mel``; [1, Tm, 80] accepted).
-            speaker_embedding: [192] CAM++ embedding ([1, 192] accepted).
+            prompt: the prompt's :class:`PromptFeatures`: ``mel`` [Tm, 80] float ([1, Tm, 80]
+                accepted) and the CAM++ ``embedding`` [192] ([1, 192] accepted).
             seed: seeds the call's generator (flow noise, then vocoder draws); None: a fresh seed.
             n_steps: Euler steps (default: the decoder's, 10); fewer is faster and rougher.
             noise: [1, 80, >= M] initial flow noise to use instead of drawing it (tests, reproduction).
@@ -224,28 +183,28 @@ class AudioDecoder:
                 ``uv_noise`` [1, N, 1] instead of drawing them.
             timer: when given, gets stages ``decoder_encoder``, ``decoder_flow``, ``decoder_vocoder``.
         Returns:
-            (float32 waveform [480·2·T3_gen] in [-0.99, 0.99], 24000).
+            :class:`Audio` at 24 kHz: float32 [480·2·T3_gen] in [-0.99, 0.99].
         Raises:
-            InputError: bad ids (see :func:`check_mixed_tokens`), bad prompt arrays, n_steps < 1, or
-                prompt + output longer than the 600 s the decoder supports.
+            InputError: bad ids (see ``core.audio_tokens.check_mixed``), bad prompt arrays,
+                n_steps < 1, or prompt + output longer than the 600 s the decoder supports.
         """
-        gen = reshape_mixed_tokens(check_mixed_tokens(tokens, "tokens"))
-        prompt = reshape_mixed_tokens(check_mixed_tokens(prompt_tokens, "prompt_tokens"))
+        gen = reshape_mixed_tokens(check_mixed(tokens, "tokens"))
+        prompt_ids = reshape_mixed_tokens(check_mixed(prompt_tokens, "prompt_tokens"))
         steps = self.n_steps if n_steps is None else int(n_steps)
         if steps < 1:
             raise InputError(f"n_steps must be at least 1, not {steps}")
         up = self.flow.up_rate
-        m_prompt, m_gen = up * prompt.size(0), up * gen.size(0)
+        m_prompt, m_gen = up * prompt_ids.size(0), up * gen.size(0)
         if m_prompt + m_gen > MAX_MEL_FRAMES:
             raise InputError(f"prompt plus output would be {(m_prompt + m_gen) / 50:.1f} s; the decoder supports "
                              f"at most {MAX_MEL_FRAMES / 50:.0f} s in one call")
-        mel = _as_float_tensor(prompt_mel, "[T, 80]", "prompt_mel")
+        mel = _as_float_tensor(prompt.mel, "[T, 80]", "prompt_mel")
         if mel.ndim == 3 and mel.size(0) == 1:
             mel = mel[0]
         n_mels = self.config.flow.output_size
         if mel.ndim != 2 or mel.size(1) != n_mels or mel.size(0) == 0:
             raise InputError(f"prompt_mel must have shape [T, {n_mels}] with T > 0, got {tuple(mel.shape)}")
-        emb = _as_float_tensor(speaker_embedding, "[192]", "speaker_embedding").reshape(1, -1)
+        emb = _as_float_tensor(prompt.embedding, "[192]", "speaker_embedding").reshape(1, -1)
         if emb.size(1) != self.config.flow.spk_embed_dim:
             raise InputError(f"speaker_embedding must have {self.config.flow.spk_embed_dim} values, got {emb.size(1)}")
         if not emb.abs().sum() > 0:
@@ -270,7 +229,7 @@ class AudioDecoder:
         sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
         with timer.stage("decoder_encoder"):
             spks = self.flow.project_speaker(bf16_round(emb).to(**to_flow))
-            mu = self.flow.encode(torch.cat([prompt, gen]).unsqueeze(0).to(self.device))
+            mu = self.flow.encode(torch.cat([prompt_ids, gen]).unsqueeze(0).to(self.device))
             sync()
         with timer.stage("decoder_flow"):
             cond = align_prompt_mel(bf16_round(mel), m_prompt).to(**to_flow)
@@ -285,4 +244,4 @@ class AudioDecoder:
         expected = m_gen * self.samples_per_frame
         if audio.size != expected or not np.isfinite(audio).all():
             raise ModelError(f"the vocoder produced {audio.size} samples (expected {expected}) or non-finite values")
-        return np.ascontiguousarray(audio), SAMPLE_RATE
+        return Audio(audio, SAMPLE_RATE)

@@ -2,8 +2,9 @@
 
 Owns: the HiFT configuration, the F0 predictor, the filter network (conv_pre, transposed-conv
 up-sampling fused with the source's STFT, Snake resblocks, conv_post, iSTFT) and loading its
-checkpoint strictly. Does not own: the harmonic source (``decoder/source.py``), reading files
-(``decoder/checkpoint.py``) or the flow that produces the mel.
+checkpoint strictly, in any weight-norm key style. Does not own: the harmonic source
+(``decoder/source.py``), reading files and the strict-load rules (``core/checkpoint.py``) or the
+flow that produces the mel.
 
 Shape legend:
     B  batch
@@ -32,7 +33,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
-from decoder.checkpoint import load_strict, normalize_weight_norm_keys
+from core.checkpoint import load_strict
 from decoder.source import SourceModuleHnNSF2, draw_source_noise
 from core.errors import InputError, ModelError
 
@@ -309,12 +310,45 @@ class HiFTGenerator(nn.Module):
         return self
 
 
-def load_hift_state_dict(module: HiFTGenerator, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Load a HiFT checkpoint strictly, in any weight-norm key style.
+# Weight-norm key styles. torch >= 2.1's ``parametrizations.weight_norm`` saves g/v as
+# ``<conv>.parametrizations.weight.original0/1``; the older ``nn.utils.weight_norm`` saves
+# ``<conv>.weight_g``/``<conv>.weight_v``; a checkpoint whose norm was folded away has ``<conv>.weight``.
+_PARAM_G = ".parametrizations.weight.original0"
+_PARAM_V = ".parametrizations.weight.original1"
+
+
+def normalize_weight_norm_keys(state_dict: Mapping[str, torch.Tensor],
+                               expected_keys: set[str]) -> dict[str, torch.Tensor]:
+    """Rewrite any weight-norm key style into the parametrization style used in ``expected_keys``.
+
+    ``weight_g``/``weight_v`` are renamed (same tensors, same shapes). A folded ``<conv>.weight``
+    where the model expects g/v is split back exactly: v = w, g = ||w|| over all but dim 0, which
+    makes ``g * v / ||v||`` equal ``w``. Keys that need no change are passed through.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.endswith(".weight_g"):
+            out[key[: -len(".weight_g")] + _PARAM_G] = value
+        elif key.endswith(".weight_v"):
+            out[key[: -len(".weight_v")] + _PARAM_V] = value
+        elif key.endswith(".weight") and key not in expected_keys and key[: -len(".weight")] + _PARAM_V in expected_keys:
+            stem = key[: -len(".weight")]
+            dims = tuple(range(1, value.dim()))
+            out[stem + _PARAM_V] = value
+            out[stem + _PARAM_G] = torch.linalg.vector_norm(value.float(), dim=dims, keepdim=True).to(value.dtype)
+        else:
+            out[key] = value
+    return out
+
+
+def load_hift_state_dict(module: HiFTGenerator, state_dict: Mapping[str, torch.Tensor], name: str = "HiFT") -> None:
+    """Load a HiFT checkpoint strictly (``core.checkpoint.load_strict``), in any weight-norm key style.
+
+    ``name`` starts the error messages; pass the file, e.g. ``"hift (hift.pt)"``.
 
     Raises:
         ModelError: missing/unexpected keys (listed) or tensors of the wrong shape.
     """
     expected = set(module.state_dict())
-    load_strict(module, normalize_weight_norm_keys(state_dict, expected), "HiFT")
+    load_strict(module, normalize_weight_norm_keys(state_dict, expected), name)
     log.debug("loaded HiFT weights (%d tensors)", len(expected))

@@ -1,43 +1,41 @@
-"""Whole-prompt bundles: everything the engine derives from a prompt clip, computed at most once.
+"""Whole-prompt bundles: what the Step-Audio engine derives from a prompt clip, computed at most once.
 
-Owns: the frozen ``PromptBundle`` (tokens + decoder prompt features + digest), fetching it
-cache-first (tokens through the tokenizer's own cache kind ``tokens``, features as kind
-``prompt_features`` with the mel and embedding in the binary sidecar), single-flight per digest
-so that concurrent requests with the same new clip encode it once, and the per-stage timing of
-that work.
-Does not own: the models (``tokenizer.py``, ``decoder/``), cache mechanics (``funasr_cache``).
+Owns: the frozen ``PromptBundle`` (tokens + decoder prompt features + digest), the two prompt
+kinds ``tokens`` and ``prompt_features`` (what a stored entry holds, their cache namespaces),
+and fetching both through the one cache-first helper ``engine.prompt_fetch.fetch_prompt`` (the
+preview engine's voice profile goes through it too). Single-flight is the cache's
+(``PromptCache.get_or_compute``): N concurrent requests with one new clip compute each kind once.
+Does not own: the models (``tokenizer/``, ``decoder/``), the fetch policy and its timing
+(``engine.prompt_fetch``), cache mechanics (``prompt_cache``).
 
-Cache namespaces: tokens use the tokenizer's namespace; prompt features use
+Cache namespaces: tokens use ``Step-Audio-Tokenizer@<SHA-256 fingerprint of its model files>/v<tokenizer
+PREPROCESS_VERSION>/<numerics class>``; prompt features use
 ``CosyVoice-300M-25Hz-frontend@<fingerprint of cosyvoice.yaml + campplus.onnx>/v<FEATURES_VERSION>``
-(the fingerprint is over file contents), so editing ``mel_conf`` or swapping CAM++ invalidates them.
+(fingerprints are over file contents), so editing ``mel_conf`` or swapping CAM++ invalidates them.
+
+Stages added to the request's timer: ``cache_lookup`` (see ``engine.prompt_fetch``), and when
+computed ``tokenize_preprocess/vq02/vq06/merge`` (tokens) and ``prompt_mel``,
+``speaker_embedding`` (features); served from the cache, ``tokenize_vq02/vq06`` and
+``prompt_mel``/``speaker_embedding`` are recorded at 0 ms and marked cached.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from core.audio_io import Audio, peak_limit
-from decoder.frontend import PROMPT_PEAK, PromptFeatures
-from prompt_cache.funasr_cache import PromptCache, fingerprint_files, make_namespace
+from core.audio_io import Audio
 from core.timings import Timer
-from tokenizer.step_audio import Tokens
-
-log = logging.getLogger(__name__)
+from decoder.frontend import PromptFeatures
+from engine.prompt_fetch import PromptKind, fetch_prompt
+from prompt_cache.funasr_cache import CacheEntry, PromptCache, fingerprint_files, make_namespace
+from tokenizer.step_audio import PREPROCESS_VERSION, Tokens
 
 FEATURES_KIND = "prompt_features"
 TOKENS_KIND = "tokens"
 FEATURES_VERSION = 1   # bump when the frontend's output changes for the same files
-# Tokenizer stage -> engine stage name. Its lookup adds to ours; its hash is skipped (we pass the
-# digest, computed once per request by the engine).
-_TOKENIZER_STAGES = {"preprocess": "tokenize_preprocess", "vq02_encode": "tokenize_vq02",
-                     "vq06_encode": "tokenize_vq06", "merge": "tokenize_merge", "cache_lookup": "cache_lookup"}
-
 
 @dataclass(frozen=True)
 class PromptBundle:
@@ -52,6 +50,14 @@ class PromptBundle:
             raise ValueError("PromptBundle.tokens has no whole token group")
 
 
+def tokens_namespace(tokenizer, memo_dir: Path | None = None, numerics: str = "") -> str:
+    """Cache namespace of the tokens of a ``tokenizer.step_audio.StepAudioTokenizer``: content-keyed
+    (``memo_dir`` is the cache folder holding the file-hash memo) and, since TF32 can flip vq02 codes,
+    tagged with the numerics class (``core.devices.numerics_class``) the tokens were computed under."""
+    return make_namespace(tokenizer.folder.name, fingerprint_files(tokenizer.model_files, memo_dir=memo_dir),
+                          PREPROCESS_VERSION, numerics)
+
+
 def features_namespace(decoder_folder: Path, memo_dir: Path | None = None) -> str:
     """Cache namespace of the prompt features computed from ``decoder_folder``'s frontend files
     (content-keyed; ``memo_dir`` is the cache folder holding the file-hash memo). No numerics
@@ -62,97 +68,80 @@ def features_namespace(decoder_folder: Path, memo_dir: Path | None = None) -> st
                           FEATURES_VERSION)
 
 
+def tokens_kind(tokenizer, namespace: str | None = None) -> PromptKind[Tokens]:
+    """The ``tokens`` prompt kind of a tokenizer: ``{"vq02": [...], "vq06": [...]}``, no arrays.
+    ``namespace`` defaults to :func:`tokens_namespace` without memo or numerics class."""
+    return PromptKind(TOKENS_KIND, namespace or tokens_namespace(tokenizer), lambda audio, timer: tokenizer.tokenize(audio, timer),
+                      _tokens_entry, _tokens_from_entry, hit_stages=("tokenize_vq02", "tokenize_vq06"))
+
+
+def features_kind(frontend, namespace: str) -> PromptKind[PromptFeatures]:
+    """The ``prompt_features`` kind of a decoder frontend: ``{"frames": T}`` + arrays ``mel``, ``embedding``."""
+    return PromptKind(FEATURES_KIND, namespace, lambda audio, timer: frontend.features(audio, timer),
+                      _features_entry, _features_from_entry, hit_stages=("prompt_mel", "speaker_embedding"))
+
+
+def _tokens_entry(tokens: Tokens):
+    return {"vq02": list(tokens.vq02), "vq06": list(tokens.vq06)}, None
+
+
+def _tokens_from_entry(entry: CacheEntry) -> Tokens:
+    tokens = Tokens(tuple(entry.payload["vq02"]), tuple(entry.payload["vq06"]))
+    if tokens.n_groups == 0:  # never stored by us; a bundle cannot be built from it
+        raise ValueError("no whole token group")
+    return tokens
+
+
+def _features_entry(features: PromptFeatures):
+    mel = np.ascontiguousarray(features.mel, dtype=np.float32)
+    embedding = np.ascontiguousarray(features.embedding, dtype=np.float32)
+    return {"frames": int(mel.shape[0])}, {"mel": mel, "embedding": embedding}
+
+
+def _features_from_entry(entry: CacheEntry) -> PromptFeatures:
+    mel = np.asarray(entry.arrays["mel"], dtype=np.float32)
+    embedding = np.asarray(entry.arrays["embedding"], dtype=np.float32).reshape(-1)
+    if mel.ndim != 2 or mel.shape[0] != int(entry.payload["frames"]) or embedding.size == 0:
+        raise ValueError(f"shapes {mel.shape} / {embedding.shape}")
+    return PromptFeatures(mel, embedding)
+
+
 class PromptBundler:
     """Builds :class:`PromptBundle` objects cache-first; thread-safe.
 
     Parameters:
-        tokenizer: a ``tokenizer.StepAudioTokenizer`` (it caches its tokens itself).
-        frontend: the decoder's ``PromptFrontend`` (``mel``, ``embedding``).
-        cache: the prompt cache for the features.
-        namespace: :func:`features_namespace` of the decoder folder.
+        tokenizer: a ``tokenizer.step_audio.StepAudioTokenizer`` (pure: it never sees the cache).
+        frontend: the decoder's ``PromptFrontend`` (its ``features`` computes mel + embedding).
+        cache: the prompt cache.
+        namespace: :func:`features_namespace` of the decoder folder (the tokens' namespace comes
+            from the tokenizer's files, :func:`tokens_namespace`).
+        numerics: the numerics class the tokenizer runs under (``core.devices.numerics_class``).
     """
 
-    def __init__(self, tokenizer, frontend, cache: PromptCache, namespace: str) -> None:
+    def __init__(self, tokenizer, frontend, cache: PromptCache, namespace: str, numerics: str = "") -> None:
         self.tokenizer = tokenizer
         self.frontend = frontend
         self.cache = cache
         self.namespace = namespace
-        self._guard = threading.Lock()
-        self._inflight: dict[str, list] = {}   # digest -> [lock, users]
+        self.tokens_kind = tokens_kind(tokenizer, tokens_namespace(tokenizer, getattr(cache, "root", None), numerics))
+        self.features_kind = features_kind(frontend, namespace)
 
     @property
     def namespaces(self) -> dict[str, str]:
-        return {TOKENS_KIND: self.tokenizer.namespace, FEATURES_KIND: self.namespace}
+        return {TOKENS_KIND: self.tokens_kind.namespace, FEATURES_KIND: self.features_kind.namespace}
 
     def bundle(self, audio: Audio, digest: str, timer: Timer) -> tuple[PromptBundle, frozenset[str]]:
         """The bundle of ``audio`` (decoded, any rate) whose digest is ``digest``.
 
-        Stages added to ``timer``: cache_lookup, and on a miss tokenize_* / prompt_mel /
-        speaker_embedding / cache_store; stages served from the cache are recorded at 0 ms and
-        marked cached. Returns (bundle, the kinds that came from the cache).
+        Stages added to ``timer``: see the module docstring; ``cache_lookup`` is marked cached
+        when both kinds were hits. Returns (bundle, the kinds that came from the cache).
 
         Raises:
             InputError: the clip is unusable (silent, too short). ModelError: a model misbehaved.
         """
-        with self._guard:
-            slot = self._inflight.setdefault(digest, [threading.Lock(), 0])
-            slot[1] += 1
-        try:
-            with slot[0]:   # single-flight: a second request for this clip waits, then hits the cache
-                return self._bundle(audio, digest, timer)
-        finally:
-            with self._guard:
-                slot[1] -= 1
-                if slot[1] == 0:
-                    del self._inflight[digest]
-
-    def _bundle(self, audio: Audio, digest: str, timer: Timer) -> tuple[PromptBundle, frozenset[str]]:
-        result = self.tokenizer.tokenize(audio, digest)
-        for name, ms in result.timings.stages_ms.items():
-            if name in _TOKENIZER_STAGES:
-                timer.record(_TOKENIZER_STAGES[name], ms)
-        hits = set()
-        if result.hit:
-            hits.add(TOKENS_KIND)
-            timer.record("tokenize_vq02", 0.0, cached=True)
-            timer.record("tokenize_vq06", 0.0, cached=True)
-        with timer.stage("cache_lookup"):
-            features = _features_from_entry(self.cache.get(FEATURES_KIND, self.namespace, digest))
-        if features is not None:
-            hits.add(FEATURES_KIND)
-            timer.record("prompt_mel", 0.0, cached=True)
-            timer.record("speaker_embedding", 0.0, cached=True)
-        else:
-            features = self._compute_features(audio, digest, timer)
-        if hits == {TOKENS_KIND, FEATURES_KIND}:
+        tokens, tokens_hit = fetch_prompt(self.cache, self.tokens_kind, audio, digest, timer)
+        features, features_hit = fetch_prompt(self.cache, self.features_kind, audio, digest, timer)
+        hits = frozenset(k for k, hit in ((TOKENS_KIND, tokens_hit), (FEATURES_KIND, features_hit)) if hit)
+        if len(hits) == 2:
             timer.mark_cached("cache_lookup")
-        return PromptBundle(result.tokens, features, digest), frozenset(hits)
-
-    def _compute_features(self, audio: Audio, digest: str, timer: Timer) -> PromptFeatures:
-        start = time.perf_counter()
-        samples = peak_limit(audio.samples, PROMPT_PEAK)   # the reference limits the flow prompt to 0.6
-        with timer.stage("prompt_mel"):
-            mel = np.ascontiguousarray(self.frontend.mel(samples, audio.sample_rate), dtype=np.float32)
-        with timer.stage("speaker_embedding"):
-            embedding = np.ascontiguousarray(self.frontend.embedding(samples, audio.sample_rate), dtype=np.float32)
-        features = PromptFeatures(mel, embedding)
-        with timer.stage("cache_store"):
-            self.cache.put(FEATURES_KIND, self.namespace, digest, {"frames": int(mel.shape[0])},
-                           time.perf_counter() - start, arrays={"mel": mel, "embedding": embedding})
-        return features
-
-
-def _features_from_entry(entry) -> PromptFeatures | None:
-    """Features of a cache entry, or None when absent or malformed (then they are recomputed)."""
-    if entry is None:
-        return None
-    try:
-        mel = np.asarray(entry.arrays["mel"], dtype=np.float32)
-        embedding = np.asarray(entry.arrays["embedding"], dtype=np.float32).reshape(-1)
-        if mel.ndim != 2 or mel.shape[0] != int(entry.payload["frames"]) or embedding.size == 0:
-            raise ValueError(f"shapes {mel.shape} / {embedding.shape}")
-    except (KeyError, TypeError, ValueError) as exc:
-        log.warning("ignoring a malformed prompt_features cache entry %s: %s", entry.digest[:12], exc)
-        return None
-    return PromptFeatures(mel, embedding)
-
+        return PromptBundle(tokens, features, digest), hits

@@ -17,7 +17,8 @@ from typing import Mapping
 import torch
 
 from core.audio_io import Audio, AudioSource, load_audio
-from core.devices import configure_tf32, resolve_device, resolve_dtype
+from core.audio_tokens import from_llm_ids
+from core.devices import configure_tf32, numerics_class, resolve_device, resolve_dtype
 from core.edit_options import EDIT_TYPES
 from core.errors import ModelError, StudioError
 from core.onnx_session import OnnxOptions
@@ -32,7 +33,7 @@ from llm.native import NativeBackend, answer_rules
 from llm.step1 import Step1Config
 from llm.vllm_backend import create_vllm_backend
 from llm.longform import crossfade_join, split_text
-from llm.prompts import AUDIO_ID_OFFSET, clone_prompt_ids, clone_speaker_id, edit_instruction, edit_prompt_ids
+from llm.prompts import clone_prompt_ids, clone_speaker_id, edit_instruction, edit_prompt_ids
 from llm.sampling import audio_answer
 from prompt_cache.funasr_cache import audio_digest
 from tokenizer.step_audio import StepAudioTokenizer
@@ -71,12 +72,13 @@ class StepAudioEngine(Engine):
             raise ModelError(str(exc)) from None
         configure_tf32(settings.tf32)
         decoder_dir = settings.editx_dir / DECODER_SUBDIR
-        self.tokenizer = StepAudioTokenizer.load(settings.tokenizer_dir, settings, cache, self.device)
-        self.decoder = AudioDecoder.from_dir(decoder_dir, self.device, self.dtype,
-                                             OnnxOptions.from_settings(settings, use_cuda=self.device.type == "cuda"),
+        onnx_options = OnnxOptions.from_settings(settings, use_cuda=self.device.type == "cuda")
+        self.tokenizer = StepAudioTokenizer.load(settings.tokenizer_dir, onnx_options, self.device)
+        self.decoder = AudioDecoder.from_dir(decoder_dir, self.device, self.dtype, onnx_options,
                                              n_steps=settings.flow_steps)
         self.llm_backend = _create_llm_backend(settings, self.device, self.dtype)
-        self.bundler = PromptBundler(self.tokenizer, self.decoder.frontend, cache, features_namespace(decoder_dir, cache.root))
+        self.bundler = PromptBundler(self.tokenizer, self.decoder.frontend, cache, features_namespace(decoder_dir, cache.root),
+                                     numerics_class(self.device, settings.tf32))
         self._capabilities = tuple(EditCapability(t, opts) for t, opts in EDIT_TYPES.items())
         log.info("Step-Audio-EditX engine ready in %.1f s on %s (%s); LLM: %s",
                  time.perf_counter() - started, self.device, str(self.dtype).replace("torch.", ""),
@@ -192,10 +194,10 @@ class StepAudioEngine(Engine):
                 generated += len(out.answer)
                 ids = audio_answer(out.answer, self.llm_backend.eos_ids)
                 with timer.stage("token2wav"):
-                    wav, rate = self.decoder.token2wav([t - AUDIO_ID_OFFSET for t in ids], bundle.tokens.mixed,
-                                                       bundle.features.mel, bundle.features.embedding,
-                                                       seed=chunk_seed, n_steps=options.flow_steps)
-                pieces.append(wav)
+                    wav = self.decoder.token2wav(from_llm_ids(ids), bundle.tokens.mixed, bundle.features,
+                                                 seed=chunk_seed, n_steps=options.flow_steps)
+                pieces.append(wav.samples)
+                rate = wav.sample_rate
                 all_ids += ids
                 progress((i + 1) / n, f"chunk {i + 1}/{n}" if n > 1 else "generated")
         finally:
@@ -221,24 +223,24 @@ class StepAudioEngine(Engine):
 
 
 def _log_request(kind: str, t: StageTimings, digest: str) -> None:
-    """One summary block per request. The greppable ``timing`` line is the edge's (UI / HTTP), which
-    knows the request id the client sees; here it is only logged at DEBUG for direct engine use."""
+    """One summary block per request, at DEBUG: the one INFO line per request is the edge's ``timing``
+    line (UI / HTTP), which knows the request id the client sees."""
     req = secrets.token_hex(2)
     ms = t.stages_ms
     prompt_ms = sum(v for k, v in ms.items() if k.startswith(("tokenize_", "prompt_mel", "speaker_embedding",
                                                                "cache_")))
     hit = "cache hit" if "cache_lookup" in t.cached else "computed"
     c = t.counters
-    log.info("%s req=%s\nTotal time: %.3f s (%.2f s of audio, RTF %.3f)\n"
-             " - Load audio (decode + hash): %.1f ms\n"
-             " - Prompt bundle %s (%s): %.1f ms\n"
-             " - %s: prompt build %.1f ms, LLM queue %.1f ms, prefill %.1f ms, decode %.1f ms "
-             "(%d tokens, %.1f tokens/s, batch %d, %d chunk(s)), token2wav %.1f ms",
-             kind, req, t.total_ms / 1000.0, c.get("audio_s", 0.0), t.rtf,
-             ms.get("decode_audio", 0.0) + ms.get("hash", 0.0), digest[:12], hit, prompt_ms,
-             kind.capitalize(), ms.get("prompt_build", 0.0), ms.get("llm_queue", 0.0), ms.get("llm_prefill", 0.0),
-             ms.get("llm_decode", 0.0), int(c.get("llm_tokens", 0)), c.get("tokens_per_s", 0.0),
-             int(c.get("batch_size", 0)), int(c.get("chunks", 0)), ms.get("token2wav", 0.0))
+    log.debug("%s req=%s\nTotal time: %.3f s (%.2f s of audio, RTF %.3f)\n"
+              " - Load audio (decode + hash): %.1f ms\n"
+              " - Prompt bundle %s (%s): %.1f ms\n"
+              " - %s: prompt build %.1f ms, LLM queue %.1f ms, prefill %.1f ms, decode %.1f ms "
+              "(%d tokens, %.1f tokens/s, batch %d, %d chunk(s)), token2wav %.1f ms",
+              kind, req, t.total_ms / 1000.0, c.get("audio_s", 0.0), t.rtf,
+              ms.get("decode_audio", 0.0) + ms.get("hash", 0.0), digest[:12], hit, prompt_ms,
+              kind.capitalize(), ms.get("prompt_build", 0.0), ms.get("llm_queue", 0.0), ms.get("llm_prefill", 0.0),
+              ms.get("llm_decode", 0.0), int(c.get("llm_tokens", 0)), c.get("tokens_per_s", 0.0),
+              int(c.get("batch_size", 0)), int(c.get("chunks", 0)), ms.get("token2wav", 0.0))
     log.debug("%s", t.log_line(kind.split(":")[0], req))
 
 

@@ -6,6 +6,6 @@ the byte-exact prompt layout (``prompts``), the sampling rules and output filter
 strict safetensors loader (``checkpoint``), the tokenizer read as data (``text_tokenizer``), the
 continuous-batching decode loop (``native``), and splitting long text / joining the audio pieces
 (``longform``).
-Does not own: audio tokenisation (``tokenizer/``), waveform synthesis (``decoder/``),
-request orchestration and timing (``engine/``).
+Does not own: audio tokenisation (``tokenizer/``), the audio-token layout (``core.audio_tokens``),
+waveform synthesis (``decoder/``), request orchestration and timing (``engine/step_audio.py``).
 """

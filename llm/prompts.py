@@ -1,10 +1,11 @@
 """Prompt templates and the token-id layout of Step-Audio-EditX clone and edit prompts.
 
 Owns: the system prompts and edit instructions (as data, byte-exact to what the model was
-trained on, odd spacing included), the ``<audio_N>`` string, the clone speaker name, and the
-assembly of prompt ids from separate ``encode`` calls.
-Does not own: the tokenizer itself (any ``encode(str) -> list[int]`` without BOS will do),
-validation of user choices against the option lists (``tts_engine.validate_edit``).
+trained on, odd spacing included), the clone speaker name, and the assembly of prompt ids from
+separate ``encode`` calls.
+Does not own: the tokenizer itself (any ``encode(str) -> list[int]`` without BOS will do), the
+audio-token layout and its ``<audio_N>`` string (``core.audio_tokens``), validation of user
+choices against the option lists (``engine.contract.validate_edit``).
 
 Id layout (every ``enc`` is its own encode call, results concatenated)::
 
@@ -28,11 +29,6 @@ from core.errors import InputError
 BOS_ID = 1            # <s>
 END_OF_TURN_ID = 3    # <|EOT|>
 BEGIN_OF_TURN_ID = 4  # <|BOT|>
-
-AUDIO_ID_OFFSET = 65536          # LLM id of <audio_0>
-VQ02_CODES = 1024                # <audio_0> .. <audio_1023>
-VQ06_CODES = 4096                # <audio_1024> .. <audio_5119>
-AUDIO_ID_END = AUDIO_ID_OFFSET + VQ02_CODES + VQ06_CODES  # 70656, exclusive
 
 CLONE_SYSTEM_TEMPLATE = (
     "Generate audio with the following timbre, prosody and speaking style\n\n"
@@ -73,11 +69,6 @@ _PARALINGUISTIC = ("Add some non-verbal sounds to make the audio more natural, t
 EDIT_PROMPT_TYPES = ("emotion", "speed", "style", "denoise", "vad", "paralinguistic")
 
 Encode = Callable[[str], Sequence[int]]
-
-
-def audio_token_string(mixed: Sequence[int]) -> str:
-    """``"<audio_N>..."`` for mixed codes N in 0..5119 (vq02 = N < 1024, vq06 = 1024 + code)."""
-    return "".join(f"<audio_{int(n)}>" for n in mixed)
 
 
 def clone_speaker_id(prompt_text: str, samples: np.ndarray) -> str:
@@ -143,7 +134,7 @@ def clone_prompt_ids(encode: Encode, speaker: str, prompt_text: str, prompt_audi
         encode: tokenizer encode without special tokens (no BOS).
         speaker: :func:`clone_speaker_id` of the prompt.
         prompt_text: the prompt's transcript, verbatim.
-        prompt_audio_string: :func:`audio_token_string` of the prompt's mixed codes.
+        prompt_audio_string: ``core.audio_tokens.audio_string`` of the prompt's mixed codes.
         target_text: the text to speak, verbatim (not stripped).
     """
     system = CLONE_SYSTEM_TEMPLATE.format(speaker=speaker, prompt_text=prompt_text,

@@ -4,7 +4,8 @@ Owns: the reference's repetition-aware processor, the optional 2:3 slot mask, to
 sampling configuration, and the output filter (audio ids only, vq02/vq06 slot pattern, whole
 5-token groups).
 Does not own: running the model or drawing the ids (``llm.native`` applies these rules per step,
-one seeded ``torch.Generator`` per row, so a row's ids do not depend on what it is batched with).
+one seeded ``torch.Generator`` per row, so a row's ids do not depend on what it is batched with),
+the token layout and slot rule (``core.audio_tokens``).
 
 Shapes: ``input_ids`` [B, L] int64 (left-padded), ``scores`` [B, V] float32 with V >= 70656.
 
@@ -22,13 +23,9 @@ from typing import Sequence
 import torch
 
 from core.errors import ModelError
-from llm.prompts import AUDIO_ID_END, AUDIO_ID_OFFSET, VQ02_CODES
+from core.audio_tokens import AUDIO_ID_END, AUDIO_ID_OFFSET, GROUP, fits_slot, slot_range
 
 log = logging.getLogger(__name__)
-
-GROUP = 5        # ids per 120 ms: 2 x vq02 then 3 x vq06
-VQ02_SLOTS = 2
-_VQ02_END = AUDIO_ID_OFFSET + VQ02_CODES  # 66560: first vq06 id
 
 
 @dataclass(frozen=True)
@@ -83,10 +80,8 @@ def repetition_ban(input_ids: torch.Tensor, scores: torch.Tensor, window: int = 
 def slot_allowed(step: int, vocab: int, eos_ids: Sequence[int], device: torch.device) -> torch.Tensor:
     """Bool mask [V] of the ids allowed at answer position ``step`` (vq02 slots 0-1, vq06 slots 2-4)."""
     allowed = torch.zeros(vocab, dtype=torch.bool, device=device)
-    if step % GROUP < VQ02_SLOTS:
-        allowed[AUDIO_ID_OFFSET:_VQ02_END] = True
-    else:
-        allowed[_VQ02_END:AUDIO_ID_END] = True
+    lo, hi = slot_range(step)
+    allowed[AUDIO_ID_OFFSET + lo:AUDIO_ID_OFFSET + hi] = True
     allowed[list(eos_ids)] = True
     return allowed
 
@@ -138,10 +133,7 @@ def filter_audio_ids(ids: Sequence[int]) -> tuple[list[int], int]:
     kept: list[int] = []
     for t in ids:
         t = int(t)
-        if not AUDIO_ID_OFFSET <= t < AUDIO_ID_END:
-            continue
-        wants_vq02 = len(kept) % GROUP < VQ02_SLOTS
-        if wants_vq02 == (t < _VQ02_END):
+        if AUDIO_ID_OFFSET <= t < AUDIO_ID_END and fits_slot(len(kept), t - AUDIO_ID_OFFSET):
             kept.append(t)
     whole = len(kept) - len(kept) % GROUP
     return kept[:whole], len(ids) - whole

@@ -33,7 +33,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from llm.sampling import GROUP, VQ02_SLOTS, slot_allowed
+from core.audio_tokens import GROUP, VQ02_SLOTS
+from llm.sampling import slot_allowed
 
 PLUGIN_FQCN = "llm.vllm_plugin:StepAudioLogitsProcessor"
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.edit_options import EMOTIONS, SPEEDS, STYLES
-from preview.voice import F0_CEIL, F0_FLOOR, WorldParams, speech_intervals, warp_envelope
+from preview.voice import F0_CEIL, F0_FLOOR, WorldParams, loudness_db, speech_intervals, warp_envelope
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +165,6 @@ def humanise(params: WorldParams, seed: int, depth: float = 0.02) -> WorldParams
 
 def set_level(samples: np.ndarray, level_db: float, peak: float = 0.98) -> np.ndarray:
     """Scale ``[N]`` so the RMS of its non-silent parts is ``level_db`` dBFS, never past ``peak``."""
-    from preview.voice import loudness_db
-
     current = loudness_db(samples)
     if current <= -100.0:
         return samples.astype(np.float32)

@@ -1,13 +1,14 @@
 """The CPU preview engine: eSpeak NG speech adapted to the prompt voice with WORLD.
 
-Owns: :class:`PreviewEngine`, the :class:`tts_engine.Engine` that runs without GPU or downloaded
-weights. A clone decodes the prompt, fetches (or computes and caches, kind ``preview_voice``)
+Owns: :class:`PreviewEngine`, the :class:`engine.contract.Engine` that runs without GPU or
+downloaded weights. A clone decodes the prompt, fetches (or computes and caches, kind ``preview_voice``)
 its :class:`preview.voice.VoiceProfile`, speaks the text with eSpeak NG at the prompt's speaking
 rate, and re-synthesises it with WORLD using the prompt's pitch statistics and warped envelope.
 Edits are DSP (``preview.effects``); options without an honest DSP counterpart are reported as
 unavailable by :meth:`PreviewEngine.capabilities`.
-Does not own: the cache mechanics (``funasr_cache``), request validation rules (``tts_engine``),
-audio decoding (``audio_io``).
+Does not own: the cache mechanics (``prompt_cache.funasr_cache``) or the cache-first fetch
+(``engine.prompt_fetch``), request validation rules (``engine.contract``), audio
+decoding (``core.audio_io``).
 
 Stage names match the Step-Audio engine where they mean the same: decode_audio, hash,
 cache_lookup, prompt_analysis (``(hit)`` when cached), synthesis (eSpeak), adaptation (WORLD),
@@ -19,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-import time
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from core.errors import InputError, ModelError
 from prompt_cache.funasr_cache import audio_digest, make_namespace
 from preview import effects, espeak, text as text_mod, voice
 from core.timings import Timer
+from engine.prompt_fetch import PromptKind, fetch_prompt
 from engine.contract import CloneOptions, EditCapability, Engine, EngineInfo, ProgressFn, PromptReport, Result, new_seed, no_progress, validate_edit, validate_text
 
 log = logging.getLogger(__name__)
@@ -66,16 +67,19 @@ def _capabilities() -> tuple[EditCapability, ...]:
 CAPABILITIES = _capabilities()
 
 
+def _analyse_prompt(audio: Audio, timer: Timer) -> voice.VoiceProfile:
+    with timer.stage("prompt_analysis"):
+        return voice.analyse_prompt(audio.samples)
+
+
 def _fingerprint() -> str:
     """Versions of everything that shapes a cached profile."""
-    import pyworld
-
-    text = f"espeak-ng {espeak.version()}|pyworld {pyworld.__version__}"
+    text = f"espeak-ng {espeak.version()}|pyworld {voice.pyworld.__version__}"  # imported quietly there
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 class PreviewEngine(Engine):
-    """eSpeak NG + WORLD behind the :class:`tts_engine.Engine` interface. Thread-safe: it keeps no
+    """eSpeak NG + WORLD behind the :class:`engine.contract.Engine` interface. Thread-safe: it keeps no
     per-request state, eSpeak calls are serialised inside ``preview.espeak`` and WORLD is pure."""
 
     def __init__(self, settings, cache) -> None:
@@ -89,6 +93,9 @@ class PreviewEngine(Engine):
             self._error = str(exc)
             self._namespace = make_namespace("preview-espeak-world", "unavailable", ALGORITHM_VERSION)
             log.error("preview engine: %s", exc)
+        self._profile_kind = PromptKind(PROFILE_KIND, self._namespace, _analyse_prompt, lambda p: p.to_cache(),
+                                        lambda entry: voice.VoiceProfile.from_cache(entry.payload, entry.arrays),
+                                        hit_stages=("prompt_analysis",))
 
     # ------------------------------------------------------------------ interface basics
 
@@ -131,30 +138,12 @@ class PreviewEngine(Engine):
         return samples, digest
 
     def _profile(self, samples: np.ndarray, digest: str, timer: Timer) -> tuple[voice.VoiceProfile, bool]:
-        """The prompt's voice profile from the cache, computing it on a miss; (profile, hit)."""
-        analysis_ms = 0.0
+        """The prompt's voice profile, cache-first (``engine.prompt_fetch``); (profile, hit).
 
-        def compute():
-            nonlocal analysis_ms
-            start = time.perf_counter()
-            payload, arrays = voice.analyse_prompt(samples).to_cache()
-            analysis_ms = (time.perf_counter() - start) * 1000.0
-            return payload, arrays
-
-        start = time.perf_counter()
-        entry, hit = self._cache.get_or_compute(PROFILE_KIND, self._namespace, digest, compute)
-        try:
-            profile = voice.VoiceProfile.from_cache(entry.payload, entry.arrays)
-        except ValueError as exc:
-            # A damaged entry (or one imported from a foreign bundle) must not break this voice for
-            # good: recompute it and overwrite the entry.
-            log.warning("preview: cached profile %s is unusable (%s); recomputing it", digest[:12], exc)
-            payload, arrays = compute()
-            self._cache.put(PROFILE_KIND, self._namespace, digest, payload, analysis_ms / 1000.0, arrays)
-            profile, hit = voice.VoiceProfile.from_cache(payload, arrays), False
-        timer.record("cache_lookup", (time.perf_counter() - start) * 1000.0 - analysis_ms)
-        timer.record("prompt_analysis", analysis_ms, cached=hit)
-        return profile, hit
+        A damaged entry (or one imported from a foreign bundle) does not break this voice for good:
+        the helper recomputes and overwrites it.
+        """
+        return fetch_prompt(self._cache, self._profile_kind, Audio(samples, SAMPLE_RATE), digest, timer)
 
     def prepare_prompt(self, prompt_audio: AudioSource) -> PromptReport:
         """Analyse (or fetch from the cache) the voice profile of a clip.

@@ -7,8 +7,9 @@ computation per key in flight (``get_or_compute``); the folder lock (``<root>/.l
 of steps that makes reads, writes, eviction and ``clear()`` safe between processes; when counters
 are flushed; memory-only mode on disk faults; every log message of the cache; ``check()``; the
 memo of model-file SHA-256 digests (``<root>/file_hashes.json``) behind :func:`fingerprint_files`.
-Does not own: the file format, atomic writes and folder scans (``cache_files``); the index, its
-journal and LRU eviction (``cache_index``); counters and ``stats.json`` (``cache_stats``); what a
+Does not own: the file format, atomic writes and folder scans (``prompt_cache.files``); the index,
+its journal and LRU eviction (``prompt_cache.index``); counters and ``stats.json``
+(``prompt_cache.stats``); what a
 namespace means (callers pass model identity + preprocessing version), what a payload holds, which
 models exist. ``docs/cache.md`` is the long-form contract; in short:
 
@@ -24,7 +25,7 @@ models exist. ``docs/cache.md`` is the long-form contract; in short:
     * I/O errors on read are misses. A write that meets a read-only or full disk (any ``OSError``)
       switches to memory-only caching with one WARNING and retries the disk after a minute; a lock
       busy for 10 s skips the disk write. The cache never raises for I/O trouble; malformed kinds,
-      digests or payloads raise :class:`errors.CacheError` (a caller bug).
+      digests or payloads raise :class:`core.errors.CacheError` (a caller bug).
     * ``stats(flush=False)`` (the /metrics scrape) takes no lock and writes nothing. Lookups made
       inside ``uncounted()`` (e.g. a voice export) change no hit/miss/saved-seconds counter.
       ``add()`` never replaces an existing entry (imports use it); ``discard()`` removes one.

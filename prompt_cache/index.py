@@ -6,7 +6,7 @@ of all processes sharing a folder in step (snapshot, appended ``+``/``-`` lines,
 compaction); evicting least recently used entries down to the capacity limits. Methods named
 ``*_locked`` expect the caller to hold the folder lock.
 Does not own: the lock itself, statistics, the RAM layer and all logging (``funasr_cache``); the
-entry file format, atomic writes and folder scans (``cache_files``). The journal's format and its
+entry file format, atomic writes and folder scans (``prompt_cache.files``). The journal's format and its
 crash guarantees are specified in ``docs/cache.md`` ("Journal").
 """
 

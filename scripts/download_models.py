@@ -13,8 +13,8 @@ Pins: a full commit per repository from ``model_hashes.json``; where none is pub
 the first download resolves the branch to a commit once, downloads exactly that commit and records it
 in the manifest, and later runs (resumes) stay on it. ``--revision`` overrides (``REPO=COMMIT`` for
 one repository, or a bare value for all).
-Does not own: which files the engine needs (``tts_engine.REQUIRED_*``), where the model root is
-(``settings.py``: ``--model-root`` / ``STUDIO_MODEL_ROOT``), or loading the models.
+Does not own: which files the engine needs (``engine.select.REQUIRED_*``), where the model root is
+(``core/settings.py``: ``--model-root`` / ``STUDIO_MODEL_ROOT``), or loading the models.
 
 Usage::
 

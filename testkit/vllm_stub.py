@@ -29,7 +29,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-AUDIO_ID_OFFSET, VQ02_CODES, VQ06_CODES = 65536, 1024, 4096
+from core.audio_tokens import AUDIO_ID_OFFSET, VQ02_CODES, VQ06_CODES
 MODEL = "step-audio-editx"
 
 _config = {"answer_len": 10, "token_delay_s": 0.0, "first_token_delay_s": 0.0, "hang": False,

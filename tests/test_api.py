@@ -28,12 +28,8 @@ EXAMPLE = "examples/en_low.flac"
 EXAMPLE_TEXT = "The quiet harbour woke slowly as the first boats went out."
 
 
-@pytest.fixture(scope="module")
-def studio(tmp_path_factory):
-    server = start_studio(tmp_path_factory.mktemp("api"), None, "--api-key", KEY, "--max-upload-bytes", "400000",
-                          "--max-prompt-seconds", "8", "--bundle-key", BUNDLE_KEY)
-    yield server
-    server.stop()
+STUDIO_FLAGS = ("--api-key", KEY, "--max-upload-bytes", "400000", "--max-prompt-seconds", "8",
+                "--bundle-key", BUNDLE_KEY)  # for conftest's studio
 
 
 @pytest.fixture(scope="module")
@@ -331,8 +327,12 @@ def test_export_counts_no_cache_hit(http, studio, voice):
 
 
 def test_cache_stats_and_clear(http, studio, voice):
+    # A use of the stored voice makes its own hit: this test needs no earlier test's requests.
+    before = http.get("/v1/cache/stats").json()["hits"]
+    r = http.post("/v1/audio/speech", json={"input": "Hit.", "voice": voice["id"], "response_format": "wav"})
+    assert r.status_code == 200 and "prompt_analysis" in json.loads(r.headers["x-timings"])["cached"]
     stats = http.get("/v1/cache/stats").json()
-    assert stats["hits"] >= 1 and stats["entries"] >= 1
+    assert stats["hits"] >= before + 1 and stats["entries"] >= 1
     cleared = http.post("/v1/cache/clear").json()
     assert cleared["cleared"] is True and cleared["stats"]["entries"] == 0
     # Stored voices survive a clear; the next use recomputes the profile.

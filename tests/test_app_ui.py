@@ -7,6 +7,7 @@ side effects.
 """
 
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,13 +25,6 @@ from testkit.studio_server import start_studio
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "en_low.flac"
 EXAMPLE_TEXT = "The quiet harbour woke slowly as the first boats went out."
-
-
-@pytest.fixture(scope="module")
-def studio(tmp_path_factory):
-    server = start_studio(tmp_path_factory.mktemp("ui"), None)
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +68,7 @@ def test_clone_edit_and_cache_round_trip(client, studio):
 
 
 @pytest.mark.slow
-def test_errors_are_specific_messages(client, studio, monkeypatch):
+def test_errors_are_specific_messages(client, studio, monkeypatch, tmp_path, caplog):
     with pytest.raises(AppError, match="target text is empty"):
         _clone(client, target="   ")
     with pytest.raises(AppError, match="Upload or record a prompt clip"):
@@ -82,6 +76,10 @@ def test_errors_are_specific_messages(client, studio, monkeypatch):
     fresh = Client(studio.url + "/", verbose=False, download_files=False)
     with pytest.raises(AppError, match="Clone something first"):
         fresh.predict("vad", None, "", 1, 10, "wav", api_name="/edit")
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_text("this is not audio")
+    with pytest.raises(AppError, match="could not decode"):   # found by the engine, in the queue
+        client.predict(handle_file(str(not_audio)), EXAMPLE_TEXT, "Hi", 1, 10, "wav", api_name="/clone")
 
     def broken(*args, **kwargs):
         raise RuntimeError("secret internal detail")
@@ -89,7 +87,12 @@ def test_errors_are_specific_messages(client, studio, monkeypatch):
     monkeypatch.setattr(studio.engine, "clone", broken)  # fault injection
     with pytest.raises(AppError) as failure:
         _clone(client)
-    assert "request id" in str(failure.value) and "secret" not in str(failure.value)
+    message = str(failure.value)
+    assert "request id" in message and "secret" not in message
+    rid = re.search(r"request id ([0-9a-f]+)", message).group(1)
+    # One id: the traceback in the log names the same request as the message and the timing line would.
+    logged = [r for r in caplog.records if rid in r.getMessage()]
+    assert logged and any("secret internal detail" in (r.exc_text or "") for r in logged)
 
 
 # ------------------------------------------------------------------ handlers without a server
@@ -162,6 +165,21 @@ def test_app_help_lists_every_flag_and_import_is_inert():
     bad = subprocess.run([sys.executable, str(ROOT / "app.py"), "--port", "zero"], capture_output=True, text=True,
                          timeout=60, cwd=ROOT)
     assert bad.returncode == 2 and "port" in bad.stderr
+
+
+def test_edits_start_from_the_exact_samples_not_the_lossy_download(handlers, monkeypatch):
+    from core.audio_io import load_audio
+    from web.ui_handlers import new_state
+
+    made, given = [], []
+    real_clone, real_edit = handlers.engine.clone, handlers.engine.edit
+    monkeypatch.setattr(handlers.engine, "clone", lambda *a, **k: made.append(real_clone(*a, **k)) or made[-1])
+    monkeypatch.setattr(handlers.engine, "edit", lambda audio, *a, **k: given.append(audio) or real_edit(audio, *a, **k))
+    path, *_, state, _, _, _ = handlers.clone(str(EXAMPLE), EXAMPLE_TEXT, "Lossy download.", 1, 10, "mp3", new_state())
+    handlers.edit("vad", None, "", 2, 10, "opus", state)
+    assert path.endswith(".mp3") and not given[0].endswith(".mp3")
+    np.testing.assert_array_equal(load_audio(given[0]).samples, made[0].audio.samples)   # bit-exact
+    assert sf.info(given[0]).subtype == "FLOAT"
 
 
 def test_handlers_write_playable_files(handlers):

@@ -5,10 +5,8 @@ import io
 import numpy as np
 import pytest
 import soundfile as sf
-from safetensors.numpy import load_file
 
 from core.audio_io import OUTPUT_FORMATS, Audio, encode_audio, load_audio, peak_limit, resample
-from conftest import FIXTURES
 from core.errors import InputError
 
 
@@ -17,8 +15,8 @@ def _tone(rate: int, seconds: float = 0.5, freq: float = 440.0) -> np.ndarray:
     return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
 
-def test_resampler_reproduces_reference_golden_exactly_within_tolerance():
-    golden = load_file(str(FIXTURES / "tokenizer" / "golden_tokenizer.safetensors"))
+def test_resampler_reproduces_reference_golden_exactly_within_tolerance(tokenizer_golden):
+    golden = tokenizer_golden
     out = resample(golden["wav_in"][0], 22050, 16000)
     assert out.shape == golden["wav16k_resampled"][0].shape
     np.testing.assert_allclose(out, golden["wav16k_resampled"][0], atol=1e-6, rtol=0)

@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.audio_io import load_audio
 from conftest import FIXTURES
-from decoder.model import (AudioDecoder, align_prompt_mel, bf16_round, check_mixed_tokens,
-                           reshape_mixed_tokens)
+from core.audio_io import Audio, load_audio
+from decoder.frontend import PromptFeatures
+from decoder.model import AudioDecoder, align_prompt_mel, bf16_round, reshape_mixed_tokens
 from core.errors import InputError, ModelError
 from core.timings import Timer
 
@@ -27,8 +27,8 @@ DECODER = FIXTURES / "decoder"
 
 
 @pytest.fixture(scope="module")
-def golden() -> dict[str, torch.Tensor]:
-    return load_file(str(DECODER / "golden_decoder.safetensors"))
+def golden(decoder_golden):
+    return decoder_golden   # shared: tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -65,33 +65,18 @@ def test_fixture_token_frames(golden):
                        golden["flow_in_prompt_token"][0])
 
 
-@pytest.mark.parametrize("tokens, message", [
-    ([], "tokens is empty"),
-    ([1, 2, 1030, 5120, 1500], r"tokens\[3\] = 5120 is not an audio token id"),
-    ([1, -1], r"tokens\[1\] = -1 is not"),
-    ([65537, 65538], "subtract it"),
-    ([1, 2, 3, 1500, 1500], r"tokens\[2\] = 3 is in slot 2 .* vq06"),
-    ([1, 2, 1030, 1031, 1032, 1200], r"tokens\[5\] = 1200 is in slot 0 .* vq02"),
-    ([[1, 2], [3, 4]], "flat sequence"),
-    ([0.5, 1.0], "integer ids"),
-])
-def test_bad_token_sequences_are_input_errors(tokens, message):
-    with pytest.raises(InputError, match=message):
-        check_mixed_tokens(np.array(tokens) if tokens and isinstance(tokens[0], float) else tokens)
-
-
 def test_validation_names_the_argument(decoder, golden):
     gen, prompt, mel, emb = _inputs(golden)
     with pytest.raises(InputError, match="prompt_tokens is empty"):
-        decoder.token2wav(gen, [], mel, emb, seed=0)
+        decoder.token2wav(gen, [], PromptFeatures(mel, emb), seed=0)
     with pytest.raises(InputError, match="prompt_mel must have shape"):
-        decoder.token2wav(gen, prompt, mel[:, :40], emb, seed=0)
+        decoder.token2wav(gen, prompt, PromptFeatures(mel[:, :40], emb), seed=0)
     with pytest.raises(InputError, match="speaker_embedding must have 192"):
-        decoder.token2wav(gen, prompt, mel, emb[:100], seed=0)
+        decoder.token2wav(gen, prompt, PromptFeatures(mel, emb[:100]), seed=0)
     with pytest.raises(InputError, match="NaN"):
-        decoder.token2wav(gen, prompt, np.full_like(mel, np.nan), emb, seed=0)
+        decoder.token2wav(gen, prompt, PromptFeatures(np.full_like(mel, np.nan), emb), seed=0)
     with pytest.raises(InputError, match="n_steps"):
-        decoder.token2wav(gen, prompt, mel, emb, seed=0, n_steps=0)
+        decoder.token2wav(gen, prompt, PromptFeatures(mel, emb), seed=0, n_steps=0)
 
 
 def test_over_600_seconds_is_refused_before_any_work(decoder, golden):
@@ -99,7 +84,7 @@ def test_over_600_seconds_is_refused_before_any_work(decoder, golden):
     # 5000 groups = 15 000 token frames = 30 000 mel frames = 600 s, plus the prompt's 38 groups.
     too_long = [0, 0, 1024, 1024, 1024] * 5000
     with pytest.raises(InputError, match="at most 600 s"):
-        decoder.token2wav(too_long, prompt, mel, emb, seed=0)
+        decoder.token2wav(too_long, prompt, PromptFeatures(mel, emb), seed=0)
 
 
 # --------------------------------------------------------------------------- prompt features
@@ -125,16 +110,18 @@ def test_end_to_end_waveform_given_the_captured_draws(decoder, golden):
     gen, prompt, mel, emb = _inputs(golden)
     draws = {"rand_ini": golden["hift_rand_ini"], "sine_noise": golden["hift_sine_noise"],
              "uv_noise": golden["hift_uv_noise"]}
-    wav, rate = decoder.token2wav(gen, prompt, mel, emb, noise=golden["flow_z"], hift_draws=draws)
-    assert rate == 24000 and wav.dtype == np.float32
+    out = decoder.token2wav(gen, prompt, PromptFeatures(mel, emb), noise=golden["flow_z"], hift_draws=draws)
+    assert isinstance(out, Audio) and out.sample_rate == 24000
+    wav = out.samples
+    assert wav.dtype == np.float32
     np.testing.assert_allclose(wav, golden["e2e_out_wav"][0].numpy(), atol=1e-4, rtol=0)
 
 
 def test_same_seed_same_audio_other_seed_other_audio(decoder, golden):
     gen, prompt, mel, emb = _inputs(golden)
-    first, _ = decoder.token2wav(gen, prompt, mel, emb, seed=1234, n_steps=2)
-    again, _ = decoder.token2wav(gen, prompt, mel, emb, seed=1234, n_steps=2)
-    other, _ = decoder.token2wav(gen, prompt, mel, emb, seed=1235, n_steps=2)
+    first = decoder.token2wav(gen, prompt, PromptFeatures(mel, emb), seed=1234, n_steps=2).samples
+    again = decoder.token2wav(gen, prompt, PromptFeatures(mel, emb), seed=1234, n_steps=2).samples
+    other = decoder.token2wav(gen, prompt, PromptFeatures(mel, emb), seed=1235, n_steps=2).samples
     assert np.array_equal(first, again)
     assert np.abs(first - other).max() > 1e-3
 
@@ -142,23 +129,21 @@ def test_same_seed_same_audio_other_seed_other_audio(decoder, golden):
 def test_tensor_and_list_inputs_agree(decoder, golden):
     """The engine may pass the tokenizer's [1, L] tensors and PromptFeatures' numpy arrays."""
     gen, prompt, mel, emb = _inputs(golden)
-    a, _ = decoder.token2wav(gen, prompt, mel, emb, seed=4, n_steps=1)
-    b, _ = decoder.token2wav(golden["gen_mixed_tokens"], golden["prompt_mixed_tokens"], golden["prompt_mel_24k"],
-                             golden["spk_embedding"], seed=4, n_steps=1)
+    a = decoder.token2wav(gen, prompt, PromptFeatures(mel, emb), seed=4, n_steps=1).samples
+    features = PromptFeatures(golden["prompt_mel_24k"], golden["spk_embedding"])
+    b = decoder.token2wav(golden["gen_mixed_tokens"], golden["prompt_mixed_tokens"], features, seed=4,
+                          n_steps=1).samples
     assert np.array_equal(a, b)
 
 
-def test_concurrent_calls_give_the_sequential_results(decoder, golden):
-    from concurrent.futures import ThreadPoolExecutor
-
+def test_concurrent_calls_give_the_sequential_results(decoder, golden, concurrently):
     gen, prompt, mel, emb = _inputs(golden)
 
     def run(seed):
-        return decoder.token2wav(gen, prompt, mel, emb, seed=seed, n_steps=1)[0]
+        return decoder.token2wav(gen, prompt, PromptFeatures(mel, emb), seed=seed, n_steps=1).samples
 
     expected = [run(seed) for seed in (11, 12, 13)]
-    with ThreadPoolExecutor(3) as pool:
-        got = list(pool.map(run, (11, 12, 13)))
+    got = concurrently(run, [(11,), (12,), (13,)])
     assert all(np.array_equal(e, g) for e, g in zip(expected, got))
 
 
@@ -166,7 +151,7 @@ def test_global_rng_is_left_alone(golden):
     state = torch.get_rng_state()
     fresh = AudioDecoder.from_dir(DECODER, n_steps=1)
     gen, prompt, mel, emb = _inputs(golden)
-    fresh.token2wav(gen, prompt, mel, emb, seed=3)
+    fresh.token2wav(gen, prompt, PromptFeatures(mel, emb), seed=3)
     assert torch.equal(torch.get_rng_state(), state)
 
 
@@ -176,7 +161,7 @@ def test_output_length_is_480_samples_per_mel_frame(decoder, golden, groups, ext
     tokens = _random_mixed(groups, extra, np.random.default_rng(groups))
     frames_25hz = 3 * (groups + (extra > 0))
     timer = Timer()
-    wav, _ = decoder.token2wav(tokens, prompt, mel, emb, seed=0, n_steps=1, timer=timer)
+    wav = decoder.token2wav(tokens, prompt, PromptFeatures(mel, emb), seed=0, n_steps=1, timer=timer).samples
     assert wav.shape == (2 * frames_25hz * 480,)
     assert np.abs(wav).max() <= 0.99 and np.isfinite(wav).all()
     assert set(timer.finish().stages_ms) == {"decoder_encoder", "decoder_flow", "decoder_vocoder"}
@@ -201,8 +186,8 @@ def test_real_layout_with_pt_checkpoints_loads_the_same_weights(tmp_path, decode
     for (name, a), (_, b) in zip(from_pt.flow.state_dict().items(), decoder.flow.state_dict().items()):
         assert torch.equal(a, b), name
     gen, prompt, mel, emb = _inputs(golden)
-    a, _ = from_pt.token2wav(gen, prompt, mel, emb, seed=9, n_steps=1)
-    b, _ = decoder.token2wav(gen, prompt, mel, emb, seed=9, n_steps=1)
+    a = from_pt.token2wav(gen, prompt, PromptFeatures(mel, emb), seed=9, n_steps=1).samples
+    b = decoder.token2wav(gen, prompt, PromptFeatures(mel, emb), seed=9, n_steps=1).samples
     assert np.array_equal(a, b)
 
 
@@ -258,10 +243,10 @@ def test_cuda_float32_reproduces_the_reference(golden, no_tf32):
     gen, prompt, mel, emb = _inputs(golden)
     draws = {"rand_ini": golden["hift_rand_ini"], "sine_noise": golden["hift_sine_noise"],
              "uv_noise": golden["hift_uv_noise"]}
-    wav, _ = gpu.token2wav(gen, prompt, mel, emb, noise=golden["flow_z"], hift_draws=draws)
+    wav = gpu.token2wav(gen, prompt, PromptFeatures(mel, emb), noise=golden["flow_z"], hift_draws=draws).samples
     np.testing.assert_allclose(wav, golden["e2e_out_wav"][0].numpy(), atol=1e-4, rtol=0)
-    first, _ = gpu.token2wav(gen, prompt, mel, emb, seed=77, n_steps=2)
-    again, _ = gpu.token2wav(gen, prompt, mel, emb, seed=77, n_steps=2)
+    first = gpu.token2wav(gen, prompt, PromptFeatures(mel, emb), seed=77, n_steps=2).samples
+    again = gpu.token2wav(gen, prompt, PromptFeatures(mel, emb), seed=77, n_steps=2).samples
     assert np.array_equal(first, again)
 
 

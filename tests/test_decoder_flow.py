@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import FIXTURES
 from decoder import encoder as encoder_module
-from decoder.checkpoint import load_state_dict_file, load_strict
+from core.checkpoint import load_state_dict_file, load_strict
 from decoder.config import load_decoder_config, parse_decoder_config
 from decoder.flow import FlowDecoder, cosine_t_span
 from core.errors import ModelError
@@ -27,8 +26,8 @@ SHIPPED_YAML = (DECODER / "cosyvoice_shipped.yaml").read_text()
 
 
 @pytest.fixture(scope="module")
-def golden() -> dict[str, torch.Tensor]:
-    return load_file(str(DECODER / "golden_decoder.safetensors"))
+def golden(decoder_golden):
+    return decoder_golden   # shared: tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,10 @@ the 0.6 peak limiter and both resampling directions' code paths; plus yaml confi
 validation and concurrent use.
 """
 
-import threading
 
 import numpy as np
 import pytest
 import yaml
-from safetensors.numpy import load_file
 
 from core.audio_io import Audio, peak_limit
 from conftest import FIXTURES
@@ -23,8 +21,8 @@ RATE = 22050
 
 
 @pytest.fixture(scope="module")
-def golden():
-    return load_file(str(DECODER / "golden_decoder.safetensors"))
+def golden(decoder_golden):
+    return {name: tensor.numpy() for name, tensor in decoder_golden.items()}   # shared: tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -132,19 +130,10 @@ def test_missing_campplus_is_a_model_error(tmp_path):
         PromptFrontend(MelConfig(), tmp_path / "campplus.onnx", OnnxOptions())
 
 
-def test_concurrent_calls_give_the_serial_results(frontend, golden):
+def test_concurrent_calls_give_the_serial_results(frontend, golden, concurrently):
     clips = [golden["wav_peak0p6"][0][i * 20000: i * 20000 + 30000] for i in range(4)]
     serial = [frontend.features(Audio(c, RATE)) for c in clips]
-    results = [None] * len(clips)
-
-    def work(i):
-        results[i] = frontend.features(Audio(clips[i], RATE))
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(clips))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = concurrently(lambda clip: frontend.features(Audio(clip, RATE)), [(c,) for c in clips])
     for got, want in zip(results, serial):
         np.testing.assert_array_equal(got.mel, want.mel)
         np.testing.assert_array_equal(got.embedding, want.embedding)

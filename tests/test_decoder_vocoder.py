@@ -1,4 +1,5 @@
-"""HiFT vocoder (decoder/vocoder.py, decoder/source.py, decoder/checkpoint.py).
+"""HiFT vocoder (decoder/vocoder.py, decoder/source.py) and the shared checkpoint
+rules it loads with (core/checkpoint.py).
 
 Parity with the reference's golden run (tests/fixtures/decoder, golden README §4.2 d): the F0,
 the source and the waveform given the captured random draws; a generator seeded like the
@@ -12,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from conftest import FIXTURES
-from decoder.checkpoint import load_state_dict_file
+from core.checkpoint import load_state_dict_file
 from decoder.vocoder import F0PredictorConfig, HiFTConfig, HiFTGenerator, load_hift_state_dict
 from core.errors import InputError, ModelError
 
@@ -30,8 +30,8 @@ _TagLoader.add_multi_constructor("!new:", lambda loader, suffix, node: loader.co
 
 
 @pytest.fixture(scope="module")
-def golden():
-    return load_file(str(DECODER / "golden_decoder.safetensors"))
+def golden(decoder_golden):
+    return decoder_golden   # shared: tests/conftest.py
 
 
 @pytest.fixture(scope="module")

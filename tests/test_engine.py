@@ -9,7 +9,6 @@ LLM folder. The LLM is a tiny random Step1 in the real id layout (testkit/tiny_m
 """
 
 import dataclasses
-import threading
 
 import numpy as np
 import pytest
@@ -110,13 +109,15 @@ def test_second_clone_is_served_from_the_cache(engine, first_clone):
 
 
 def test_prompt_features_survive_a_restart(engine, first_clone):
-    from engine.prompt_bundle import PromptBundler
+    from core.devices import numerics_class
     from core.timings import Timer
+    from engine.prompt_bundle import PromptBundler
 
     samples, rate = sf.read(PROMPT_WAV, dtype="float32")
     clip, digest = Audio(samples, rate), audio_digest(samples, rate)
     fresh_cache = PromptCache(engine.settings.cache_dir)          # a new process's view of the folder
-    bundler = PromptBundler(engine.tokenizer, engine.decoder.frontend, fresh_cache, engine.bundler.namespace)
+    bundler = PromptBundler(engine.tokenizer, engine.decoder.frontend, fresh_cache, engine.bundler.namespace,
+                            numerics_class(engine.device, engine.settings.tf32))
     before = _calls(engine)
     bundle, hits = bundler.bundle(clip, digest, Timer())
     assert hits == {"tokens", "prompt_features"} and _calls(engine) == before
@@ -155,41 +156,25 @@ def test_edit_rounds_chain_and_going_back_is_free(engine, first_clone):
     report = engine.prepare_prompt(round2.audio)     # ... and cached from then on
     assert report.hits == {"tokens", "prompt_features"} and not report.misses
     assert set(report.namespaces) == {"tokens", "prompt_features"} == set(engine.prompt_namespaces())
+    # tokens carry the numerics class (CPU here): tokens made under TF32 are never served to a CPU run
+    assert report.namespaces["tokens"].endswith("/cpu-fp32")
+    assert not report.namespaces["prompt_features"].endswith("fp32")
 
 
-def test_concurrent_requests_with_one_new_clip_encode_it_once(engine):
+def test_concurrent_requests_with_one_new_clip_encode_it_once(engine, concurrently):
     clip = _fresh_clip(0.5)
     before = _calls(engine)
-    results = [None] * 3
-
-    def run(i):
-        results[i] = engine.clone(clip, PROMPT_TEXT, "Single flight.", seed=i)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results = concurrently(lambda i: engine.clone(clip, PROMPT_TEXT, "Single flight.", seed=i), [(0,), (1,), (2,)])
     after = _calls(engine)
     assert {k: after[k] - before[k] for k in after} == {"vq02": 1, "vq06": 1, "mel": 1, "emb": 1}
-    assert all(r is not None for r in results)
+    assert [r.seed for r in results] == [0, 1, 2]
 
 
-def test_concurrent_clones_get_their_unbatched_output(engine, first_clone):
+def test_concurrent_clones_get_their_unbatched_output(engine, first_clone, concurrently):
     """Requests that share the LLM's running batch (continuous batching) get what they get alone."""
     texts = ["One fish.", "Two fish, red fish.", "Blue fish and a much longer line of text."]
-    batched = [None] * 3
-    barrier = threading.Barrier(3)
-
-    def run(i):
-        barrier.wait()
-        batched[i] = engine.clone(str(PROMPT_WAV), PROMPT_TEXT, texts[i], seed=100 + i)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    batched = concurrently(lambda i: engine.clone(str(PROMPT_WAV), PROMPT_TEXT, texts[i], seed=100 + i),
+                           [(0,), (1,), (2,)])
     alone = [engine.clone(str(PROMPT_WAV), PROMPT_TEXT, texts[i], seed=100 + i) for i in range(3)]
     assert all(a.timings.counters["batch_size"] == 1 for a in alone)
     for b, a in zip(batched, alone):

@@ -12,6 +12,8 @@ import pytest
 import soundfile as sf
 from conftest import FIXTURES
 
+from core import audio_tokens
+from core.audio_tokens import audio_string
 from core.errors import InputError
 from llm import prompts
 
@@ -52,7 +54,7 @@ def test_constants_match_the_reference():
     assert prompts.EDIT_SYSTEM_PROMPT == SPEC["AUDIO_EDIT_SYSTEM_PROMPT"]
     assert (prompts.BOS_ID, prompts.END_OF_TURN_ID, prompts.BEGIN_OF_TURN_ID) == (
         IDS["bos"], IDS["end_of_turn"], IDS["begin_of_turn"])
-    assert prompts.AUDIO_ID_OFFSET == SPEC["generation"]["vocoder_offset"]
+    assert audio_tokens.AUDIO_ID_OFFSET == SPEC["generation"]["vocoder_offset"]
     assert set(prompts.EDIT_PROMPT_TYPES) == set(SPEC["supported_edit_types"]) - {"clone"}
 
 
@@ -83,7 +85,7 @@ def test_audio_text_none_becomes_empty():
 def test_audio_token_string_format():
     fmt = SPEC["audio_token_string"]
     mixed = [5, 1023, 1024, 1030, 5119]
-    assert prompts.audio_token_string(mixed) == fmt["separator"].join(fmt["format"].format(N=n) for n in mixed)
+    assert audio_string(mixed) == fmt["separator"].join(fmt["format"].format(N=n) for n in mixed)
 
 
 def _expected_clone(encode, speaker, prompt_text, audio_str, target):
@@ -98,7 +100,7 @@ def _expected_clone(encode, speaker, prompt_text, audio_str, target):
 
 @pytest.mark.parametrize("target", ["Hello world.", "  Hello world.\t", "你好，世界。", "[Cantonese]ok"])
 def test_clone_prompt_ids_layout(encode, target):
-    audio_str = prompts.audio_token_string([1, 2, 1024, 2000, 5119, 7, 8, 1025, 1026, 1027])
+    audio_str = audio_string([1, 2, 1024, 2000, 5119, 7, 8, 1025, 1026, 1027])
     recorder = RecordingEncode(encode)
     ids = prompts.clone_prompt_ids(recorder, "clone_0123456789abcdef", "The prompt.", audio_str, target)
     assert ids == _expected_clone(encode, "clone_0123456789abcdef", "The prompt.", audio_str, target)
@@ -113,7 +115,7 @@ def test_clone_prompt_ids_layout(encode, target):
 @pytest.mark.parametrize("case", SPEC["edit_instruction_examples"][::6],
                          ids=lambda c: f"{c['edit_type']}-{c['edit_info']}")
 def test_edit_prompt_ids_layout(encode, case):
-    audio_str = prompts.audio_token_string([3, 4, 1100, 1200, 1300])
+    audio_str = audio_string([3, 4, 1100, 1200, 1300])
     instruction = prompts.edit_instruction(case["edit_type"], case["edit_info"], case["audio_text"], case["text"])
     recorder = RecordingEncode(encode)
     ids = prompts.edit_prompt_ids(recorder, instruction, "  " + audio_str + "\n")

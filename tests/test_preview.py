@@ -8,7 +8,6 @@ thread safety, and engine selection.
 
 from __future__ import annotations
 
-import threading
 import warnings
 
 import numpy as np
@@ -273,18 +272,10 @@ def test_same_seed_same_audio_other_seed_other_take(engine, low_prompt):
     assert 0 <= fresh.seed < 2**31
 
 
-def test_concurrent_clones_match_sequential(engine, low_prompt):
+def test_concurrent_clones_match_sequential(engine, low_prompt, concurrently):
     expected = engine.clone(low_prompt, PROMPT_TEXT, "Two at once.", seed=5).audio.samples
-    results = [None, None]
-
-    def run(i):
-        results[i] = engine.clone(low_prompt, PROMPT_TEXT, "Two at once.", seed=5).audio.samples
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = concurrently(lambda: engine.clone(low_prompt, PROMPT_TEXT, "Two at once.", seed=5).audio.samples,
+                           [(), ()])
     assert all(np.array_equal(r, expected) for r in results)
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from llm import vllm_plugin
-from llm.prompts import AUDIO_ID_END, AUDIO_ID_OFFSET
+from core.audio_tokens import AUDIO_ID_END, AUDIO_ID_OFFSET
 from llm.sampling import repetition_ban, slot_allowed, top_k_top_p
 from llm.vllm_plugin import MAX_WINDOW, StepAudioLogits, parse_xargs, request_xargs
 

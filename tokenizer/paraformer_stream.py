@@ -2,10 +2,11 @@
 
 Owns: finding the files of the FunASR model folder (``configuration.json`` / ``config.yaml`` /
 weights / ``am.mvn`` / token list), building the model with ``funasr.AutoModel`` from that local
-folder (offline, no hub, no remote code), loading its weights strictly from ``model.safetensors``
-or ``model.pt`` (``torch.load(weights_only=True)``), and running the reference's streaming
-encoder loop over a whole 16 kHz clip.
-Does not own: audio preprocessing, k-means assignment, caching (see ``tokenizer.py``).
+folder (offline, no hub, no remote code), loading its weights from ``model.safetensors`` or
+``model.pt`` with the shared strict rules of ``core.checkpoint``, and running the reference's
+streaming encoder loop over a whole 16 kHz clip.
+Does not own: audio preprocessing, k-means assignment (``tokenizer.step_audio``), caching
+(``engine.prompt_bundle``), the checkpoint rules (``core.checkpoint``).
 
 Shape legend:
     N   samples at 16 kHz
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 import yaml
 
+from core.checkpoint import find_weights, load_state_dict_file, load_strict
 from core.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -113,39 +115,12 @@ def locate_files(folder: Path) -> ParaformerFiles:
             raise ModelError(f"the FunASR model folder {folder} lacks {name}")
         return path
 
-    # safetensors first: it loads without unpickling anything and is faster.
-    weights = [folder / "model.safetensors", folder / names["init_param"], folder / "model.pt"]
-    found = next((p for p in weights if p.is_file()), None)
-    if found is None:
-        raise ModelError(f"the FunASR model folder {folder} lacks model.safetensors or {names['init_param']}")
+    found = find_weights(folder, "model", names["init_param"])   # the shared rule: safetensors first
     token_names = [names["tokens"]] if names["tokens"] else ["tokens.json", "tokens.txt"]
     token_file = next((folder / n for n in token_names if (folder / n).is_file()), None)
     if token_file is None:
         raise ModelError(f"the FunASR model folder {folder} lacks {' or '.join(token_names)}")
     return ParaformerFiles(folder, need(names["config"]), found, need(names["cmvn"]), token_file)
-
-
-def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file or a ``torch.save``d state dict (no arbitrary unpickling).
-
-    Raises:
-        ModelError: the file cannot be read or holds no state dict.
-    """
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any reader failure means an unusable file
-        raise ModelError(f"could not read model weights {path.name}: {exc}") from None
-    for wrapper in ("state_dict", "model_state_dict", "model"):  # training checkpoints nest it
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"{path.name} does not hold a state dict of tensors")
-    return state
 
 
 @contextlib.contextmanager
@@ -220,7 +195,7 @@ class ParaformerStream:
             except Exception as exc:  # noqa: BLE001 - funasr raises many kinds; the user needs one
                 raise ModelError(f"funasr could not build the model in {files.folder}: {exc}") from None
         model = auto.model
-        _strict_load(model, load_state_dict_file(files.weights), files.weights.name)
+        load_strict(model, load_state_dict_file(files.weights), f"the Paraformer encoder ({files.weights.name})")
         for head in UNUSED_HEADS:
             if getattr(model, head, None) is not None:
                 setattr(model, head, None)
@@ -279,16 +254,3 @@ class ParaformerStream:
             raise ModelError("the Paraformer encoder produced no frames")
         return StreamOutput(torch.cat(outs, 0).float(), tuple(lengths),
                             torch.cat(inputs, 0) if keep_inputs else None)
-
-
-def _strict_load(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
-    """``load_state_dict(strict=True)`` with a readable message naming the mismatched keys."""
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ModelError(f"{name} does not match the model in config.yaml: {len(missing)} missing keys "
-                         f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:  # shape mismatches
-        raise ModelError(f"{name} does not match the model in config.yaml: {exc}") from None

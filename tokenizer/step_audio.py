@@ -1,19 +1,20 @@
-"""Step-Audio's dual-codebook audio tokenizer: a prompt clip in, vq02 + vq06 codes out, cache-first.
+"""Step-Audio's dual-codebook audio tokenizer: a prompt clip in, vq02 + vq06 codes out. Pure.
 
 Owns: the tokenizer's preprocessing (16 kHz, peak 0.999, silence trim with the reference's
 margins), vq02 (streaming Paraformer encoder -> nearest k-means centroid), vq06 (128-bin
-whisper-style log-mel -> S3 ONNX tokenizer, 30 s chunks), the 2:3 interleave into LLM ids and the
-``<audio_N>`` string, loading the ``Step-Audio-Tokenizer`` folder, and caching tokens per clip
-(kind ``tokens``). Does not own: decoding uploads (``audio_io``), the cache mechanics
-(``funasr_cache``), the Paraformer streaming loop (``paraformer_stream``), prompt templates.
+whisper-style log-mel -> S3 ONNX tokenizer, 30 s chunks), the frozen ``Tokens`` result, and
+loading the ``Step-Audio-Tokenizer`` folder. Does not own: decoding uploads (``core.audio_io``),
+caching tokens (``engine.prompt_bundle`` does that, cache-first), the token layout (interleave,
+ids, ``<audio_N>`` strings: ``core.audio_tokens``), the Paraformer streaming loop
+(``tokenizer.paraformer_stream``), prompt templates.
 
 Shape legend:
     N   samples at 16 kHz
     T   LFR frames (vq02, 16.67 Hz) or mel frames (100 Hz) as stated
     D   Paraformer encoder size (512 real), K k-means centroids (1024 real)
 
-Rates and ids (pipeline.md §1.4): vq02 0..1023 at 16.67 Hz, vq06 0..4095 at 25 Hz; one 120 ms
-group is ``[vq02 x2, vq06 x3]``; LLM id = 65536 + N with N = vq02 or 1024 + vq06.
+Rates (pipeline.md §1.4): vq02 0..1023 at 16.67 Hz, vq06 0..4095 at 25 Hz; how they interleave
+into 120 ms groups and LLM ids is ``core.audio_tokens``.
 
 The upstream ``tts.py`` limits the clip to peak 0.6 before tokenizing; :meth:`tokenize` does not,
 because the energy normalisation rescales to 0.999 anyway and the trim threshold is relative to the
@@ -23,6 +24,7 @@ limited clip and reproduces exactly either way.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -34,19 +36,18 @@ import librosa
 import numpy as np
 import torch
 
+from core import audio_tokens
 from core.audio_io import Audio, resample
-from core.devices import configure_tf32, numerics_class
+from core.audio_tokens import VQ02_CODES, VQ06_CODES
 from core.errors import InputError, ModelError
-from prompt_cache.funasr_cache import PromptCache, audio_digest, fingerprint_files, make_namespace
 from core.onnx_session import OnnxOptions, create_session
+from core.settings import FUNASR_SUBDIR
+from core.timings import Timer
 from tokenizer.paraformer_stream import ParaformerStream
-from core.settings import FUNASR_SUBDIR, Settings
-from core.timings import StageTimings, Timer
 
 log = logging.getLogger(__name__)
 
-PREPROCESS_VERSION = 1            # bump when preprocessing or token layout changes: old cache entries miss
-CACHE_KIND = "tokens"
+PREPROCESS_VERSION = 1            # bump when preprocessing or token layout changes: cached tokens then miss
 SAMPLE_RATE = 16000
 PEAK = 0.999                      # energy_norm target
 NORM_FLOOR = 0.01                 # energy_norm never scales by more than PEAK / 0.01
@@ -56,8 +57,6 @@ KEEP_LEFT = 800                   # 0.05 s of context kept before the first non-
 KEEP_RIGHT = 3520                 # 0.22 s after the last one
 TRIM_HOP_SIZE = 240               # output length is a multiple of 240 samples + KEEP_LEFT + KEEP_RIGHT
 MIN_SPEECH_SAMPLES = 1920         # 120 ms = one LLM token group; shorter sound cannot carry a voice
-VQ02_CODES, VQ06_CODES = 1024, 4096
-AUDIO_ID_OFFSET = 65536
 VQ06_CHUNK = 30 * SAMPLE_RATE     # 480 000 samples per S3 tokenizer call
 VQ06_MIN_CHUNK = 480              # chunks under 30 ms are dropped, as the reference does
 N_FFT, MEL_HOP, N_MELS = 400, 160, 128
@@ -82,43 +81,25 @@ class Tokens:
     @property
     def n_groups(self) -> int:
         """Whole 120 ms groups; codes beyond them are dropped from ids and string."""
-        return min(len(self.vq02) // 2, len(self.vq06) // 3)
+        return audio_tokens.n_groups(self.vq02, self.vq06)
 
     @property
     def mixed(self) -> tuple[int, ...]:
         """Interleaved codes N in 0..5119 (vq02, or 1024 + vq06): what the decoder takes."""
-        return interleave(self.vq02, self.vq06)
+        return audio_tokens.interleave(self.vq02, self.vq06)
 
     @property
     def llm_ids(self) -> tuple[int, ...]:
         """LLM token ids, 65536 + :attr:`mixed`."""
-        return tuple(AUDIO_ID_OFFSET + n for n in self.mixed)
+        return audio_tokens.to_llm_ids(self.mixed)
 
     @property
     def audio_string(self) -> str:
         """``<audio_N>`` per mixed code, no separators (the LLM prompt's audio tokens)."""
-        return "".join(f"<audio_{n}>" for n in self.mixed)
-
-
-@dataclass(frozen=True)
-class TokenizeResult:
-    tokens: Tokens
-    digest: str             # cache digest of the decoded input clip
-    hit: bool               # True when the tokens came from the cache
-    timings: StageTimings
+        return audio_tokens.audio_string(self.mixed)
 
 
 # --------------------------------------------------------------------------- pure functions
-
-def interleave(vq02, vq06) -> tuple[int, ...]:
-    """Mixed codes ``[a, b, 1024+c, 1024+d, 1024+e]`` per group; excess codes are dropped."""
-    n = min(len(vq02) // 2, len(vq06) // 3)
-    out: list[int] = []
-    for g in range(n):
-        out += [int(vq02[2 * g]), int(vq02[2 * g + 1])]
-        out += [VQ02_CODES + int(c) for c in vq06[3 * g:3 * g + 3]]
-    return tuple(out)
-
 
 def energy_norm(wav: np.ndarray) -> np.ndarray:
     """Peak-normalise to 0.999 (never amplifying by more than 0.999/0.01); float32 ``[N]``."""
@@ -186,33 +167,33 @@ def vq06_chunks(wav: np.ndarray) -> list[np.ndarray]:
 # --------------------------------------------------------------------------- the tokenizer
 
 class StepAudioTokenizer:
-    """Loaded ``Step-Audio-Tokenizer`` models plus the prompt cache; thread-safe.
+    """Loaded ``Step-Audio-Tokenizer`` models; thread-safe. Build it with :meth:`load`.
 
-    Build it with :meth:`load`. ``namespace`` is the cache namespace of its tokens.
+    ``folder`` and :attr:`model_files` name what determines its output (with
+    :data:`PREPROCESS_VERSION`), so that a cache can key tokens by them.
     """
 
     def __init__(self, paraformer: ParaformerStream, codebook: torch.Tensor, session, onnx_options: OnnxOptions,
-                 cache: PromptCache, namespace: str, device: torch.device) -> None:
+                 folder: Path, device: torch.device) -> None:
         self.paraformer = paraformer
         self.codebook = codebook
         self.vq06_session = session
         self.onnx_options = onnx_options
-        self.cache = cache
-        self.namespace = namespace
+        self.folder = Path(folder)
         self.device = device
         inputs = session.get_inputs()
         self._vq06_inputs = (inputs[0].name, inputs[1].name)
 
     @classmethod
-    def load(cls, folder: Path, settings: Settings, cache: PromptCache,
+    def load(cls, folder: Path, onnx_options: OnnxOptions = OnnxOptions(),
              device: str | torch.device = "cpu") -> "StepAudioTokenizer":
         """Load the tokenizer folder (layout of pipeline.md §2.1).
 
         Parameters:
             folder: the ``Step-Audio-Tokenizer`` folder.
-            settings: ONNX Runtime threads/mode/TensorRT and ``tf32`` are read from it.
-            cache: where tokens are cached.
-            device: torch device of the Paraformer encoder; CUDA also selects ORT's CUDA provider.
+            onnx_options: ONNX Runtime threads/mode/TensorRT of the vq06 session (its CUDA provider
+                is used when ``device`` is CUDA). TF32 is the caller's (``core.devices.configure_tf32``).
+            device: torch device of the Paraformer encoder.
         Raises:
             ModelError: a missing file (named), or a model that cannot be loaded.
         """
@@ -222,22 +203,23 @@ class StepAudioTokenizer:
         for name in (CODEBOOK_FILE, ONNX_FILE, FUNASR_SUBDIR):
             if not (folder / name).exists():
                 raise ModelError(f"the tokenizer folder {folder} lacks {name}")
-        configure_tf32(settings.tf32)
         paraformer = ParaformerStream.load(folder / FUNASR_SUBDIR, device)
         codebook = _load_codebook(folder / CODEBOOK_FILE, paraformer.output_size)  # stays on the CPU
-        options = OnnxOptions.from_settings(settings, use_cuda=device.type == "cuda")
+        if onnx_options.use_cuda != (device.type == "cuda"):
+            onnx_options = dataclasses.replace(onnx_options, use_cuda=device.type == "cuda")
         try:
-            session = create_session(folder / ONNX_FILE, options)
+            session = create_session(folder / ONNX_FILE, onnx_options)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             raise ModelError(f"could not load {ONNX_FILE}: {exc}") from None
         if len(session.get_inputs()) < 2 or not session.get_outputs():
             raise ModelError(f"{ONNX_FILE} must take (mel, length) and return codes")
         _warm_up_trim()
-        files = [folder / CODEBOOK_FILE, folder / ONNX_FILE, *paraformer.files.all()]
-        fingerprint = fingerprint_files(files, memo_dir=getattr(cache, "root", None))
-        namespace = make_namespace(folder.name, fingerprint, PREPROCESS_VERSION,
-                                   numerics_class(device, settings.tf32))
-        return cls(paraformer, codebook, session, options, cache, namespace, device)
+        return cls(paraformer, codebook, session, onnx_options, folder, device)
+
+    @property
+    def model_files(self) -> list[Path]:
+        """Every file whose content shapes the tokens."""
+        return [self.folder / CODEBOOK_FILE, self.folder / ONNX_FILE, *self.paraformer.files.all()]
 
     # -------------------------------------------------------------- stages
 
@@ -283,65 +265,28 @@ class StepAudioTokenizer:
             codes += [int(c) for c in out]
         return tuple(codes)
 
-    def _encode(self, audio: Audio, timer: Timer) -> Tokens:
-        """The miss path: preprocess, both encoders, merge (each a stage of ``timer``)."""
-        with timer.stage("preprocess"):
-            wav = self.preprocess(audio)
-        with timer.stage("vq02_encode"):
-            vq02 = self.encode_vq02(wav)
-        with timer.stage("vq06_encode"):
-            vq06 = self.encode_vq06(wav)
-        with timer.stage("merge"):
-            return _merge(vq02, vq06)
-
     # -------------------------------------------------------------- request
 
-    def tokenize(self, audio: Audio, digest: str | None = None) -> TokenizeResult:
-        """Tokens of ``audio``, from the cache when this clip was tokenized before.
+    def tokenize(self, audio: Audio, timer: Timer | None = None) -> Tokens:
+        """The tokens of ``audio``; every call runs the models.
 
         Parameters:
             audio: the decoded clip (any rate, mono), not peak-limited or trimmed.
-            digest: ``funasr_cache.audio_digest`` of ``audio``; computed when None.
-        Returns:
-            :class:`TokenizeResult` with stages hash, cache_lookup, and on a miss preprocess,
-            vq02_encode, vq06_encode, merge. When a concurrent request for the same clip did the
-            encoding, only hash and cache_lookup (which includes the wait) and counter coalesced=1.
+            timer: when given, gets stages ``tokenize_preprocess``, ``tokenize_vq02``,
+                ``tokenize_vq06``, ``tokenize_merge``.
         Raises:
-            InputError: see :meth:`preprocess`. ModelError: a model misbehaved.
+            InputError: see :meth:`preprocess`; a clip too short for one group. ModelError: a model
+                misbehaved.
         """
-        timer = Timer()
-        _check_audio(audio)
-        with timer.stage("hash"):
-            digest = digest or audio_digest(audio.samples, audio.sample_rate)
-        computed: list[Tokens] = []
-        looked_up = time.perf_counter()
-
-        def since_lookup() -> float:
-            return (time.perf_counter() - looked_up) * 1000.0
-
-        def compute() -> tuple[dict, None]:
-            timer.record("cache_lookup", since_lookup())
-            computed.append(self._encode(audio, timer))
-            return _payload(computed[0]), None
-
-        # One call: a hit, our own encoding (stored), or -- for concurrent misses of one clip --
-        # the encoding another request did while we waited: the cache single-flights per key.
-        entry, hit = self.cache.get_or_compute(CACHE_KIND, self.namespace, digest, compute)
-        tokens = computed[0] if computed else _tokens_from_entry(entry)
-        if tokens is None:  # a malformed entry: recompute and replace it
-            hit = False
-            timer.record("cache_lookup", since_lookup())
-            start = time.perf_counter()
-            tokens = self._encode(audio, timer)
-            self.cache.put(CACHE_KIND, self.namespace, digest, _payload(tokens), time.perf_counter() - start)
-        elif not computed:
-            timer.record("cache_lookup", since_lookup(), cached=hit)
-            if not hit:
-                timer.set_counter("coalesced", 1)  # the lookup time includes the wait
-        timer.set_counter("groups", tokens.n_groups)
-        timings = timer.finish()
-        _log_request(digest, hit, timings)
-        return TokenizeResult(tokens, digest, hit, timings)
+        timer = timer or Timer()
+        with timer.stage("tokenize_preprocess"):
+            wav = self.preprocess(audio)
+        with timer.stage("tokenize_vq02"):
+            vq02 = self.encode_vq02(wav)
+        with timer.stage("tokenize_vq06"):
+            vq06 = self.encode_vq06(wav)
+        with timer.stage("tokenize_merge"):
+            return _merge(vq02, vq06)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -365,24 +310,6 @@ def _merge(vq02: tuple[int, ...], vq06: tuple[int, ...]) -> Tokens:
     return tokens
 
 
-def _payload(tokens: Tokens) -> dict:
-    return {"vq02": list(tokens.vq02), "vq06": list(tokens.vq06)}
-
-
-def _tokens_from_entry(entry) -> Tokens | None:
-    """Tokens of a cache entry, or None when absent or malformed (then it is recomputed)."""
-    if entry is None:
-        return None
-    try:
-        tokens = Tokens(tuple(entry.payload["vq02"]), tuple(entry.payload["vq06"]))
-        if tokens.n_groups == 0:  # _merge never stores these; a bundle cannot be built from them
-            raise ValueError("no whole token group")
-        return tokens
-    except (KeyError, TypeError, ValueError):
-        log.warning("ignoring a malformed tokens cache entry %s", entry.digest[:12])
-        return None
-
-
 def _warm_up_trim() -> None:
     """Run librosa's trim once at load: with a cold numba cache its first call compiles for ~15 s,
     which would otherwise land on the first user's request."""
@@ -402,16 +329,3 @@ def _load_codebook(path: Path, dim: int) -> torch.Tensor:
     if not np.issubdtype(codebook.dtype, np.number) or not np.isfinite(codebook).all():
         raise ModelError(f"{path.name} holds non-numeric or non-finite centroids")
     return torch.from_numpy(codebook.astype(np.float32))
-
-
-def _log_request(digest: str, hit: bool, t: StageTimings) -> None:
-    ms = t.stages_ms
-    line = (f"FunASR cache {'HIT' if hit else 'MISS'} {digest[:12]}: hash {ms['hash']:.1f} ms, "
-            f"lookup {ms['cache_lookup']:.1f} ms")
-    if t.counters.get("coalesced"):
-        line += " (waiting for a concurrent request's encoding of the same clip)"
-    elif not hit:
-        encode_s = sum(ms[k] for k in ("preprocess", "vq02_encode", "vq06_encode", "merge")) / 1000.0
-        line += (f"; FunASR encoding: {encode_s:.3f} s (preprocess {ms['preprocess']:.1f} ms, "
-                 f"vq02 {ms['vq02_encode']:.1f} ms, vq06 {ms['vq06_encode']:.1f} ms, merge {ms['merge']:.1f} ms)")
-    log.info("%s; %d groups, total %.1f ms", line, int(t.counters["groups"]), t.total_ms)

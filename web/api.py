@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.routing import Match
 
 from core.audio_io import OUTPUT_FORMATS, encode_audio, load_audio, media_type
+from core.devices import check_allocation
 from core.edit_options import EDIT_TYPES
 from core.errors import InputError
 from core.settings import Settings
@@ -196,8 +197,6 @@ def metrics(metrics: Metrics = Depends(get_metrics)) -> Response:
 
 def _device_check(device: str) -> tuple[bool, str]:
     """On CUDA, prove that a small allocation works (EngineInfo.device reads e.g. "cuda:0 (bfloat16)")."""
-    from core.devices import check_allocation
-
     name = device.split()[0] if device else "cpu"
     try:
         return check_allocation(name)

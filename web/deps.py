@@ -2,8 +2,10 @@
 
 Owns: the overridable dependencies (``get_engine``, ``get_settings``, ``get_voices``,
 ``get_metrics``), the optional Bearer key check, the JSON error body and the mapping from studio
-errors to status codes, the ASGI middleware (request ids, a JSON 500 for anything uncaught), and ``run_engine`` (the one place an engine call is timed, counted, logged and has
-unexpected errors turned into a 500 with a request id).
+errors to status codes, the ASGI middleware (request ids, a JSON 500 for anything
+uncaught), and ``run_engine_call`` (the one place an engine call from the API or the page is
+timed, counted, logged and has unexpected errors logged under the request id; ``run_engine`` is
+its HTTP form, answering those with a 500).
 Does not own: the routes themselves (``web.api``, ``web.api_voices``).
 
 Error body (OpenAI style, so its clients show the message)::
@@ -62,8 +64,11 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def request_id(request: Request) -> str:
-    return request.scope.get("state", {}).get("request_id") or secrets.token_hex(6)
+def request_id(request) -> str:
+    """The id the middleware gave this HTTP request (also the id of a page event: Gradio hands the
+    handler the request that queued it); a fresh one for a request that did not pass through it."""
+    scope = getattr(request, "scope", None) or {}
+    return scope.get("state", {}).get("request_id") or secrets.token_hex(6)
 
 
 def require_api_key(request: Request, settings: Settings = Depends(get_settings)) -> None:
@@ -131,14 +136,22 @@ def install_error_handlers(app) -> None:
 
 # ----------------------------------------------------------------------------- engine calls
 
-def run_engine(request: Request, endpoint: str, call: Callable[[], T]) -> T:
-    """Run ``call`` (an engine method) with metrics, a timing log line and error translation.
+class InternalError(Exception):
+    """An unexpected failure inside an engine call, already logged with its traceback under ``request_id``."""
 
-    Studio errors pass through (their handlers answer 4xx/5xx with the message); anything else
-    is logged with its traceback and answered as a 500 naming the request id.
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"internal error; the server log has the details (request id {request_id})")
+        self.request_id = request_id
+
+
+def run_engine_call(metrics: Metrics, endpoint: str, rid: str, call: Callable[[], T]) -> T:
+    """Run ``call`` (an engine method) for the API or the page: the one place it is counted, timed and
+    logged (one INFO ``timing`` line naming ``rid``, the id the client sees).
+
+    Raises:
+        StudioError: passed through (the edge shows its message). InternalError: anything else,
+            logged here with its traceback.
     """
-    metrics = get_metrics(request)
-    rid = request_id(request)
     with metrics.track(endpoint):
         try:
             result = call()
@@ -146,13 +159,20 @@ def run_engine(request: Request, endpoint: str, call: Callable[[], T]) -> T:
             raise
         except Exception:
             log.exception("request %s (%s) failed", rid, endpoint)
-            raise APIError(500, f"internal error; the server log has the details (request id {rid})",
-                           "server_error", "internal_error") from None
+            raise InternalError(rid) from None
     timings = getattr(result, "timings", None)
     if timings is not None:
         metrics.observe_timings(endpoint, timings)
         log.info(timings.log_line(endpoint, rid))
     return result
+
+
+def run_engine(request: Request, endpoint: str, call: Callable[[], T]) -> T:
+    """:func:`run_engine_call` for an HTTP route: unexpected errors become a 500 naming the request id."""
+    try:
+        return run_engine_call(get_metrics(request), endpoint, request_id(request), call)
+    except InternalError as exc:
+        raise APIError(500, str(exc), "server_error", "internal_error") from None
 
 
 def result_headers(result: Result, engine: Engine) -> dict[str, str]:

@@ -4,7 +4,7 @@ Owns: a private ``CollectorRegistry`` (one per app, so several apps in one proce
 tests -- never clash), request counters and latency histograms per endpoint and per engine
 stage, and gauges read at scrape time: the prompt cache's ``stats()``, the Gradio queue depth,
 requests running on the engine, and CUDA memory when CUDA is already in use.
-Does not own: serving ``/metrics`` (``web.api``) or measuring stages (``timings``).
+Does not own: serving ``/metrics`` (``web.api``) or measuring stages (``core.timings``).
 
 Metric names (all prefixed ``studio_``)::
 

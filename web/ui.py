@@ -8,7 +8,8 @@ Does not own: what the buttons do (``web.ui_handlers``) or serving (``web.server
 
 Every engine event shares ``concurrency_id="engine"`` with ``settings.concurrency_limit``, so
 clones and edits from all sessions queue for the same slots; cache and history events are cheap
-and skip the queue.
+and skip the queue. (Gradio 6.17's ``validator=`` is not used: in the browser a second click of an
+event with a validator never runs, and a validator cannot see ``gr.State``.)
 """
 
 from __future__ import annotations

@@ -2,19 +2,26 @@
 
 Owns: turning UI values into engine calls and results into what the page shows (an audio file,
 a stage-timings table, a one-line summary, the history chain), the per-session history state,
-and the UI's error policy: a ``StudioError`` becomes ``gr.Error`` with its message; anything else
-is logged with its traceback and shown as a generic error naming a request id.
+the files of each result (a lossless float WAV that the next edit starts from, and the file in the
+chosen format that the page plays and offers for download), and the UI's error policy: a ``StudioError`` becomes ``gr.Error`` with its message; anything else is logged with its
+traceback and shown as a generic error naming the request id (the same id as the event's HTTP
+request and its ``timing`` log line: ``web.deps.run_engine_call`` runs every engine call).
 Does not own: the page layout and event wiring (``web.ui``).
 
 Session state (``gr.State``, small and copyable)::
 
-    {"items": [{"n": 1, "op": "clone", "text": "...", "path": "/tmp/.../a.wav", "seed": 7, "ms": 812.3}, ...],
+    {"items": [{"n": 1, "op": "clone", "text": "...", "path": "/tmp/.../a.mp3", "source": "/tmp/.../a.f32.wav",
+                "seed": 7, "ms": 812.3}, ...],
      "base": 0}      # index of the item the next edit applies to (None: the last one)
+
+``path`` is what the page plays (the chosen format); ``source`` is the result's samples exactly
+(32-bit float WAV), so a chain of edits never re-decodes its own lossy output.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import math
@@ -26,12 +33,12 @@ from pathlib import Path
 
 import gradio as gr
 
-from core.audio_io import encode_audio
+from core.audio_io import encode_audio, encode_lossless
 from core.edit_options import EDIT_TYPES
 from core.errors import StudioError
 from core.settings import Settings
 from engine.contract import CloneOptions, Engine, Result
-from web.deps import jsonable
+from web.deps import InternalError, jsonable, request_id, run_engine_call
 from web.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -39,28 +46,41 @@ log = logging.getLogger(__name__)
 UI_FORMATS = ("wav", "flac", "mp3", "opus")   # what a browser can play (raw pcm cannot)
 _EXTENSIONS = {"wav": "wav", "flac": "flac", "mp3": "mp3", "opus": "ogg"}
 OUTPUT_MAX_AGE_S = 24 * 3600
+_LOSSLESS_SUFFIX = ".f32.wav"
+# The id of the page event being handled (set by ``guarded``, read where the engine is called).
+_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("studio_page_request_id", default="")
 
 
 def new_state() -> dict:
     return {"items": [], "base": None}
 
 
+def page_request_id(request: gr.Request | None) -> str:
+    """The id of the HTTP request that queued this page event (the ``X-Request-Id`` its client got)."""
+    return request_id(getattr(request, "request", None))
+
+
 def guarded(fn):
-    """Show studio errors by their message and hide everything else behind a request id."""
+    """Show studio errors by their message and hide everything else behind the event's request id."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        request = next((a for a in (*args, *kwargs.values()) if isinstance(a, gr.Request)), None)
+        rid = page_request_id(request)
+        token = _request_id.set(rid)
         try:
             return fn(*args, **kwargs)
         except gr.Error:
             raise
         except StudioError as exc:
             raise gr.Error(str(exc), title="Cannot do that") from None
-        except Exception:
-            rid = secrets.token_hex(6)
-            log.exception("UI request %s (%s) failed", rid, fn.__name__)
+        except Exception as exc:
+            if not isinstance(exc, InternalError):   # run_engine_call logged those already
+                log.exception("UI request %s (%s) failed", rid, fn.__name__)
             raise gr.Error(f"Something went wrong inside the studio (request id {rid}); the server log has "
                            "the details.", title="Internal error") from None
+        finally:
+            _request_id.reset(token)
 
     return wrapper
 
@@ -79,7 +99,8 @@ class Handlers:
     # ------------------------------------------------------------------ engine events
 
     def clone(self, prompt_audio: str | None, prompt_text: str, target_text: str, seed: float | None,
-              flow_steps: float | None, fmt: str, state: dict | None, progress=gr.Progress()):
+              flow_steps: float | None, fmt: str, state: dict | None, progress=gr.Progress(),
+              request: gr.Request | None = None):
         """Clone; returns (audio path, timings table, summary, state, history choices, history table, base note)."""
         if not prompt_audio:
             raise gr.Error("Upload or record a prompt clip first.", title="Missing prompt audio")
@@ -90,7 +111,8 @@ class Handlers:
         return self._publish(result, "clone", fmt, state)
 
     def edit(self, edit_type: str, edit_info: str | None, new_text: str, seed: float | None,
-             flow_steps: float | None, fmt: str, state: dict | None, progress=gr.Progress()):
+             flow_steps: float | None, fmt: str, state: dict | None, progress=gr.Progress(),
+             request: gr.Request | None = None):
         """Edit the base result (the last one unless another was chosen); same outputs as :meth:`clone`."""
         state = _copy_state(state)
         if not state["items"]:
@@ -99,8 +121,9 @@ class Handlers:
         options = self._options(flow_steps)
         text = new_text if edit_type == "paralinguistic" and new_text and new_text.strip() else None
         endpoint = f"edit_{edit_type}" if edit_type in EDIT_TYPES else "edit"  # bounded metric labels
+        source = base.get("source") or base["path"]   # the lossless copy; "path" in states from before it
         result = self._run(endpoint, lambda: self.engine.edit(
-            base["path"], base["text"], edit_type, edit_info or None, text, seed=_seed(seed), options=options,
+            source, base["text"], edit_type, edit_info or None, text, seed=_seed(seed), options=options,
             progress=_progress_adapter(progress)))
         label = f"{edit_type}: {edit_info}" if edit_info else edit_type
         return self._publish(result, f"{label} (of #{base['n']})", fmt, state)
@@ -139,27 +162,24 @@ class Handlers:
         return CloneOptions(flow_steps=steps if steps != self.settings.flow_steps else None)
 
     def _run(self, endpoint: str, call) -> Result:
-        rid = secrets.token_hex(6)
-        with self.metrics.track("ui_" + endpoint):
-            result = call()
-        self.metrics.observe_timings("ui_" + endpoint, result.timings)
-        log.info(result.timings.log_line("ui_" + endpoint, rid))
-        return result
+        return run_engine_call(self.metrics, "ui_" + endpoint, _request_id.get() or secrets.token_hex(6), call)
 
     def _publish(self, result: Result, op: str, fmt: str, state: dict | None):
         state = _copy_state(state)
-        path = self._write(result, fmt if fmt in UI_FORMATS else "wav")
+        self._prune()
+        stem = self.output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+        source = self._write(stem.with_name(stem.name + _LOSSLESS_SUFFIX), encode_lossless(result.audio))
+        fmt = fmt if fmt in UI_FORMATS else "wav"
+        path = self._write(stem.with_name(f"{stem.name}.{_EXTENSIONS[fmt]}"), encode_audio(result.audio, fmt))
         state["items"].append({"n": len(state["items"]) + 1, "op": op, "text": result.text, "path": str(path),
-                               "seed": int(result.seed), "ms": round(result.timings.total_ms, 1)})
+                               "source": str(source), "seed": int(result.seed),
+                               "ms": round(result.timings.total_ms, 1)})
         state["base"] = None  # the next edit applies to this new result
         choices = history_choices(state)
         return (str(path), timing_table(result), summary(result), state,
                 gr.update(choices=choices, value=len(state["items"]) - 1), history_table(state), base_note(state))
 
-    def _write(self, result: Result, fmt: str) -> Path:
-        self._prune()
-        path = self.output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}.{_EXTENSIONS[fmt]}"
-        data = encode_audio(result.audio, fmt)
+    def _write(self, path: Path, data: bytes) -> Path:
         try:
             path.write_bytes(data)
         except OSError as exc:  # full or read-only disk: say so instead of a generic internal error

@@ -1,11 +1,18 @@
-"""Reading checkpoint files into plain state dicts, safely.
+"""Reading model checkpoints safely and loading them strictly: one set of rules for every model.
 
-Owns: turning a ``.pt``/``.pth`` (a pickled state dict) or ``.safetensors`` file into a
-``dict[str, Tensor]`` without executing anything from the model folder. Does not own: matching
-keys to modules (each model's loader does that, strictly).
+Owns: finding a model's weights file (``<stem>.safetensors`` preferred over ``<stem>.pt``),
+turning a ``.safetensors`` file or a torch pickle into a flat ``dict[str, Tensor]`` without
+executing anything from the model folder, and the strict load that refuses a checkpoint whose
+keys or shapes do not match the module (listing the missing and unexpected keys) before touching
+it. Every failure is a ``ModelError`` naming the file. Used by the Paraformer encoder
+(``tokenizer.paraformer_stream``) and the decoder (``decoder.model``, ``decoder.vocoder``).
+Does not own: renaming keys between checkpoint styles (each model's loader does that first, e.g.
+the HiFT weight-norm keys in ``decoder.vocoder``).
 
 ``.pt`` files are opened with ``torch.load(weights_only=True)``, torch's restricted unpickler that
 only rebuilds tensors and plain containers; a file that needs anything else is refused.
+Training checkpoints that nest the state dict under ``state_dict``, ``model_state_dict`` or
+``model`` are unwrapped.
 """
 
 from __future__ import annotations
@@ -16,12 +23,31 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from core.errors import ModelError
 
 log = logging.getLogger(__name__)
 
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_WRAPPERS = ("state_dict", "model_state_dict", "model")   # where training checkpoints nest the weights
+
+
+def find_weights(folder: str | Path, stem: str, *alternatives: str) -> Path:
+    """The weights file of ``stem`` in ``folder``: ``<stem>.safetensors`` when present (it loads
+    without unpickling anything, and faster), else ``<stem>.pt``, else the first of ``alternatives``
+    (file names) that exists.
+
+    Raises:
+        ModelError: none of them exists (the message names them).
+    """
+    folder = Path(folder)
+    names = [f"{stem}.safetensors", f"{stem}.pt", *(a for a in alternatives if a not in (f"{stem}.pt",))]
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise ModelError(f"{folder} has neither {' nor '.join(names)}")
 
 
 def load_state_dict_file(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -29,7 +55,7 @@ def load_state_dict_file(path: str | Path, device: str | torch.device = "cpu") -
 
     Parameters:
         path: a ``.safetensors`` file, or a torch pickle (``.pt``/``.pth``/``.bin``/``.ckpt``)
-            holding a flat ``{name: tensor}`` dict (a ``{"state_dict": {...}}`` wrapper is unwrapped).
+            holding a flat ``{name: tensor}`` dict (see the module docstring for wrappers).
         device: where the tensors are put.
 
     Returns:
@@ -44,8 +70,6 @@ def load_state_dict_file(path: str | Path, device: str | torch.device = "cpu") -
         raise ModelError(f"checkpoint file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
         try:
             state = load_file(str(path), device=str(device))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -61,8 +85,9 @@ def load_state_dict_file(path: str | Path, device: str | torch.device = "cpu") -
             raise ModelError(f"could not read {path.name} as a torch checkpoint: {exc}") from None
     else:
         raise ModelError(f"unknown checkpoint format {path.name!r}; expected .safetensors or .pt")
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-        state = state["state_dict"]
+    for wrapper in _WRAPPERS:
+        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{path.name} does not hold a flat state dict of tensors")
     log.debug("read %d tensors from %s", len(state), path.name)
@@ -79,39 +104,10 @@ def format_key_mismatch(name: str, missing: list[str], unexpected: list[str], li
     return "; ".join(parts)
 
 
-# Weight-norm key styles. torch >= 2.1's ``parametrizations.weight_norm`` saves g/v as
-# ``<conv>.parametrizations.weight.original0/1``; the older ``nn.utils.weight_norm`` saves
-# ``<conv>.weight_g``/``<conv>.weight_v``; a checkpoint whose norm was folded away has ``<conv>.weight``.
-_PARAM_G = ".parametrizations.weight.original0"
-_PARAM_V = ".parametrizations.weight.original1"
-
-
-def normalize_weight_norm_keys(state_dict: Mapping[str, torch.Tensor],
-                               expected_keys: set[str]) -> dict[str, torch.Tensor]:
-    """Rewrite any weight-norm key style into the parametrization style used in ``expected_keys``.
-
-    ``weight_g``/``weight_v`` are renamed (same tensors, same shapes). A folded ``<conv>.weight``
-    where the model expects g/v is split back exactly: v = w, g = ||w|| over all but dim 0, which
-    makes ``g * v / ||v||`` equal ``w``. Keys that need no change are passed through.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if key.endswith(".weight_g"):
-            out[key[: -len(".weight_g")] + _PARAM_G] = value
-        elif key.endswith(".weight_v"):
-            out[key[: -len(".weight_v")] + _PARAM_V] = value
-        elif key.endswith(".weight") and key not in expected_keys and key[: -len(".weight")] + _PARAM_V in expected_keys:
-            stem = key[: -len(".weight")]
-            dims = tuple(range(1, value.dim()))
-            out[stem + _PARAM_V] = value
-            out[stem + _PARAM_G] = torch.linalg.vector_norm(value.float(), dim=dims, keepdim=True).to(value.dtype)
-        else:
-            out[key] = value
-    return out
-
-
 def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], name: str) -> None:
     """``module.load_state_dict(state_dict, strict=True)`` that fails before touching the module.
+
+    ``name`` opens every error message: say which model and file, e.g. ``"flow (flow.pt)"``.
 
     Raises:
         ModelError: keys are missing or unexpected (both listed), or a tensor's shape differs.
