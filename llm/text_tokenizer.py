@@ -7,7 +7,7 @@ Does not own: prompt layout (``llm/prompts.py``), the audio tokenizer (``tokeniz
 What the real folder ships (public listings of stepfun-ai/Step-Audio-EditX and the reference
 pipeline notes): a SentencePiece ``tokenizer.model`` (unigram, 74 752 pieces with byte fallback,
 the ``<audio_N>`` pieces at 65536 + N) and ``tokenizer_config.json``; a converted ``tokenizer.json``
-may be present too. The reference loads them through ``AutoTokenizer(trust_remote_code=True)``;
+may be present too. The reference loads them through ``AutoTokenizer`` with remote code allowed;
 we never do. Order of preference:
 
 1. ``tokenizer.json``: read by the Rust ``tokenizers`` library through transformers'

@@ -127,3 +127,14 @@ def run_concurrently(fn, calls, timeout: float = 120.0) -> list:
 @pytest.fixture
 def concurrently():
     return run_concurrently
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core runner they lose a lot."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -30,12 +30,7 @@ GREEDY = SamplingConfig(top_k=1, slot_mask=False, repetition_window=10**6, max_l
 SAMPLED = SamplingConfig(slot_mask=False, max_length=256)   # temperature 0.7, top-k 50 on the 512-id vocab
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -95,13 +95,7 @@ def test_sampling_config_budget():
 
 # --------------------------------------------------------------------------- with a tiny Step1
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core runner they lose a lot.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
