@@ -20,11 +20,11 @@ from core.devices import configure_tf32, resolve_device, resolve_dtype
 from core.edit_options import EDIT_TYPES
 from core.errors import InputError, ModelError, StudioError
 from core.onnx_session import OnnxOptions
-from core.settings import DECODER_SUBDIR
+from core.settings import DECODER_SUBDIR, FUNASR_SUBDIR
 from core.timings import StageTimings, Timer
 from decoder.model import AudioDecoder
 from engine.contract import (CloneOptions, EditCapability, Engine, EngineInfo, ProgressFn, PromptReport, Result,
-                             new_seed, no_progress, validate_edit, validate_text)
+                             Transcript, new_seed, no_progress, validate_edit, validate_text)
 from engine.prompt_bundle import PromptBundler, features_namespace
 from llm.batching import BatchScheduler
 from llm.generation import GenerationRequest, generate_batch
@@ -33,6 +33,7 @@ from llm.longform import crossfade_join, split_text
 from llm.prompts import AUDIO_ID_OFFSET, clone_prompt_ids, clone_speaker_id, edit_instruction, edit_prompt_ids
 from llm.sampling import SamplingConfig, audio_answer
 from prompt_cache.funasr_cache import audio_digest
+from tokenizer.asr import Transcriber
 from tokenizer.step_audio import StepAudioTokenizer
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ class StepAudioEngine(Engine):
         self.scheduler = BatchScheduler(lambda batch: generate_batch(self.llm, batch, self.sampling),
                                         settings.batch_window_ms / 1000.0, settings.max_batch_size)
         self._capabilities = tuple(EditCapability(t, opts) for t, opts in EDIT_TYPES.items())
+        # The tokenizer folder's full Paraformer, loaded on the first transcription only.
+        self.transcriber = Transcriber(settings.tokenizer_dir / FUNASR_SUBDIR, self.device, settings.max_prompt_seconds)
         log.info("Step-Audio-EditX engine ready in %.1f s on %s (%s); batching window %g ms, up to %d requests",
                  time.perf_counter() - started, self.device, str(self.dtype).replace("torch.", ""),
                  settings.batch_window_ms, settings.max_batch_size)
@@ -108,6 +111,9 @@ class StepAudioEngine(Engine):
 
     def close(self) -> None:
         self.scheduler.close()
+
+    def transcribe(self, audio: AudioSource) -> Transcript:
+        return self.transcriber.transcribe(audio)
 
     def prepare_prompt(self, prompt_audio: AudioSource) -> PromptReport:
         timer = Timer()
