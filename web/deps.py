@@ -146,10 +146,12 @@ def run_engine(request: Request, endpoint: str, call: Callable[[], T]) -> T:
             log.exception("request %s (%s) failed", rid, endpoint)
             raise APIError(500, f"internal error; the server log has the details (request id {rid})",
                            "server_error", "internal_error") from None
-    timings = getattr(result, "timings", None)
-    if timings is not None:
-        metrics.observe_timings(endpoint, timings)
-        log.info(timings.log_line(endpoint, rid))
+    # An engine call may return several results (one per edit pass): one timing line each.
+    for item in result if isinstance(result, tuple) else (result,):
+        timings = getattr(item, "timings", None)
+        if timings is not None:
+            metrics.observe_timings(endpoint, timings)
+            log.info(timings.log_line(endpoint, rid))
     return result
 
 
