@@ -45,16 +45,18 @@ def insert_tag_js(elem_id: str, tag: str) -> str:
             "const start = box && box.selectionStart != null ? box.selectionStart : text.length; "
             "const end = box && box.selectionEnd != null ? box.selectionEnd : start; "
             "const next = text.slice(0, start) + tag + text.slice(end); "
-            "if (box) { setTimeout(() => { box.focus(); box.setSelectionRange(start + tag.length, "
-            "start + tag.length); }, 0); } return next; }")
+            # Set the box first, so that Gradio's update (the same value) leaves the cursor alone.
+            "if (box) { box.value = next; box.focus(); box.setSelectionRange(start + tag.length, start + tag.length); "
+            "box.dispatchEvent(new Event('input', {bubbles: true})); } return next; }")
 
 
 def tag_palette(tags: tuple[str, ...], target: gr.Textbox, elem_id: str, label: str) -> None:
     """A row of small buttons; each inserts its tag into ``target`` at the cursor (no server round trip)."""
+    gr.Markdown(label, elem_classes="tag-palette-label")
     with gr.Row(elem_id=elem_id, elem_classes="tag-palette"):
-        gr.Markdown(label)
         for tag in tags:
-            button = gr.Button(tag, size="sm", min_width=60)
+            # Wide enough for its label (Gradio's row then wraps the buttons instead of squeezing them).
+            button = gr.Button(tag, size="sm", scale=0, min_width=8 * len(tag) + 28)
             button.click(None, target, target, js=insert_tag_js(target.elem_id, tag), queue=False,
                          api_visibility="private")
 
