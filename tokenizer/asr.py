@@ -82,19 +82,19 @@ class Transcriber:
             with timer.stage("asr_load"):
                 auto = self._model()
             with timer.stage("asr"):
-                text = self._run(auto, samples)
+                text = self._run(auto, samples, self.device)
         timings = timer.finish(audio_seconds=audio.duration)
         if not text:
             raise InputError("no words were heard in the clip; please type what it says")
         return Transcript(text=text, timings=timings, model=self.folder.name)
 
     @staticmethod
-    def _run(auto, samples: np.ndarray) -> str:
+    def _run(auto, samples: np.ndarray, device: torch.device) -> str:
         from tokenizer.paraformer_stream import _quiet_and_seed_neutral
 
         try:
             # funasr's generate() seeds the global RNGs and prints; keep both out of the process.
-            with _quiet_and_seed_neutral(torch.device("cpu")), torch.inference_mode():
+            with _quiet_and_seed_neutral(device), torch.inference_mode():
                 results = auto.generate(input=samples, cache={}, is_final=True, chunk_size=list(CHUNK_SIZE),
                                         encoder_chunk_look_back=ENCODER_LOOK_BACK,
                                         decoder_chunk_look_back=DECODER_LOOK_BACK, disable_pbar=True)
