@@ -1,9 +1,10 @@
 """The engine contract: what the studio asks of an engine, and the value types that cross it.
 
-Owns: the ``Engine`` interface (clone, edit, prompt preparation, capabilities, readiness, and
-copying a clip's prompt-cache entries out of and into the cache for voice bundles), the frozen
-value types (``Result``, ``CloneOptions``, ``EngineInfo``, ``EditCapability``, ``PromptReport``,
-``PromptEntry``, ``PromptImport``) and the request validation every engine shares.
+Owns: the ``Engine`` interface (clone, edit, repeated edits, transcription, prompt preparation,
+capabilities, readiness, and copying a clip's prompt-cache entries out of and into the cache for
+voice bundles), the frozen value types (``Result``, ``CloneOptions``, ``EngineInfo``,
+``EditCapability``, ``PromptReport``, ``PromptEntry``, ``PromptImport``, ``Transcript``) and the
+request validation every engine shares.
 Does not own: any engine (``engine/step_audio.py``, ``preview/``), nor choosing one
 (``engine/select.py``).
 """
@@ -26,6 +27,8 @@ from core.timings import StageTimings
 log = logging.getLogger(__name__)
 # progress(fraction in [0, 1], description)
 ProgressFn = Callable[[float, str], None]
+
+MAX_EDIT_ITERATIONS = 5   # upstream's --n-edit-iter; whispering typically needs 2 or more
 
 
 def no_progress(fraction: float, description: str) -> None:
@@ -113,6 +116,15 @@ class PromptImport:
     added: tuple[tuple[str, str, str], ...] = ()   # (kind, namespace, digest) it stored
 
 
+@dataclass(frozen=True)
+class Transcript:
+    """What an engine heard in a clip (its ASR), to be corrected by the user if need be."""
+
+    text: str
+    timings: StageTimings
+    model: str = ""                    # which ASR model, e.g. the Paraformer folder's name
+
+
 class Engine(abc.ABC):
     """A voice-cloning engine. Implementations must be thread-safe."""
 
@@ -140,6 +152,44 @@ class Engine(abc.ABC):
 
         ``text`` is the new text for paralinguistic edits (tags such as ``[Laughter]`` inside).
         """
+
+    def edit_iterations(self, audio: AudioSource, audio_text: str, edit_type: str, edit_info: str | None = None,
+                        text: str | None = None, *, iterations: int = 1, seed: int | None = None,
+                        options: CloneOptions = CloneOptions(),
+                        progress: ProgressFn = no_progress) -> tuple[Result, ...]:
+        """Apply the same edit ``iterations`` times, each pass on the previous pass's audio (upstream's
+        ``--n-edit-iter``: a stronger effect); returns every pass's result, in order.
+
+        ``audio_text`` and ``text`` stay those of the request for every pass, as upstream does. Pass
+        ``i`` (from 0) uses seed ``seed + i`` (folded), so a given seed repeats the whole chain.
+
+        Raises:
+            InputError: ``iterations`` outside 1..MAX_EDIT_ITERATIONS, or what :meth:`edit` raises.
+        """
+        iterations = validate_iterations(iterations)
+        base_seed = new_seed(seed)
+        results: list[Result] = []
+        current: AudioSource = audio
+        for i in range(iterations):
+            def step(fraction: float, description: str, i: int = i) -> None:
+                progress((i + fraction) / iterations,
+                         f"pass {i + 1}/{iterations}: {description}" if iterations > 1 else description)
+
+            result = self.edit(current, audio_text, edit_type, edit_info, text, seed=(base_seed + i) % 2**31,
+                               options=options, progress=step)
+            results.append(result)
+            current = result.audio
+        return tuple(results)
+
+    def transcribe(self, audio: AudioSource) -> Transcript:
+        """What ``audio`` says, by the engine's ASR model (for a prompt clip that came without its
+        transcript).
+
+        Raises:
+            InputError: this engine has no ASR model (the message says how to get one), bad audio, or
+                nothing was heard.
+        """
+        raise InputError(f"{self.describe().name} cannot transcribe audio; please type what the clip says")
 
     @abc.abstractmethod
     def prepare_prompt(self, prompt_audio: AudioSource) -> PromptReport:
@@ -249,6 +299,15 @@ def validate_text(text: str | None, what: str, max_chars: int) -> str:
     if len(text) > max_chars:
         raise InputError(f"{what} is {len(text)} characters long; the limit is {max_chars}")
     return text
+
+
+def validate_iterations(iterations: int | None) -> int:
+    """The number of edit passes (None: 1); refuses anything outside 1..MAX_EDIT_ITERATIONS."""
+    if iterations is None:
+        return 1
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or not 1 <= iterations <= MAX_EDIT_ITERATIONS:
+        raise InputError(f"iterations must be a whole number from 1 to {MAX_EDIT_ITERATIONS}, not {iterations!r}")
+    return iterations
 
 
 def validate_edit(edit_type: str, edit_info: str | None, capabilities: tuple[EditCapability, ...]) -> str | None:

@@ -22,11 +22,11 @@ from core.devices import configure_tf32, numerics_class, resolve_device, resolve
 from core.edit_options import EDIT_TYPES
 from core.errors import ModelError, StudioError
 from core.onnx_session import OnnxOptions
-from core.settings import DECODER_SUBDIR
+from core.settings import DECODER_SUBDIR, FUNASR_SUBDIR
 from core.timings import StageTimings, Timer
 from decoder.model import AudioDecoder
 from engine.contract import (CloneOptions, EditCapability, Engine, EngineInfo, ProgressFn, PromptReport, Result,
-                             new_seed, no_progress, validate_edit, validate_text)
+                             Transcript, new_seed, no_progress, validate_edit, validate_text)
 from engine.prompt_bundle import PromptBundler, features_namespace
 from llm.backend import GenerationRequest, LLMBackend
 from llm.native import NativeBackend, answer_rules
@@ -36,6 +36,7 @@ from llm.longform import crossfade_join, split_text
 from llm.prompts import clone_prompt_ids, clone_speaker_id, edit_instruction, edit_prompt_ids
 from llm.sampling import audio_answer
 from prompt_cache.funasr_cache import audio_digest
+from tokenizer.asr import Transcriber
 from tokenizer.step_audio import StepAudioTokenizer
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class StepAudioEngine(Engine):
         self.bundler = PromptBundler(self.tokenizer, self.decoder.frontend, cache, features_namespace(decoder_dir, cache.root),
                                      numerics_class(self.device, settings.tf32))
         self._capabilities = tuple(EditCapability(t, opts) for t, opts in EDIT_TYPES.items())
+        # The tokenizer folder's full Paraformer, loaded on the first transcription only.
+        self.transcriber = Transcriber(settings.tokenizer_dir / FUNASR_SUBDIR, self.device, settings.max_prompt_seconds)
         log.info("Step-Audio-EditX engine ready in %.1f s on %s (%s); LLM: %s",
                  time.perf_counter() - started, self.device, str(self.dtype).replace("torch.", ""),
                  self.llm_backend.describe())
@@ -112,6 +115,9 @@ class StepAudioEngine(Engine):
 
     def close(self) -> None:
         self.llm_backend.close()
+
+    def transcribe(self, audio: AudioSource) -> Transcript:
+        return self.transcriber.transcribe(audio)
 
     def prepare_prompt(self, prompt_audio: AudioSource) -> PromptReport:
         timer = Timer()

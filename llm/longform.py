@@ -1,8 +1,9 @@
 """Long target text: split it into chunks the LLM handles well, and join the audio pieces.
 
 Owns: sentence splitting (English and Chinese punctuation), packing sentences into chunks of at
-most ``max_chars``, carrying a leading dialect/language tag into every chunk, and the short
-equal-power cross-fade that joins the chunks' audio.
+most ``max_chars`` (never cutting through a tag or a pinyin syllable such as ``guo4``), carrying
+a leading dialect/language tag into every chunk, and the short equal-power cross-fade that joins
+the chunks' audio.
 Does not own: generation (each chunk is an ordinary clone request with the same prompt bundle).
 
 A text that fits in one chunk is returned unchanged, so short requests see byte-identical prompts.
@@ -33,20 +34,28 @@ def _split_keep(text: str, pattern: re.Pattern) -> list[str]:
     return [p for p in pieces if p.strip()]
 
 
+# What a hard split never cuts through: a bracketed tag (``[clears throat]``), a pinyin syllable
+# with its tone digit (``guo4``, so ``guo4guo4`` may be cut between the two), any other run of
+# non-CJK characters (a word), each with the whitespace after it; a CJK character stands alone.
+_ATOM = re.compile(r"\[[^\[\]\n]{1,40}\]\s*|[A-Za-z]{1,6}[1-5]\s*|[^\s\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]+\s*"
+                   r"|\S\s*|\s+")
+
+
 def _hard_split(piece: str, max_chars: int) -> list[str]:
-    """Split an over-long clause at spaces, else every ``max_chars`` characters."""
+    """Split an over-long clause between words, tags, pinyin syllables or CJK characters; an atom
+    longer than ``max_chars`` is cut every ``max_chars`` characters."""
     out, current = [], ""
-    for word in re.split(r"(?<=\s)", piece):
-        while len(word) > max_chars:
+    for atom in _ATOM.findall(piece):
+        while len(atom) > max_chars:
             if current:
                 out.append(current)
                 current = ""
-            out.append(word[:max_chars])
-            word = word[max_chars:]
-        if len(current) + len(word) > max_chars and current:
+            out.append(atom[:max_chars])
+            atom = atom[max_chars:]
+        if len(current) + len(atom) > max_chars and current:
             out.append(current)
             current = ""
-        current += word
+        current += atom
     if current.strip():
         out.append(current)
     return out

@@ -5,7 +5,9 @@ downloaded weights. A clone decodes the prompt, fetches (or computes and caches,
 its :class:`preview.voice.VoiceProfile`, speaks the text with eSpeak NG at the prompt's speaking
 rate, and re-synthesises it with WORLD using the prompt's pitch statistics and warped envelope.
 Edits are DSP (``preview.effects``); options without an honest DSP counterpart are reported as
-unavailable by :meth:`PreviewEngine.capabilities`.
+unavailable by :meth:`PreviewEngine.capabilities`. Transcription uses the tokenizer folder's
+Paraformer (``tokenizer.asr``) when that folder is under ``--model-root``, and otherwise refuses
+with a message saying why.
 Does not own: the cache mechanics (``prompt_cache.funasr_cache``) or the cache-first fetch
 (``engine.prompt_fetch``), request validation rules (``engine.contract``), audio
 decoding (``core.audio_io``).
@@ -26,11 +28,13 @@ import numpy as np
 from core.audio_io import Audio, AudioSource, load_audio, resample
 from core.edit_options import EDIT_TYPES, EMOTIONS, STYLES
 from core.errors import InputError, ModelError
+from core.settings import FUNASR_SUBDIR
 from prompt_cache.funasr_cache import audio_digest, make_namespace
 from preview import effects, espeak, text as text_mod, voice
 from core.timings import Timer
 from engine.prompt_fetch import PromptKind, fetch_prompt
-from engine.contract import CloneOptions, EditCapability, Engine, EngineInfo, ProgressFn, PromptReport, Result, new_seed, no_progress, validate_edit, validate_text
+from tokenizer.asr import Transcriber
+from engine.contract import CloneOptions, EditCapability, Engine, EngineInfo, ProgressFn, PromptReport, Result, Transcript, new_seed, no_progress, validate_edit, validate_text
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +90,7 @@ class PreviewEngine(Engine):
         self._settings = settings
         self._cache = cache
         self._error = ""
+        self._transcriber = Transcriber(settings.tokenizer_dir / FUNASR_SUBDIR, "cpu", settings.max_prompt_seconds)
         try:
             self._namespace = make_namespace("preview-espeak-world", _fingerprint(), ALGORITHM_VERSION)
         except ModelError as exc:
@@ -120,6 +125,19 @@ class PreviewEngine(Engine):
 
     def ready(self) -> tuple[bool, str]:
         return (False, self._error) if self._error else (True, "ok")
+
+    def transcribe(self, audio: AudioSource) -> Transcript:
+        """Transcribe with the tokenizer folder's Paraformer when that folder is there (it runs on the
+        CPU); eSpeak and WORLD cannot recognise speech, so without it this says so.
+
+        Raises:
+            InputError: no ASR model under ``--model-root``, bad audio, or nothing heard.
+        """
+        if not self._transcriber.available:
+            raise InputError("the preview engine cannot transcribe: eSpeak NG and WORLD do not recognise speech, "
+                             f"and the Paraformer ASR model is not under {self._transcriber.folder}. Please type "
+                             "what the clip says, or get the models with scripts/download_models.py")
+        return self._transcriber.transcribe(audio)
 
     def _check(self) -> None:
         if self._error:

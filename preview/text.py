@@ -21,7 +21,7 @@ LANGUAGE_VOICES: dict[str, tuple[str, str]] = {
 }
 ENGLISH, MANDARIN, JAPANESE, KOREAN = "en-us", "cmn", "ja", "ko"
 
-_TAG = re.compile(r"\[[A-Za-z][A-Za-z_-]{0,40}\]")
+_TAG = re.compile(r"\[[A-Za-z][A-Za-z _-]{0,40}\]")   # tags may hold a space: [clears throat]
 _HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _KANA = re.compile(r"[\u3040-\u30ff]")
 _HANGUL = re.compile(r"[\uac00-\ud7af\u1100-\u11ff]")
@@ -57,6 +57,19 @@ def detect_voice(text: str) -> str:
     return ENGLISH
 
 
+def _no_split_inside_word(sentence: str, cut: int) -> int:
+    """``cut`` moved left so that it does not fall inside a Latin word or a pinyin syllable (``guo4``);
+    between two syllables (a tone digit, then a letter) is a fine place."""
+    start = cut
+    while 0 < cut < len(sentence):
+        before, after = sentence[cut - 1], sentence[cut]
+        if not (before.isascii() and before.isalnum() and after.isascii() and after.isalnum()) \
+                or (before.isdigit() and after.isalpha()):
+            break
+        cut -= 1
+    return cut if cut > 0 else start
+
+
 def split_sentences(text: str, max_chars: int = _MAX_CHUNK) -> list[str]:
     """Sentences of ``text``, each at most ``max_chars`` (split further at commas, then spaces)."""
     pieces = []
@@ -64,7 +77,7 @@ def split_sentences(text: str, max_chars: int = _MAX_CHUNK) -> list[str]:
         sentence = sentence.strip()
         while len(sentence) > max_chars:
             cut = max(sentence.rfind(mark, 0, max_chars) for mark in (",", "，", "、", " "))
-            cut = cut + 1 if cut > 0 else max_chars
+            cut = cut + 1 if cut > 0 else _no_split_inside_word(sentence, max_chars)
             pieces.append(sentence[:cut].strip())
             sentence = sentence[cut:].strip()
         if sentence:

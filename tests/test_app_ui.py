@@ -39,7 +39,7 @@ def _clone(client, target="Hello from the studio.", seed=5, fmt="wav"):
 @pytest.mark.slow
 def test_named_endpoints(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert set(endpoints) == {"/clone", "/edit", "/cache_stats", "/cache_clear"}
+    assert set(endpoints) == {"/clone", "/edit", "/transcribe", "/cache_stats", "/cache_clear"}
 
 
 @pytest.mark.slow

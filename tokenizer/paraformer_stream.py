@@ -149,6 +149,44 @@ def _quiet_and_seed_neutral(device: torch.device) -> Iterator[None]:
         log.debug("funasr said: %s", out.getvalue().strip().replace("\n", " | "))
 
 
+def build_auto_model(folder: Path, device: torch.device):
+    """``(funasr.AutoModel, ParaformerFiles)`` for ``folder``: built offline from its config (no hub,
+    no remote code), weights loaded strictly from ``model.safetensors`` or ``model.pt``, in eval
+    mode on ``device``. Every head stays; :class:`ParaformerStream` drops those it does not run,
+    ``tokenizer.asr`` keeps them all.
+
+    Raises:
+        ModelError: missing files, a config funasr cannot build, or weights that do not match.
+    """
+    files = locate_files(folder)
+    try:
+        conf = yaml.safe_load(files.config.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
+        raise ModelError(f"{files.config} is not readable YAML: {exc}") from None
+    if not isinstance(conf, dict) or "model" not in conf or not isinstance(conf.get("encoder_conf"), dict):
+        raise ModelError(f"{files.config} does not describe a FunASR model (no model/encoder_conf)")
+    for section in ("model_conf", "tokenizer_conf", "frontend_conf"):
+        if not isinstance(conf.get(section) or {}, dict):
+            raise ModelError(f"{files.config}: {section} must be a mapping")
+    conf.setdefault("model_conf", {})  # present => AutoModel skips its hub/download resolution
+    conf["tokenizer_conf"] = {**(conf.get("tokenizer_conf") or {}), "token_list": str(files.tokens)}
+    conf["frontend_conf"] = {**(conf.get("frontend_conf") or {}), "cmvn_file": str(files.cmvn), "dither": 0.0}
+    with _quiet_and_seed_neutral(device):
+        try:
+            from funasr import AutoModel
+            # init_param None: weights are loaded strictly below, from .safetensors or .pt.
+            auto = AutoModel(**{**conf, "model_path": str(files.folder), "device": str(device),
+                                "disable_update": True, "disable_pbar": True, "trust_remote_code": False,
+                                "init_param": None,
+                                "ncpu": torch.get_num_threads(),  # else AutoModel resets the process's threads
+                                "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel())})
+        except Exception as exc:  # noqa: BLE001 - funasr raises many kinds; the user needs one
+            raise ModelError(f"funasr could not build the model in {files.folder}: {exc}") from None
+    load_strict(auto.model, load_state_dict_file(files.weights), f"the Paraformer ({files.weights.name})")
+    auto.model.to(device).eval()
+    return auto, files
+
+
 class ParaformerStream:
     """A loaded FunASR streaming Paraformer; :meth:`encode` is thread-safe (one clip at a time)."""
 
@@ -169,33 +207,9 @@ class ParaformerStream:
         Raises:
             ModelError: missing files, a config funasr cannot build, or weights that do not match.
         """
-        files = locate_files(folder)
         device = torch.device(device)
-        try:
-            conf = yaml.safe_load(files.config.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
-            raise ModelError(f"{files.config} is not readable YAML: {exc}") from None
-        if not isinstance(conf, dict) or "model" not in conf or not isinstance(conf.get("encoder_conf"), dict):
-            raise ModelError(f"{files.config} does not describe a FunASR model (no model/encoder_conf)")
-        for section in ("model_conf", "tokenizer_conf", "frontend_conf"):
-            if not isinstance(conf.get(section) or {}, dict):
-                raise ModelError(f"{files.config}: {section} must be a mapping")
-        conf.setdefault("model_conf", {})  # present => AutoModel skips its hub/download resolution
-        conf["tokenizer_conf"] = {**(conf.get("tokenizer_conf") or {}), "token_list": str(files.tokens)}
-        conf["frontend_conf"] = {**(conf.get("frontend_conf") or {}), "cmvn_file": str(files.cmvn), "dither": 0.0}
-        with _quiet_and_seed_neutral(device):
-            try:
-                from funasr import AutoModel
-                # init_param None: weights are loaded strictly below, from .safetensors or .pt.
-                auto = AutoModel(**{**conf, "model_path": str(files.folder), "device": str(device),
-                                    "disable_update": True, "disable_pbar": True, "trust_remote_code": False,
-                                    "init_param": None,
-                                    "ncpu": torch.get_num_threads(),  # else AutoModel resets the process's threads
-                                    "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel())})
-            except Exception as exc:  # noqa: BLE001 - funasr raises many kinds; the user needs one
-                raise ModelError(f"funasr could not build the model in {files.folder}: {exc}") from None
+        auto, files = build_auto_model(folder, device)
         model = auto.model
-        load_strict(model, load_state_dict_file(files.weights), f"the Paraformer encoder ({files.weights.name})")
         for head in UNUSED_HEADS:
             if getattr(model, head, None) is not None:
                 setattr(model, head, None)

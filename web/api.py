@@ -1,6 +1,7 @@
 """HTTP routes for speech, edits, the prompt cache, the engine, health and metrics.
 
-Owns: ``POST /v1/audio/speech`` (OpenAI compatible), ``POST /v1/audio/edits``,
+Owns: ``POST /v1/audio/speech`` (OpenAI compatible, ``instructions`` included),
+``POST /v1/audio/edits`` (with ``iterations``), ``POST /v1/audio/transcriptions`` (OpenAI compatible),
 ``GET /v1/models``, ``GET /v1/engine``, ``GET /v1/cache/stats``, ``POST /v1/cache/clear``,
 ``GET /healthz``, ``GET /readyz``, ``GET /metrics``; their pydantic models.
 Does not own: voices (``web.api_voices``), shared plumbing (``web.deps``).
@@ -11,12 +12,18 @@ blocks the event loop (and the Gradio UI served by the same loop).
 ``speed``: the engine's speed edit is coarse (faster / slower / more faster / more slower) and
 regenerates the audio, so it cannot honour an exact factor; any ``speed`` other than 1.0 is
 refused with a 400 pointing at ``/v1/audio/edits`` (edit_type ``speed``).
+
+``instructions`` ("whisper, sad, a bit slower") become an edit chain (``core.instructions``) that
+is checked against the engine before anything runs and applied after the clone, in order; the
+chain comes back in ``X-Edit-Chain``. Unknown tags in a text are not refused: ``X-Warning`` says
+which (values are percent-encoded UTF-8, so a header stays ASCII).
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -26,10 +33,11 @@ from starlette.routing import Match
 
 from core.audio_io import OUTPUT_FORMATS, encode_audio, load_audio, media_type
 from core.devices import check_allocation
-from core.edit_options import EDIT_TYPES
+from core.edit_options import EDIT_TYPES, tag_warning
 from core.errors import InputError
+from core.instructions import chain_header, parse_instructions
 from core.settings import Settings
-from engine.contract import CloneOptions, Engine, validate_text
+from engine.contract import CloneOptions, Engine, validate_edit, validate_iterations, validate_text
 from web import api_voices
 from web.deps import (APIError, get_engine, get_metrics, get_settings, get_voices, jsonable, read_upload,
                       require_api_key, result_headers, run_engine)
@@ -56,16 +64,24 @@ class SpeechRequest(BaseModel):
     voice: str | dict = Field(..., description="a stored voice id (POST /v1/audio/voices), or {\"id\": ...}")
     response_format: str = Field("mp3", description="wav, flac, mp3, opus or pcm (16-bit LE mono at 24 kHz)")
     speed: float = Field(1.0, description="only 1.0; use /v1/audio/edits with edit_type=speed")
-    instructions: str | None = Field(None, description="not supported; use /v1/audio/edits")
+    instructions: str | None = Field(None, description="edits applied after the clone, e.g. 'whisper, sad, a bit "
+                                                       "slower' or '耳语，难过，慢一点' (echoed in X-Edit-Chain)")
     stream_format: Literal["audio", "sse"] | None = Field(None,
                                                           description="'audio' streams the bytes; 'sse' is refused")
     seed: int | None = Field(None, description="sampling seed; omitted or negative means random (reported in X-Seed)")
     flow_steps: int | None = Field(None, description="flow-matching Euler steps (1..50); default from settings")
 
 
-def _audio_response(result, engine: Engine, fmt: str, stream: bool = False) -> Response:
-    body = encode_audio(result.audio, fmt)
-    headers = result_headers(result, engine)
+def header_value(text: str) -> str:
+    """``text`` as an ASCII header value: UTF-8 percent-encoding, readable punctuation kept."""
+    return quote(text, safe=" []-_,.:;()'/?!=+*&")
+
+
+def _audio_response(result, engine: Engine, fmt: str, stream: bool = False, audio=None,
+                    extra: dict[str, str] | None = None) -> Response:
+    """The audio of ``result`` (or ``audio``, the end of a chain that began with ``result``)."""
+    body = encode_audio(audio if audio is not None else result.audio, fmt)
+    headers = {**result_headers(result, engine), **(extra or {})}
     if stream:
         chunks = (body[i:i + _STREAM_CHUNK] for i in range(0, len(body), _STREAM_CHUNK))
         return StreamingResponse(chunks, media_type=media_type(fmt), headers=headers)
@@ -91,8 +107,10 @@ def create_speech(body: SpeechRequest, request: Request, engine: Engine = Depend
     if body.speed != 1.0:
         raise InputError(f"speed {body.speed:g} cannot be honoured exactly; generate at 1.0 and apply "
                          "POST /v1/audio/edits with edit_type=speed (faster, slower, more faster, more slower)")
-    if body.instructions:
-        raise InputError("instructions are not supported; apply emotion or style with POST /v1/audio/edits")
+    steps = parse_instructions(body.instructions)
+    caps = engine.capabilities()
+    for step in steps:  # refuse an edit the engine cannot do before the clone runs
+        validate_edit(step.edit_type, step.edit_info, caps)
     if body.stream_format == "sse":
         raise InputError("stream_format 'sse' is not supported; use 'audio' or leave it out")
     text = validate_text(body.input, "input", settings.max_text_chars)
@@ -101,7 +119,30 @@ def create_speech(body: SpeechRequest, request: Request, engine: Engine = Depend
     options = CloneOptions(flow_steps=body.flow_steps)
     result = run_engine(request, "speech", lambda: engine.clone(prompt, voice.transcript, text, seed=body.seed,
                                                                 options=options))
-    return _audio_response(result, engine, fmt, stream=body.stream_format == "audio")
+    extra = _warning_header(text)
+    audio = None
+    if steps:
+        edited = result
+        for i, step in enumerate(steps):
+            edited = run_engine(request, f"edit_{step.edit_type}", lambda step=step, i=i, source=edited: engine.edit(
+                source.audio, result.text, step.edit_type, step.edit_info, seed=(result.seed + 1 + i) % 2**31,
+                options=options))
+        audio = edited.audio
+        extra["X-Edit-Chain"] = chain_header(steps)
+    return _audio_response(result, engine, fmt, stream=body.stream_format == "audio", audio=audio, extra=extra)
+
+
+def _warning_header(*texts: str | None) -> dict[str, str]:
+    """``{"X-Warning": ...}`` naming unknown tags in ``texts`` (empty when every tag is known)."""
+    warnings = [w for w in (tag_warning(t) for t in texts) if w]
+    return {"X-Warning": header_value(" | ".join(warnings))} if warnings else {}
+
+
+def _transcribe(request: Request, engine: Engine, audio, what: str) -> str:
+    """What ``audio`` says, by the engine's ASR (for a clip that came without its text)."""
+    transcript = run_engine(request, "transcribe", lambda: engine.transcribe(audio))
+    log.info("%s transcribed by %s: %d characters", what, transcript.model or "the engine", len(transcript.text))
+    return transcript.text
 
 
 @router.post("/audio/edits", summary="Edit a clip: emotion, style, speed, paralinguistic, denoise, vad",
@@ -109,19 +150,26 @@ def create_speech(body: SpeechRequest, request: Request, engine: Engine = Depend
 def create_edit(request: Request,
                 edit_type: str = Form(..., description="emotion, style, speed, paralinguistic, denoise or vad"),
                 edit_info: str | None = Form(None, description="the option, e.g. happy (see GET /v1/engine)"),
-                audio_text: str | None = Form(None, description="what the clip says (default: the voice's transcript)"),
+                audio_text: str | None = Form(None, description="what the clip says (default: the voice's transcript; "
+                                                                "for a file, the engine transcribes it)"),
                 text: str | None = Form(None, description="paralinguistic only: the text with tags, e.g. [Laughter]"),
                 file: UploadFile | None = File(None, description="the clip to edit (or give voice)"),
                 voice: str | None = Form(None, description="edit a stored voice's clip instead of a file"),
+                iterations: int = Form(1, description="apply the edit 1-5 times, each on the previous result "
+                                                      "(stronger; whisper usually needs 2)"),
                 seed: int | None = Form(None), flow_steps: int | None = Form(None),
                 response_format: str = Form("wav"),
                 engine: Engine = Depends(get_engine), voices: VoiceStore = Depends(get_voices),
                 settings: Settings = Depends(get_settings)) -> Response:
     fmt = _check_format(response_format)
+    iterations = validate_iterations(iterations)
     if (file is None) == (voice is None):
         raise InputError("give exactly one of 'file' (an audio upload) or 'voice' (a stored voice id)")
     if file is not None:
         audio = load_audio(read_upload(file, settings, "audio file"), max_seconds=settings.max_prompt_seconds)
+        if not (audio_text and audio_text.strip()):
+            validate_edit(edit_type, edit_info or None, engine.capabilities())  # before transcribing
+            audio_text = _transcribe(request, engine, audio, "the audio to edit")
     else:
         stored = voices.get(check_voice_id(voice))
         audio = voices.audio(stored.id)
@@ -130,10 +178,32 @@ def create_edit(request: Request,
     if text is not None and text.strip():
         text = validate_text(text, "text", settings.max_text_chars)
     options = CloneOptions(flow_steps=flow_steps)
-    result = run_engine(request, f"edit_{edit_type}" if edit_type in EDIT_TYPES else "edit",
-                        lambda: engine.edit(audio, audio_text, edit_type, edit_info or None, text or None,
-                                            seed=seed, options=options))
-    return _audio_response(result, engine, fmt)
+    results = run_engine(request, f"edit_{edit_type}" if edit_type in EDIT_TYPES else "edit",
+                         lambda: engine.edit_iterations(audio, audio_text, edit_type, edit_info or None, text or None,
+                                                        iterations=iterations, seed=seed, options=options))
+    extra = {**_warning_header(text if edit_type == "paralinguistic" else None), "X-Iterations": str(len(results)),
+             "X-Seed": str(results[0].seed)}  # the first pass's seed repeats the whole chain
+    return _audio_response(results[-1], engine, fmt, extra=extra)
+
+
+class TranscriptionModel(BaseModel):
+    text: str
+
+
+@router.post("/audio/transcriptions", summary="What a clip says, by the engine's ASR (OpenAI compatible)",
+             response_model=TranscriptionModel, responses={200: {"content": {"text/plain": {}}}})
+def create_transcription(request: Request, file: UploadFile = File(..., description="the clip (WAV, FLAC, OGG, MP3)"),
+                         model: str = Form(MODEL_ID, description="ignored: the engine's own ASR model answers"),
+                         response_format: str = Form("json", description="json or text"),
+                         engine: Engine = Depends(get_engine), settings: Settings = Depends(get_settings)):
+    if response_format not in ("json", "text"):
+        raise InputError(f"unsupported response_format {response_format!r}; choose json or text")
+    audio = load_audio(read_upload(file, settings, "audio file"), max_seconds=settings.max_prompt_seconds)
+    transcript = run_engine(request, "transcribe", lambda: engine.transcribe(audio))
+    headers = {"X-Timings": transcript.timings.to_header()}
+    if response_format == "text":
+        return Response(transcript.text, media_type="text/plain; charset=utf-8", headers=headers)
+    return JSONResponse({"text": transcript.text}, headers=headers)
 
 
 @router.get("/models", summary="The model this server speaks with (OpenAI compatible)")

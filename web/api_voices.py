@@ -1,6 +1,7 @@
 """HTTP routes for stored voices: create, list, get, delete, export and import.
 
-Owns: ``/v1/audio/voices`` and its pydantic models: export asks the engine for the voice's
+Owns: ``/v1/audio/voices`` and its pydantic models (a voice stored without a transcript gets the
+engine's transcription): export asks the engine for the voice's
 prompt-cache entries (``Engine.export_prompt``) and packs them into a bundle signed with
 ``settings.bundle_key``; import unpacks a bundle and hands the engine its entries only when the
 signature verified (``Engine.import_prompt`` stores those that match it; the rest are recomputed).
@@ -49,6 +50,7 @@ class PreparedModel(BaseModel):
 
 class VoiceCreated(VoiceModel):
     prepared: PreparedModel
+    transcribed: bool = False    # True: the transcript came from the engine's ASR, not the caller
 
 
 class VoiceImported(VoiceCreated):
@@ -68,16 +70,20 @@ def _prepared(report: PromptReport) -> dict:
 
 @router.post("", status_code=201, response_model=VoiceCreated, summary="Store a voice: clip + transcript")
 def create_voice(request: Request, file: UploadFile = File(..., description="the prompt clip (WAV, FLAC, OGG, MP3)"),
-                 transcript: str = Form(..., description="what the clip says"),
+                 transcript: str | None = Form(None, description="what the clip says (left out: the engine "
+                                                                  "transcribes the clip)"),
                  name: str = Form("", description="a display name; also seeds the id"),
                  engine: Engine = Depends(get_engine), voices: VoiceStore = Depends(get_voices),
                  settings: Settings = Depends(get_settings)) -> dict:
     audio = load_audio(read_upload(file, settings, "audio file"), max_seconds=settings.max_prompt_seconds)
+    transcribed = not (transcript and transcript.strip())
+    if transcribed:
+        transcript = run_engine(request, "transcribe", lambda: engine.transcribe(audio)).text
     transcript = validate_text(transcript, "transcript", settings.max_text_chars)
     # Prepare first: a clip the engine cannot use never becomes a voice.
     report = run_engine(request, "voice_prepare", lambda: engine.prepare_prompt(audio))
     voice = voices.create(audio, transcript, name, report.namespaces)
-    return {**_voice_model(voice), "prepared": _prepared(report)}
+    return {**_voice_model(voice), "prepared": _prepared(report), "transcribed": transcribed}
 
 
 @router.get("", summary="All stored voices")

@@ -160,10 +160,12 @@ def run_engine_call(metrics: Metrics, endpoint: str, rid: str, call: Callable[[]
         except Exception:
             log.exception("request %s (%s) failed", rid, endpoint)
             raise InternalError(rid) from None
-    timings = getattr(result, "timings", None)
-    if timings is not None:
-        metrics.observe_timings(endpoint, timings)
-        log.info(timings.log_line(endpoint, rid))
+    # An engine call may return several results (one per edit pass): one timing line each.
+    for item in result if isinstance(result, tuple) else (result,):
+        timings = getattr(item, "timings", None)
+        if timings is not None:
+            metrics.observe_timings(endpoint, timings)
+            log.info(timings.log_line(endpoint, rid))
     return result
 
 

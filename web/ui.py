@@ -1,9 +1,10 @@
 """The studio page: Gradio Blocks layout and event wiring.
 
 Owns: ``build_demo(engine, settings) -> gr.Blocks`` -- the engine banner, the Clone and Edit
-tabs, the history panel, the bundled examples, the "Prompt cache" accordion, the queue and the
-named API endpoints (``/clone``, ``/edit``, ``/cache_stats``, ``/cache_clear``; helpers are
-private).
+tabs, the tag palettes (a click inserts the tag at the text box's cursor, in the browser), the
+polyphone hint, the history panel, the bundled examples, the "Prompt cache" accordion, the queue
+and the named API endpoints (``/clone``, ``/edit``, ``/transcribe``, ``/cache_stats``,
+``/cache_clear``; helpers are private).
 Does not own: what the buttons do (``web.ui_handlers``) or serving (``web.server``).
 
 Every engine event shares ``concurrency_id="engine"`` with ``settings.concurrency_limit``, so
@@ -21,8 +22,9 @@ from pathlib import Path
 
 import gradio as gr
 
+from core.edit_options import LANGUAGE_TAGS, PARALINGUISTIC_TAGS
 from core.settings import Settings
-from engine.contract import EditCapability, Engine
+from engine.contract import MAX_EDIT_ITERATIONS, EditCapability, Engine
 from web.metrics import Metrics
 from web.ui_handlers import UI_FORMATS, Handlers, base_note, guarded, history_table, new_state
 
@@ -30,6 +32,34 @@ log = logging.getLogger(__name__)
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 ENGINE_CONCURRENCY_ID = "engine"
+POLYPHONE_HINT = ("Chinese polyphones: write the pinyin with its tone digit in place of the character, e.g. "
+                  "我也想guo4guo4guo1儿guo4guo4的生活. A leading [Cantonese], [Sichuanese], [Japanese] or [Korean] "
+                  "picks the language.")
+TRANSCRIPT_HINT = "Left empty, the clip is transcribed for you on upload (check it: names and numbers may be off)."
+
+
+def insert_tag_js(elem_id: str, tag: str) -> str:
+    """Browser code for a palette button: put ``tag`` at the cursor of ``#elem_id``'s text area
+    (replacing a selection), return the new value for Gradio, and put the cursor after the tag."""
+    return ("(value) => { const text = value || ''; const tag = " + json.dumps(tag) + "; "
+            "const box = document.querySelector('#" + elem_id + " textarea'); "
+            "const start = box && box.selectionStart != null ? box.selectionStart : text.length; "
+            "const end = box && box.selectionEnd != null ? box.selectionEnd : start; "
+            "const next = text.slice(0, start) + tag + text.slice(end); "
+            # Set the box first, so that Gradio's update (the same value) leaves the cursor alone.
+            "if (box) { box.value = next; box.focus(); box.setSelectionRange(start + tag.length, start + tag.length); "
+            "box.dispatchEvent(new Event('input', {bubbles: true})); } return next; }")
+
+
+def tag_palette(tags: tuple[str, ...], target: gr.Textbox, elem_id: str, label: str) -> None:
+    """A row of small buttons; each inserts its tag into ``target`` at the cursor (no server round trip)."""
+    gr.Markdown(label, elem_classes="tag-palette-label")
+    with gr.Row(elem_id=elem_id, elem_classes="tag-palette"):
+        for tag in tags:
+            # Wide enough for its label (Gradio's row then wraps the buttons instead of squeezing them).
+            button = gr.Button(tag, size="sm", scale=0, min_width=8 * len(tag) + 28)
+            button.click(None, target, target, js=insert_tag_js(target.elem_id, tag), queue=False,
+                         api_visibility="private")
 
 
 def banner(engine: Engine) -> str:
@@ -106,9 +136,11 @@ def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = Non
                         prompt_audio = gr.Audio(label="Prompt clip (the voice to clone)", type="filepath",
                                                 sources=["upload", "microphone"], elem_id="prompt_audio")
                         prompt_text = gr.Textbox(label="Prompt transcript (what the clip says)", lines=2,
-                                                 elem_id="prompt_text")
+                                                 elem_id="prompt_text", info=TRANSCRIPT_HINT)
+                        transcribe_btn = gr.Button("Transcribe the clip", size="sm", elem_id="transcribe_btn")
                         target_text = gr.Textbox(label="Text to speak", lines=3, elem_id="target_text",
-                                                 max_length=settings.max_text_chars)
+                                                 max_length=settings.max_text_chars, info=POLYPHONE_HINT)
+                        tag_palette(LANGUAGE_TAGS + PARALINGUISTIC_TAGS, target_text, "clone_tags", "Insert a tag:")
                         with gr.Row():
                             seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0, elem_id="seed")
                             dice = gr.Button("Random seed", size="sm", elem_id="seed_dice")
@@ -138,8 +170,13 @@ def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = Non
                                             # API callers may pick any type's option; the engine validates it.
                                             allow_custom_value=True)
                 edit_note = gr.Markdown(first.note if first else "")
-                para_text = gr.Textbox(label="New text with tags, e.g. “That was [Laughter] fun”", visible=False,
-                                       elem_id="para_text")
+                with gr.Group(visible=first is not None and first.edit_type == "paralinguistic") as para_box:
+                    para_text = gr.Textbox(label="New text with tags, e.g. “That was [Laughter] fun”",
+                                           elem_id="para_text")
+                    tag_palette(PARALINGUISTIC_TAGS, para_text, "para_tags", "Insert a sound at the cursor:")
+                iterations = gr.Slider(1, MAX_EDIT_ITERATIONS, value=1, step=1, elem_id="edit_iterations",
+                                       label="Strength: apply the edit this many times, each on the last result",
+                                       info="Whisper usually needs 2 or more; every pass lands in the history.")
                 edit_btn = gr.Button("Apply edit", variant="primary", elem_id="edit_btn")
                 edit_audio = gr.Audio(label="Edited result", type="filepath", interactive=False,
                                       buttons=["download"], elem_id="edit_audio")
@@ -173,7 +210,7 @@ def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = Non
         clone_btn.click(guarded(h.clone), [prompt_audio, prompt_text, target_text, seed, flow_steps, fmt, state],
                         [out_audio, out_timings, out_summary, *result_outputs], api_name="clone",
                         **engine_events).then(h.cache_stats, outputs=cache_json, **quick)
-        edit_btn.click(guarded(h.edit), [edit_type, edit_info, para_text, seed, flow_steps, fmt, state],
+        edit_btn.click(guarded(h.edit), [edit_type, edit_info, para_text, seed, flow_steps, fmt, state, iterations],
                        [edit_audio, edit_timings, edit_summary, *result_outputs], api_name="edit",
                        **engine_events).then(h.cache_stats, outputs=cache_json, **quick)
 
@@ -183,7 +220,11 @@ def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = Non
             return (gr.update(choices=options, value=options[0][1] if options else None, visible=bool(options)),
                     cap.note if cap else "", gr.update(visible=kind == "paralinguistic"))
 
-        edit_type.change(on_edit_type, edit_type, [edit_info, edit_note, para_text], **quick)
+        edit_type.change(on_edit_type, edit_type, [edit_info, edit_note, para_box], **quick)
+        transcribe_btn.click(guarded(h.transcribe), prompt_audio, prompt_text, api_name="transcribe",
+                             **engine_events)
+        prompt_audio.upload(h.fill_transcript, [prompt_audio, prompt_text], prompt_text, api_visibility="private",
+                            **engine_events)
         history_pick.change(guarded(h.select), [history_pick, state], history_audio, **quick)
         use_base.click(guarded(h.use_as_base), [history_pick, state], [state, edit_base], **quick)
 

@@ -1,7 +1,8 @@
 """What the studio page's buttons do: clone, edit, history and prompt-cache events.
 
 Owns: turning UI values into engine calls and results into what the page shows (an audio file,
-a stage-timings table, a one-line summary, the history chain), the per-session history state,
+a stage-timings table, a one-line summary, the history chain: one item per edit pass), filling the
+transcript box from the engine's ASR, warnings about unknown tags, the per-session history state,
 the files of each result (a lossless float WAV that the next edit starts from, and the file in the
 chosen format that the page plays and offers for download), and the UI's error policy: a ``StudioError`` becomes ``gr.Error`` with its message; anything else is logged with its
 traceback and shown as a generic error naming the request id (the same id as the event's HTTP
@@ -34,7 +35,7 @@ from pathlib import Path
 import gradio as gr
 
 from core.audio_io import encode_audio, encode_lossless
-from core.edit_options import EDIT_TYPES
+from core.edit_options import EDIT_TYPES, tag_warning
 from core.errors import StudioError
 from core.settings import Settings
 from engine.contract import CloneOptions, Engine, Result
@@ -101,32 +102,65 @@ class Handlers:
     def clone(self, prompt_audio: str | None, prompt_text: str, target_text: str, seed: float | None,
               flow_steps: float | None, fmt: str, state: dict | None, progress=gr.Progress(),
               request: gr.Request | None = None):
-        """Clone; returns (audio path, timings table, summary, state, history choices, history table, base note)."""
+        """Clone; returns (audio path, timings table, summary, state, history choices, history table, base note).
+
+        An empty transcript is filled by the engine's ASR first (a notice shows what it heard)."""
         if not prompt_audio:
             raise gr.Error("Upload or record a prompt clip first.", title="Missing prompt audio")
         options = self._options(flow_steps)
+        if not (prompt_text and prompt_text.strip()):
+            prompt_text = self.transcribe(prompt_audio)
+            gr.Info(f"No transcript given; the clip was transcribed as “{_short(prompt_text, 120)}”.")
+        _warn_tags(target_text)
         result = self._run("clone", lambda: self.engine.clone(
             prompt_audio, prompt_text, target_text, seed=_seed(seed), options=options,
             progress=_progress_adapter(progress)))
         return self._publish(result, "clone", fmt, state)
 
     def edit(self, edit_type: str, edit_info: str | None, new_text: str, seed: float | None,
-             flow_steps: float | None, fmt: str, state: dict | None, progress=gr.Progress(),
-             request: gr.Request | None = None):
-        """Edit the base result (the last one unless another was chosen); same outputs as :meth:`clone`."""
+             flow_steps: float | None, fmt: str, state: dict | None, iterations: float | None = 1,
+             progress=gr.Progress(), request: gr.Request | None = None):
+        """Edit the base result (the last one unless another was chosen) ``iterations`` times, each pass on
+        the previous one; every pass lands in the history. Same outputs as :meth:`clone` (for the last pass)."""
         state = _copy_state(state)
         if not state["items"]:
             raise gr.Error("Clone something first: edits apply to the last result.", title="Nothing to edit")
         base = state["items"][_base_index(state)]
         options = self._options(flow_steps)
+        passes = 1 if iterations in (None, "") else int(iterations)
         text = new_text if edit_type == "paralinguistic" and new_text and new_text.strip() else None
+        if text:
+            _warn_tags(text)
         endpoint = f"edit_{edit_type}" if edit_type in EDIT_TYPES else "edit"  # bounded metric labels
         source = base.get("source") or base["path"]   # the lossless copy; "path" in states from before it
-        result = self._run(endpoint, lambda: self.engine.edit(
-            source, base["text"], edit_type, edit_info or None, text, seed=_seed(seed), options=options,
-            progress=_progress_adapter(progress)))
+        results = self._run(endpoint, lambda: self.engine.edit_iterations(
+            source, base["text"], edit_type, edit_info or None, text, iterations=passes, seed=_seed(seed),
+            options=options, progress=_progress_adapter(progress)))
         label = f"{edit_type}: {edit_info}" if edit_info else edit_type
-        return self._publish(result, f"{label} (of #{base['n']})", fmt, state)
+        made_from = base["n"]
+        for i, result in enumerate(results[:-1]):
+            state = self._publish(result, f"{label} {i + 1}/{len(results)} (of #{made_from})", fmt, state)[3]
+            made_from = state["items"][-1]["n"]
+        last = f"{label} {len(results)}/{len(results)}" if len(results) > 1 else label
+        return self._publish(results[-1], f"{last} (of #{made_from})", fmt, state)
+
+    def transcribe(self, prompt_audio: str | None) -> str:
+        """The engine's transcription of the prompt clip (the "Transcribe" button and the API)."""
+        if not prompt_audio:
+            raise gr.Error("Upload or record a prompt clip first.", title="Missing prompt audio")
+        transcript = self._run("transcribe", lambda: self.engine.transcribe(prompt_audio))
+        return transcript.text
+
+    def fill_transcript(self, prompt_audio: str | None, current: str | None):
+        """After an upload: the box's text, transcribed when the box is empty. A clip the engine cannot
+        transcribe leaves the box as it is, with a warning (the user can still type)."""
+        if not prompt_audio or (current and current.strip()):
+            return gr.update()
+        try:
+            return self.transcribe(prompt_audio)
+        except StudioError as exc:
+            gr.Warning(f"Could not transcribe the clip: {exc}")
+            return gr.update()
 
     # ------------------------------------------------------------------ history
 
@@ -271,6 +305,13 @@ def _seed(seed: float | None) -> int | None:
 def _short(text: str, limit: int = 40) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _warn_tags(text: str | None) -> None:
+    """A page warning naming unknown tags in ``text`` (the text still goes to the engine as it is)."""
+    warning = tag_warning(text)
+    if warning:
+        gr.Warning(warning[0].upper() + warning[1:], title="Unknown tag")
 
 
 def _progress_adapter(progress):
