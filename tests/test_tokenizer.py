@@ -104,11 +104,37 @@ def test_whisper_log_mel_matches_golden():
     np.testing.assert_allclose(mel, GOLDEN["whisper_logmel128"], atol=1e-4, rtol=0)
 
 
-def test_streaming_encoder_matches_golden(tok):
-    out = tok.paraformer.encode(GOLDEN["wav16k_pre"][0], keep_inputs=True)
+@pytest.mark.parametrize("mode", ["streaming", "parallel"])
+def test_streaming_encoder_matches_golden(tok, mode):
+    out = tok.paraformer.encode(GOLDEN["wav16k_pre"][0], keep_inputs=True, mode=mode)
     assert out.chunk_lengths == tuple(GOLDEN["encoder_chunk_lengths"].tolist())
-    np.testing.assert_allclose(out.chunk_inputs.numpy(), GOLDEN["encoder_chunk_inputs_lfr_cmvn"][0], atol=1e-4, rtol=0)
+    # The reference captured each chunk's input tensor, which funasr's encoder then scales in place
+    # by sqrt(output_size) = 8 (a power of two: exact); chunk_inputs are the frontend's unscaled output.
+    scale = tok.paraformer.output_size ** 0.5
+    np.testing.assert_allclose(out.chunk_inputs.numpy() * scale, GOLDEN["encoder_chunk_inputs_lfr_cmvn"][0],
+                               atol=1e-4, rtol=0)
     np.testing.assert_allclose(out.enc_out.numpy(), GOLDEN["enc_out"][0], atol=1e-4, rtol=1e-4)
+    assert (tk.kmeans_assign(out.enc_out, tok.codebook) == GOLDEN["vq02"]).all()
+
+
+def test_parallel_and_streaming_encoders_agree_on_golden(tok):
+    wav = GOLDEN["wav16k_pre"][0]
+    streaming = tok.paraformer.encode(wav, mode="streaming")
+    parallel = tok.paraformer.encode(wav, mode="parallel")
+    assert parallel.chunk_lengths == streaming.chunk_lengths
+    np.testing.assert_allclose(parallel.enc_out.numpy(), streaming.enc_out.numpy(), atol=1e-4, rtol=0)
+    assert tok.paraformer.encoder_mode == Settings().vq02_encoder == "parallel"  # the default path
+    with pytest.raises(ValueError, match="mode must be one of parallel, streaming"):
+        tok.paraformer.encode(wav, mode="chunked")
+
+
+def test_streaming_setting_runs_funasr_chunk_loop(tmp_path, monkeypatch):
+    streaming = tk.StepAudioTokenizer.load(TOK_DIR, Settings(vq02_encoder="streaming"), PromptCache(tmp_path), "cpu")
+    assert streaming.paraformer.encoder_mode == "streaming"
+    encode_chunk = CallCounter(streaming.paraformer.model.encode_chunk)
+    monkeypatch.setattr(streaming.paraformer.model, "encode_chunk", encode_chunk)
+    result = streaming.tokenize(WAV_IN)
+    assert result.tokens == golden_tokens() and encode_chunk.calls == len(GOLDEN["encoder_chunk_lengths"])
 
 
 def test_kmeans_assignment_matches_golden(tok):
@@ -156,15 +182,15 @@ def test_tokens_reject_out_of_range_codes(vq02, vq06):
 def test_second_call_hits_cache_without_running_encoders(tok, tmp_path, monkeypatch, caplog):
     tok = tk.StepAudioTokenizer(tok.paraformer, tok.codebook, tok.vq06_session, tok.onnx_options,
                                 PromptCache(tmp_path / "cache"), tok.namespace, tok.device)
-    encode_chunk = CallCounter(tok.paraformer.model.encode_chunk)
+    encode_chunk = CallCounter(tok.paraformer.encode)  # one call per clip, whichever encoder path
     onnx_run = CallCounter(tok.vq06_session.run)
-    monkeypatch.setattr(tok.paraformer.model, "encode_chunk", encode_chunk)
+    monkeypatch.setattr(tok.paraformer, "encode", encode_chunk)
     monkeypatch.setattr(tok.vq06_session, "run", onnx_run)
     with caplog.at_level(logging.INFO, logger="tokenizer.step_audio"):
         first = tok.tokenize(WAV_IN)
         calls = (encode_chunk.calls, onnx_run.calls)
         second = tok.tokenize(WAV_IN, digest=first.digest)
-    assert not first.hit and calls == (len(GOLDEN["encoder_chunk_lengths"]), 1)
+    assert not first.hit and calls == (1, 1)
     assert second.hit and (encode_chunk.calls, onnx_run.calls) == calls
     assert second.tokens == first.tokens == golden_tokens()
     assert {"preprocess", "vq02_encode", "vq06_encode", "merge"} <= set(first.timings.stages_ms)
@@ -191,15 +217,18 @@ def test_malformed_cache_entry_is_recomputed(tok):
     assert not result.hit and result.tokens == golden_tokens()
 
 
-@pytest.mark.parametrize("target", ["vq06", "vq02"])
+@pytest.mark.parametrize("target", ["vq06", "vq02", "vq02-streaming"])
 def test_a_failing_model_is_a_model_error(tok, tmp_path, monkeypatch, target):
     def explode(*args, **kwargs):   # fault injection, like an out-of-memory error on the device
         raise RuntimeError("out of memory")
 
     tok = tk.StepAudioTokenizer(tok.paraformer, tok.codebook, tok.vq06_session, tok.onnx_options,
                                 PromptCache(tmp_path / "cache"), tok.namespace, tok.device)
-    owner = tok.vq06_session if target == "vq06" else tok.paraformer.model
-    monkeypatch.setattr(owner, "run" if target == "vq06" else "encode_chunk", explode)
+    if target == "vq02-streaming":
+        monkeypatch.setattr(tok.paraformer, "encoder_mode", "streaming")
+    owner = {"vq06": tok.vq06_session, "vq02": tok.paraformer.model.encoder.encoders[1].feed_forward,
+             "vq02-streaming": tok.paraformer.model}[target]
+    monkeypatch.setattr(owner, {"vq06": "run", "vq02": "forward"}.get(target, "encode_chunk"), explode)
     with pytest.raises(ModelError, match="failed on .*out of memory"):
         tok.tokenize(WAV_IN)
 
@@ -386,8 +415,8 @@ def test_concurrent_requests_agree(tok):
 def test_concurrent_requests_for_one_clip_encode_once(tok, tmp_path, monkeypatch):
     tok = tk.StepAudioTokenizer(tok.paraformer, tok.codebook, tok.vq06_session, tok.onnx_options,
                                 PromptCache(tmp_path / "cache"), tok.namespace, tok.device)
-    encode_chunk = CallCounter(tok.paraformer.model.encode_chunk)
-    monkeypatch.setattr(tok.paraformer.model, "encode_chunk", encode_chunk)
+    encode_chunk = CallCounter(tok.paraformer.encode)
+    monkeypatch.setattr(tok.paraformer, "encode", encode_chunk)
     barrier, results = threading.Barrier(2), []
 
     def work():
@@ -399,7 +428,7 @@ def test_concurrent_requests_for_one_clip_encode_once(tok, tmp_path, monkeypatch
         t.start()
     for t in threads:
         t.join(timeout=120)
-    assert encode_chunk.calls == len(GOLDEN["encoder_chunk_lengths"])  # one encoding for both
+    assert encode_chunk.calls == 1  # one encoding for both
     assert [r.tokens for r in results] == [golden_tokens()] * 2
     assert sum("vq02_encode" in r.timings.stages_ms for r in results) == 1
 

@@ -210,7 +210,7 @@ class StepAudioTokenizer:
 
         Parameters:
             folder: the ``Step-Audio-Tokenizer`` folder.
-            settings: ONNX Runtime threads/mode/TensorRT and ``tf32`` are read from it.
+            settings: ONNX Runtime threads/mode/TensorRT, ``tf32`` and ``vq02_encoder`` are read from it.
             cache: where tokens are cached.
             device: torch device of the Paraformer encoder; CUDA also selects ORT's CUDA provider.
         Raises:
@@ -223,7 +223,7 @@ class StepAudioTokenizer:
             if not (folder / name).exists():
                 raise ModelError(f"the tokenizer folder {folder} lacks {name}")
         configure_tf32(settings.tf32)
-        paraformer = ParaformerStream.load(folder / FUNASR_SUBDIR, device)
+        paraformer = ParaformerStream.load(folder / FUNASR_SUBDIR, device, settings.vq02_encoder)
         codebook = _load_codebook(folder / CODEBOOK_FILE, paraformer.output_size)  # stays on the CPU
         options = OnnxOptions.from_settings(settings, use_cuda=device.type == "cuda")
         try:
