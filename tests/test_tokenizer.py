@@ -135,6 +135,9 @@ def test_streaming_setting_runs_funasr_chunk_loop(tmp_path, monkeypatch):
     monkeypatch.setattr(streaming.paraformer.model, "encode_chunk", encode_chunk)
     result = streaming.tokenize(WAV_IN)
     assert result.tokens == golden_tokens() and encode_chunk.calls == len(GOLDEN["encoder_chunk_lengths"])
+    # "time saved" on later hits is what this miss cost, streaming encoder included
+    cost_s = streaming.cache.get(tk.CACHE_KIND, streaming.namespace, result.digest).cost_s
+    assert result.timings.stages_ms["vq02_encode"] / 1000.0 <= cost_s <= result.timings.total_ms / 1000.0
 
 
 def test_kmeans_assignment_matches_golden(tok):
