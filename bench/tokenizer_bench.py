@@ -13,7 +13,8 @@ Clips: the 22.05 kHz fixture prompt tiled to 5 s and 15 s. Every cold request us
 rescaled copy (a new digest, the same tokens), so it misses the cache; warm requests repeat one clip.
 
 Baseline ("reference-style", what upstream does per request): the same preprocessing, a 32-bit
-float in-memory WAV round trip before the Paraformer, and a fresh ONNX Runtime session with
+float in-memory WAV round trip before the Paraformer, the streaming (chunk-by-chunk) encoder
+whatever ``--vq02-encoder`` says, and a fresh ONNX Runtime session with
 default SessionOptions for vq06; no cache. Cold and baseline requests alternate so that load from
 other jobs on the machine hits both alike.
 
@@ -111,7 +112,7 @@ def baseline_tokenize(tok: tk.StepAudioTokenizer, audio: Audio, onnx_path: Path)
     sf.write(buffer, wav, 16000, format="WAV", subtype="FLOAT")
     buffer.seek(0)
     reloaded, _ = sf.read(buffer, dtype="float32")
-    vq02 = tk.kmeans_assign(tok.paraformer.encode(reloaded).enc_out.cpu(), tok.codebook.cpu())
+    vq02 = tk.kmeans_assign(tok.paraformer.encode(reloaded, mode="streaming").enc_out.cpu(), tok.codebook.cpu())
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     vq06: list[int] = []

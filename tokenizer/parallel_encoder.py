@@ -137,7 +137,8 @@ def encode_parallel(encoder: torch.nn.Module, chunks: list[torch.Tensor], chunk_
     feats = torch.cat(chunks, 0).to(device=device, dtype=torch.float32)
     feats = feats * encoder.output_size() ** 0.5
     # Positions count new frames across the whole clip from 1, as the streaming cache's start_idx does.
-    positions = torch.arange(1, len(feats) + 1, device=device)[None, :]
+    # (computed on the CPU and moved, as funasr's encoder does: its timescales are CPU tensors)
+    positions = torch.arange(1, len(feats) + 1)[None, :]
     feats = feats + encoder.embed.encode(positions, feats.shape[1], feats.dtype).to(device)[0]
     frames = torch.cat([feats.new_zeros(overlap, feats.shape[1]), feats], 0)   # the initial overlap cache is zeros
     x = frames[layout.window]                                                   # [R, F]
