@@ -28,8 +28,11 @@ layer l-1 of every chunk is done: one step per layer, the same arithmetic. Of ea
 only the last n_i rows are kept (all rows when n_i is 0, as the streaming loop's ``enc[0, -0:]``).
 
 Exactness: the same float32 operations on the same values, batched. Results differ from the
-streaming loop only by summation order inside BLAS kernels and softmax (about 1e-6 on the
-real-size model; see docs/performance.md), far below the k-means code margins.
+streaming loop only by summation order inside BLAS kernels and softmax (at most 6e-6 on the
+real-size model, no code differing over 20 clips; see docs/performance.md), far below the k-means
+code margins. That is the same kind of difference a thread count or BLAS build makes, which the
+tokens' cache namespace does not key on either; so the namespace leaves the path out, and a clip
+tokenized with one path is a valid hit for the other.
 """
 
 from __future__ import annotations
