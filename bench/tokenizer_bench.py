@@ -1,6 +1,7 @@
 """Benchmark of the Step-Audio tokenizer: cache miss vs hit, and the cold path vs a reference-style baseline.
 
 Run from the repository root:  .venv/bin/python bench/tokenizer_bench.py [--device cpu] [--no-real-size]
+                               [--encoder-modes-only] [--mode-seconds 5,15,30] [--mode-reps 2]
 
 Models: the tiny fixture tokenizer (tests/fixtures/tokenizer) and a real-size random-weight
 Paraformer-large streaming encoder (50 SANM blocks, 512-d, 2048 units, 4 heads; built with
@@ -14,9 +15,17 @@ is pure). Every cold request uses a slightly rescaled copy (a new digest, the sa
 misses the cache; warm requests repeat one clip.
 
 Baseline ("reference-style", what upstream does per request): the same preprocessing, a 32-bit
-float in-memory WAV round trip before the Paraformer, and a fresh ONNX Runtime session with
+float in-memory WAV round trip before the Paraformer, the streaming (chunk-by-chunk) encoder
+whatever ``--vq02-encoder`` says, and a fresh ONNX Runtime session with
 default SessionOptions for vq06; no cache. Cold and baseline requests alternate so that load from
 other jobs on the machine hits both alike.
+
+Encoder modes (real-size model): cold tokenization of 5, 15 and 30 s clips with the vq02 encoder
+``parallel`` vs ``streaming`` (``--vq02-encoder``), one loaded model switched between the paths,
+requests alternating; both must give the same tokens. Also the seconds each miss stored as the
+cache entry's cost (the hits' "time saved"), the largest ``enc_out`` difference between the paths,
+and each path's peak resident memory while encoding the longest clip (the kernel's high-water
+mark, reset through /proc/self/clear_refs before each path; Linux only).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import argparse
 import io
 import json
 import logging
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -92,6 +102,14 @@ def build_real_size(folder: Path) -> Path:
     return folder
 
 
+def real_size_folder(parent: Path) -> Path:
+    """The real-size tokenizer folder under ``parent``, built there unless a complete one exists."""
+    folder = Path(parent) / "Step-Audio-Tokenizer"
+    if (folder / "speech_tokenizer_v1.onnx").is_file():
+        return folder
+    return build_real_size(folder)
+
+
 def baseline_tokenize(tok: tk.StepAudioTokenizer, audio: Audio, onnx_path: Path) -> tk.Tokens:
     """Reference-style request: WAV round trip before FunASR, a fresh default ORT session, no cache."""
     wav = tok.preprocess(audio)
@@ -99,7 +117,7 @@ def baseline_tokenize(tok: tk.StepAudioTokenizer, audio: Audio, onnx_path: Path)
     sf.write(buffer, wav, 16000, format="WAV", subtype="FLOAT")
     buffer.seek(0)
     reloaded, _ = sf.read(buffer, dtype="float32")
-    vq02 = tk.kmeans_assign(tok.paraformer.encode(reloaded).enc_out.cpu(), tok.codebook.cpu())
+    vq02 = tk.kmeans_assign(tok.paraformer.encode(reloaded, mode="streaming").enc_out.cpu(), tok.codebook.cpu())
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     vq06: list[int] = []
@@ -156,6 +174,126 @@ def bench_model(name: str, folder: Path, device: str, cold_reps: int, warm_reps:
     return lines
 
 
+def _proc_kib(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+def peak_memory_mib(fn) -> float | None:
+    """Resident memory ``fn()`` added at its peak (MiB), or None where the kernel cannot reset the mark."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current VmRSS
+    except OSError:
+        return None
+    before = _proc_kib("VmRSS")
+    fn()
+    return (_proc_kib("VmHWM") - before) / 1024.0
+
+
+def peak_memory_child(folder: Path, device: str, mode: str, seconds: float) -> None:
+    """In a fresh process: load, warm up on 2 s, then print the peak memory of encoding ``seconds``."""
+    tok = tk.StepAudioTokenizer.load(folder, device=device, vq02_encoder=mode)
+    tok.paraformer.encode(tok.preprocess(clip(2.0)))
+    wav = tok.preprocess(clip(seconds))
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        tok.paraformer.encode(wav)
+        print(json.dumps({"mib": (torch.cuda.max_memory_allocated() - base) / 2**20}))
+    else:
+        print(json.dumps({"mib": peak_memory_mib(lambda: tok.paraformer.encode(wav))}))
+
+
+def peak_memory_by_mode(folder: Path, device: str, seconds: float, threads: int) -> dict[str, float | None]:
+    """Each encoder path's peak memory for one clip, each in its own process (a clean heap).
+
+    glibc's mmap threshold is pinned so that freed large blocks go back to the kernel: the
+    resident high-water mark then follows the live tensors, not the heap's leftovers.
+    """
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "PYTHONPATH": str(ROOT)}
+    out = {}
+    for mode in ("streaming", "parallel"):
+        done = subprocess.run([sys.executable, __file__, "--peak-memory-child", mode, "--real-size-dir",
+                               str(folder.parent), "--device", device, "--threads", str(threads),
+                               "--mode-seconds", str(seconds)], env=env, capture_output=True, text=True)
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+        out[mode] = json.loads(lines[-1])["mib"] if done.returncode == 0 and lines else None
+    return out
+
+
+def bench_encoder_modes(folder: Path, device: str, reps: int, seconds_list: list[float]) -> list[str]:
+    """Cold tokenization, parallel vs streaming vq02 encoder, one model, alternating requests."""
+    tok = tk.StepAudioTokenizer.load(folder, device=device)
+    cache, kind = PromptCache(tempfile.mkdtemp()), tokens_kind(tok)
+    modes = ("parallel", "streaming")
+    lines = ["\n### vq02 encoder: parallel vs streaming, real-size encoder (random weights), cold requests\n",
+             "| clip / encoder | n | median ms | p90 ms | p99 ms | max ms | vq02_encode median ms | stored cost median s |",
+             "|---|---|---|---|---|---|---|---|"]
+    notes, counter, last_enc = [], [0], {}
+    encode = tok.paraformer.encode
+
+    def encode_and_keep(wav, *args, **kwargs):   # instrumentation: keep each path's latest enc_out
+        out = encode(wav, *args, **kwargs)
+        last_enc[tok.paraformer.encoder_mode] = out.enc_out
+        return out
+
+    tok.paraformer.encode = encode_and_keep
+
+    def cold(audio: Audio, mode: str, out: dict) -> None:
+        tok.paraformer.encoder_mode = mode
+        counter[0] += 1
+        variant = Audio(audio.samples * np.float32(1.0 - 1e-5 * counter[0]), audio.sample_rate)  # a new digest
+        digest, timer = audio_digest(variant.samples, variant.sample_rate), Timer()
+        start = time.perf_counter()
+        tokens, hit = fetch_prompt(cache, kind, variant, digest, timer)   # what a request does: cache-first
+        out.setdefault("ms", []).append((time.perf_counter() - start) * 1000.0)
+        assert not hit
+        out.setdefault("vq02", []).append(timer.finish().stages_ms["tokenize_vq02"])
+        out.setdefault("cost", []).append(cache.get(kind.name, kind.namespace, digest).cost_s)
+        out.setdefault("tokens", set()).add(tokens)
+
+    for mode in modes:                                   # warm-up, not reported
+        cold(clip(2.0), mode, {})
+    for seconds in seconds_list:
+        audio = clip(seconds)
+        runs = {m: {} for m in modes}
+        for rep in range(reps):
+            for mode in (modes if rep % 2 == 0 else modes[::-1]):
+                cold(audio, mode, runs[mode])
+        for mode in modes:
+            r = runs[mode]
+            lines.append(f"| {seconds:g} s {mode} | {cells(summary(r['ms']), 1)} | {np.median(r['vq02']):.1f} | "
+                         f"{np.median(r['cost']):.2f} |")
+        tokens = runs["parallel"]["tokens"] | runs["streaming"]["tokens"]
+        enc = dict(last_enc)
+        codes = {m: tk.kmeans_assign(enc[m], tok.codebook) for m in modes}
+        ratio = np.median(runs["streaming"]["ms"]) / np.median(runs["parallel"]["ms"])
+        enc_ratio = np.median(runs["streaming"]["vq02"]) / np.median(runs["parallel"]["vq02"])
+        notes.append(f"- {seconds:g} s: parallel is **{ratio:.2f}x** as fast as streaming per cold request "
+                     f"(vq02_encode alone {enc_ratio:.2f}x); tokens identical across all requests: "
+                     f"{len(tokens) == 1}; max |enc_out difference| "
+                     f"{(enc['parallel'] - enc['streaming']).abs().max().item():.2e}, "
+                     f"{int((codes['parallel'] != codes['streaming']).sum())} of {len(codes['parallel'])} codes differ.")
+        print("\n".join(lines[-2:] + notes[-1:]), flush=True)
+    longest = max(seconds_list)
+    peaks = peak_memory_by_mode(folder, device, longest, torch.get_num_threads())
+    kind = "CUDA memory allocated" if str(device).startswith("cuda") else "resident memory"
+    weights = sum(p.numel() * p.element_size() for p in tok.paraformer.model.parameters()) / 2**20
+    notes.append(f"- Peak {kind} added while encoding the {longest:g} s clip, each path in a fresh process "
+                 f"after a 2 s warm-up: streaming {_mib(peaks['streaming'])}, parallel {_mib(peaks['parallel'])} "
+                 f"(on top of the {weights:.0f} MiB of weights loaded before).")
+    return lines + [""] + notes
+
+
+def _mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} MiB"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -164,21 +302,37 @@ def main() -> None:
     parser.add_argument("--warm-reps", type=int, default=200)
     parser.add_argument("--no-real-size", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--encoder-modes-only", action="store_true",
+                        help="only the parallel vs streaming vq02 encoder comparison (real-size model)")
+    parser.add_argument("--mode-seconds", default="5,15,30", help="clip lengths for the encoder-mode comparison")
+    parser.add_argument("--mode-reps", type=int, default=2, help="cold requests per clip and encoder mode")
+    parser.add_argument("--real-size-dir", type=Path, default=None,
+                        help="reuse (or build once into) this folder for the real-size model")
+    parser.add_argument("--peak-memory-child", choices=("parallel", "streaming"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.peak_memory_child:
+        peak_memory_child(real_size_folder(args.real_size_dir), args.device, args.peak_memory_child,
+                          float(args.mode_seconds.split(",")[-1]))
+        return
 
     header = [environment_header(args.device, "float32", [f"onnxruntime {ort.__version__}"])]
     print(header[0], flush=True)
-    lines = header + bench_model("tiny fixture model", FIXTURE, args.device, args.cold_reps, args.warm_reps)
-    print("\n".join(lines[1:]), flush=True)
-    if not args.no_real_size:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = build_real_size(Path(tmp) / "Step-Audio-Tokenizer")
+    if not args.encoder_modes_only:
+        lines = header + bench_model("tiny fixture model", FIXTURE, args.device, args.cold_reps, args.warm_reps)
+        print("\n".join(lines[1:]), flush=True)
+    if args.no_real_size:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = real_size_folder(args.real_size_dir or Path(tmp))
+        if not args.encoder_modes_only:
             more = bench_model("real-size Paraformer-large encoder (random weights)", folder, args.device,
                                args.real_cold_reps, args.warm_reps)
-        print("\n".join(more), flush=True)
+            print("\n".join(more), flush=True)
+        seconds = [float(s) for s in args.mode_seconds.split(",")]
+        print("\n".join(bench_encoder_modes(folder, args.device, args.mode_reps, seconds)), flush=True)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ ENV_PREFIX = "STUDIO_"
 ENGINE_CHOICES = ("auto", "step-audio", "preview")
 LLM_BACKENDS = ("native", "vllm")
 EXECUTION_MODES = ("parallel", "sequential")
+VQ02_ENCODERS = ("parallel", "streaming")
 
 # Folder names inside model_root, as the upstream release lays them out.
 TOKENIZER_DIRNAME = "Step-Audio-Tokenizer"
@@ -55,6 +56,7 @@ class Settings:
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16"})
     tf32: bool = field(default=True, metadata={"help": "allow TF32 matmul/cuDNN on CUDA"})
     torch_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default, one per core)"})
+    vq02_encoder: str = field(default="parallel", metadata={"help": "parallel (all 240 ms chunks of a clip per encoder layer at once, same codes) | streaming (funasr's chunk-by-chunk loop, the reference)"})
     flow_steps: int = field(default=10, metadata={"help": "Euler steps of the flow-matching decoder (5 is faster)"})
 
     # --- ONNX Runtime
@@ -100,6 +102,8 @@ class Settings:
             raise ValueError(f"engine must be one of {', '.join(ENGINE_CHOICES)}, not {self.engine!r}")
         if self.ort_execution_mode not in EXECUTION_MODES:
             raise ValueError(f"ort_execution_mode must be one of {', '.join(EXECUTION_MODES)}, not {self.ort_execution_mode!r}")
+        if self.vq02_encoder not in VQ02_ENCODERS:
+            raise ValueError(f"vq02_encoder must be one of {', '.join(VQ02_ENCODERS)}, not {self.vq02_encoder!r}")
         if self.torch_threads < 0:
             raise ValueError(f"torch_threads must be 0 (default) or more, not {self.torch_threads!r}")
         for name in ("port", "concurrency_limit", "cache_max_entries", "cache_max_bytes", "max_text_chars",

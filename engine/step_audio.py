@@ -74,7 +74,8 @@ class StepAudioEngine(Engine):
         configure_tf32(settings.tf32)
         decoder_dir = settings.editx_dir / DECODER_SUBDIR
         onnx_options = OnnxOptions.from_settings(settings, use_cuda=self.device.type == "cuda")
-        self.tokenizer = StepAudioTokenizer.load(settings.tokenizer_dir, onnx_options, self.device)
+        self.tokenizer = StepAudioTokenizer.load(settings.tokenizer_dir, onnx_options, self.device,
+                                                 settings.vq02_encoder)
         self.decoder = AudioDecoder.from_dir(decoder_dir, self.device, self.dtype, onnx_options,
                                              n_steps=settings.flow_steps)
         self.llm_backend = _create_llm_backend(settings, self.device, self.dtype)

@@ -105,3 +105,11 @@ def test_onnx_options_and_providers():
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert choose_providers(OnnxOptions(use_cuda=False)) == ["CPUExecutionProvider"]
     assert choose_providers(OnnxOptions(use_cuda=True))[-1] == "CPUExecutionProvider"
+
+
+def test_vq02_encoder_setting_is_read_and_validated():
+    assert Settings().vq02_encoder == "parallel"
+    assert load_settings(["--vq02-encoder", "streaming"], env={}).vq02_encoder == "streaming"
+    assert load_settings([], env={"STUDIO_VQ02_ENCODER": "streaming"}).vq02_encoder == "streaming"
+    with pytest.raises(ValueError, match="vq02_encoder must be one of parallel, streaming, not 'fast'"):
+        load_settings(["--vq02-encoder", "fast"], env={})

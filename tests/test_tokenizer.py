@@ -27,7 +27,7 @@ from core.devices import configure_tf32
 from core.checkpoint import load_state_dict_file
 from core.errors import InputError, ModelError
 from core.onnx_session import OnnxOptions
-from core.settings import FUNASR_SUBDIR
+from core.settings import Settings, FUNASR_SUBDIR
 from core.timings import Timer
 from tokenizer import step_audio as tk
 
@@ -104,11 +104,37 @@ def test_whisper_log_mel_matches_golden():
     np.testing.assert_allclose(mel, GOLDEN["whisper_logmel128"], atol=1e-4, rtol=0)
 
 
-def test_streaming_encoder_matches_golden(tok):
-    out = tok.paraformer.encode(GOLDEN["wav16k_pre"][0], keep_inputs=True)
+@pytest.mark.parametrize("mode", ["streaming", "parallel"])
+def test_streaming_encoder_matches_golden(tok, mode):
+    out = tok.paraformer.encode(GOLDEN["wav16k_pre"][0], keep_inputs=True, mode=mode)
     assert out.chunk_lengths == tuple(GOLDEN["encoder_chunk_lengths"].tolist())
-    np.testing.assert_allclose(out.chunk_inputs.numpy(), GOLDEN["encoder_chunk_inputs_lfr_cmvn"][0], atol=1e-4, rtol=0)
+    # The reference captured each chunk's input tensor, which funasr's encoder then scales in place
+    # by sqrt(output_size) = 8 (a power of two: exact); chunk_inputs are the frontend's unscaled output.
+    scale = tok.paraformer.output_size ** 0.5
+    np.testing.assert_allclose(out.chunk_inputs.numpy() * scale, GOLDEN["encoder_chunk_inputs_lfr_cmvn"][0],
+                               atol=1e-4, rtol=0)
     np.testing.assert_allclose(out.enc_out.numpy(), GOLDEN["enc_out"][0], atol=1e-4, rtol=1e-4)
+    assert (tk.kmeans_assign(out.enc_out, tok.codebook) == GOLDEN["vq02"]).all()
+
+
+def test_parallel_and_streaming_encoders_agree_on_golden(tok):
+    wav = GOLDEN["wav16k_pre"][0]
+    streaming = tok.paraformer.encode(wav, mode="streaming")
+    parallel = tok.paraformer.encode(wav, mode="parallel")
+    assert parallel.chunk_lengths == streaming.chunk_lengths
+    np.testing.assert_allclose(parallel.enc_out.numpy(), streaming.enc_out.numpy(), atol=1e-4, rtol=0)
+    assert tok.paraformer.encoder_mode == Settings().vq02_encoder == "parallel"  # the default path
+    with pytest.raises(ValueError, match="mode must be one of parallel, streaming"):
+        tok.paraformer.encode(wav, mode="chunked")
+
+
+def test_streaming_setting_runs_funasr_chunk_loop(tmp_path, monkeypatch):
+    streaming = tk.StepAudioTokenizer.load(TOK_DIR, device="cpu", vq02_encoder="streaming")
+    assert streaming.paraformer.encoder_mode == "streaming"
+    encode_chunk = CallCounter(streaming.paraformer.model.encode_chunk)
+    monkeypatch.setattr(streaming.paraformer.model, "encode_chunk", encode_chunk)
+    assert streaming.tokenize(WAV_IN) == golden_tokens()
+    assert encode_chunk.calls == len(GOLDEN["encoder_chunk_lengths"])
 
 
 def test_kmeans_assignment_matches_golden(tok):
@@ -137,16 +163,16 @@ def test_unlimited_clip_gives_the_same_tokens(tok):
 
 def test_every_call_runs_the_models_and_records_its_stages(tok, monkeypatch, caplog):
     """No cache inside: the same clip twice encodes twice (calls counted on the real models)."""
-    encode_chunk = CallCounter(tok.paraformer.model.encode_chunk)
+    encode = CallCounter(tok.paraformer.encode)   # one call per clip, whichever encoder path
     onnx_run = CallCounter(tok.vq06_session.run)
-    monkeypatch.setattr(tok.paraformer.model, "encode_chunk", encode_chunk)
+    monkeypatch.setattr(tok.paraformer, "encode", encode)
     monkeypatch.setattr(tok.vq06_session, "run", onnx_run)
     timer = Timer()
-    with caplog.at_level(logging.DEBUG, logger="tokenizer"):
+    with caplog.at_level(logging.DEBUG, logger="tokenizer.step_audio"):
         first = tok.tokenize(WAV_IN, timer)
         second = tok.tokenize(WAV_IN)
     assert first == second == golden_tokens()
-    assert (encode_chunk.calls, onnx_run.calls) == (2 * len(GOLDEN["encoder_chunk_lengths"]), 2)
+    assert (encode.calls, onnx_run.calls) == (2, 2)
     assert set(timer.finish().stages_ms) == {"tokenize_preprocess", "tokenize_vq02", "tokenize_vq06",
                                              "tokenize_merge"}
     assert not [r for r in caplog.records if r.levelno >= logging.INFO]
@@ -154,13 +180,16 @@ def test_every_call_runs_the_models_and_records_its_stages(tok, monkeypatch, cap
 
 # --------------------------------------------------------------------------- faults
 
-@pytest.mark.parametrize("target", ["vq06", "vq02"])
+@pytest.mark.parametrize("target", ["vq06", "vq02", "vq02-streaming"])
 def test_a_failing_model_is_a_model_error(tok, tmp_path, monkeypatch, target):
     def explode(*args, **kwargs):   # fault injection, like an out-of-memory error on the device
         raise RuntimeError("out of memory")
 
-    owner = tok.vq06_session if target == "vq06" else tok.paraformer.model
-    monkeypatch.setattr(owner, "run" if target == "vq06" else "encode_chunk", explode)
+    if target == "vq02-streaming":
+        monkeypatch.setattr(tok.paraformer, "encoder_mode", "streaming")
+    owner = {"vq06": tok.vq06_session, "vq02": tok.paraformer.model.encoder.encoders[1].feed_forward,
+             "vq02-streaming": tok.paraformer.model}[target]
+    monkeypatch.setattr(owner, {"vq06": "run", "vq02": "forward"}.get(target, "encode_chunk"), explode)
     with pytest.raises(ModelError, match="failed on .*out of memory"):
         tok.tokenize(WAV_IN)
 

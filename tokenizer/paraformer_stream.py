@@ -4,7 +4,9 @@ Owns: finding the files of the FunASR model folder (``configuration.json`` / ``c
 weights / ``am.mvn`` / token list), building the model with ``funasr.AutoModel`` from that local
 folder (offline, no hub, no remote code), loading its weights from ``model.safetensors`` or
 ``model.pt`` with the shared strict rules of ``core.checkpoint``, and running the reference's
-streaming encoder loop over a whole 16 kHz clip.
+streaming encoder over a whole 16 kHz clip, either through funasr's chunk-by-chunk loop
+(``streaming``, the reference) or all chunks per layer at once (``parallel``,
+``parallel_encoder``; the same output).
 Does not own: audio preprocessing, k-means assignment (``tokenizer.step_audio``), caching
 (``engine.prompt_bundle``), the checkpoint rules (``core.checkpoint``).
 
@@ -45,6 +47,8 @@ import yaml
 
 from core.checkpoint import find_weights, load_state_dict_file, load_strict
 from core.errors import ModelError
+from core.settings import VQ02_ENCODERS as ENCODER_MODES
+from tokenizer.parallel_encoder import check_supported, encode_parallel
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +194,16 @@ def build_auto_model(folder: Path, device: torch.device):
 class ParaformerStream:
     """A loaded FunASR streaming Paraformer; :meth:`encode` is thread-safe (one clip at a time)."""
 
-    def __init__(self, model: torch.nn.Module, kwargs: dict, files: ParaformerFiles, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, kwargs: dict, files: ParaformerFiles, device: torch.device,
+                 encoder_mode: str = "parallel") -> None:
+        if encoder_mode not in ENCODER_MODES:
+            raise ValueError(f"encoder_mode must be one of {', '.join(ENCODER_MODES)}, not {encoder_mode!r}")
+        if encoder_mode == "parallel":
+            try:
+                check_supported(model.encoder)
+            except ValueError as exc:
+                raise ModelError(f"{exc}; use --vq02-encoder streaming for this model") from None
+        self.encoder_mode = encoder_mode  # the path encode() takes unless told otherwise
         self.model = model
         self.frontend = kwargs["frontend"]
         self.files = files
@@ -201,7 +214,7 @@ class ParaformerStream:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, folder: Path, device: str | torch.device = "cpu") -> "ParaformerStream":
+    def load(cls, folder: Path, device: str | torch.device = "cpu", encoder_mode: str = "parallel") -> "ParaformerStream":
         """Build the model of ``folder`` with ``funasr.AutoModel`` and load its weights strictly.
 
         Raises:
@@ -216,55 +229,82 @@ class ParaformerStream:
         model.to(device).eval()
         log.info("Paraformer encoder %s loaded from %s (%s) on %s", type(model).__name__, files.folder.name,
                  files.weights.name, device)
-        return cls(model, auto.kwargs, files, device)
+        return cls(model, auto.kwargs, files, device, encoder_mode)
 
-    def encode(self, wav: np.ndarray, keep_inputs: bool = False) -> StreamOutput:
+    def encode(self, wav: np.ndarray, keep_inputs: bool = False, mode: str | None = None) -> StreamOutput:
         """Run the streaming encoder over a whole clip.
 
         Parameters:
             wav: ``[N]`` float32 at 16 kHz, already preprocessed (peak 0.999, trimmed).
             keep_inputs: also return the per-chunk encoder inputs (for parity checks).
+            mode: ``parallel`` (all chunks per layer at once) or ``streaming`` (funasr's chunk-by-chunk
+                loop, the reference); None uses :attr:`encoder_mode`. Both give the same output.
         Returns:
             :class:`StreamOutput` with ``enc_out`` ``[T, D]``.
         Raises:
             ModelError: a non-final chunk failed in the frontend, the encoder failed, or nothing was
                 encoded.
         """
-        from funasr.utils.load_utils import extract_fbank
-
+        mode = mode or self.encoder_mode
+        if mode not in ENCODER_MODES:
+            raise ValueError(f"mode must be one of {', '.join(ENCODER_MODES)}, not {mode!r}")
         samples = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
-        n_chunks = len(samples) // CHUNK_STRIDE + 1
-        outs, lengths, inputs = [], [], []
         with self._lock, torch.inference_mode():
             cache: dict = {}
             self.model.init_cache(cache, chunk_size=list(CHUNK_SIZE), encoder_chunk_look_back=ENCODER_LOOK_BACK,
                                   decoder_chunk_look_back=DECODER_LOOK_BACK, **self._cache_conf)
-            for i in range(n_chunks):
-                final = i == n_chunks - 1
-                chunk = samples[i * CHUNK_STRIDE:(i + 1) * CHUNK_STRIDE]
-                if final and len(chunk) == 0:
-                    break
+            chunks = self._features(samples, cache)
+            if not chunks:
+                raise ModelError("the Paraformer encoder produced no frames")
+            inputs = torch.cat([c.cpu() for c in chunks], 0) if keep_inputs else None
+            lengths = tuple(len(c) for c in chunks)
+            if mode == "parallel":
                 try:
-                    speech, lens = extract_fbank([chunk], data_type="sound", frontend=self.frontend,
-                                                 cache=cache["frontend"], is_final=final)
-                except Exception as exc:  # noqa: BLE001
-                    if final and len(chunk) < MIN_FINAL_CHUNK:
-                        log.debug("skipped a %d-sample final chunk the frontend could not frame", len(chunk))
-                        break
-                    raise ModelError(f"the Paraformer frontend failed on chunk {i}: {exc}") from None
-                if final and len(speech) == 0:
-                    break
-                new = int(lens[0])
-                try:
-                    enc, _ = self.model.encode_chunk(speech.to(self.device), lens.to(self.device), cache=cache,
-                                                     is_final=final)
+                    enc = encode_parallel(self.model.encoder, chunks, CHUNK_SIZE, ENCODER_LOOK_BACK)
                 except RuntimeError as exc:  # e.g. out of memory on the device
-                    raise ModelError(f"the Paraformer encoder failed on chunk {i}: {exc}") from None
-                outs.append(enc[0, -new:] if new else enc[0])  # -0 would keep everything; so does the reference
-                lengths.append(new)
-                if keep_inputs:
-                    inputs.append(speech[0].cpu())
-        if not outs:
-            raise ModelError("the Paraformer encoder produced no frames")
-        return StreamOutput(torch.cat(outs, 0).float(), tuple(lengths),
-                            torch.cat(inputs, 0) if keep_inputs else None)
+                    raise ModelError(f"the Paraformer encoder failed on a {len(samples) / 16000:.2f} s clip: "
+                                     f"{exc}") from None
+            else:
+                enc = self._encode_streaming(chunks, cache)
+        return StreamOutput(enc.float(), lengths, inputs)
+
+    def _features(self, samples: torch.Tensor, cache: dict) -> list[torch.Tensor]:
+        """The frontend, chunk by chunk: ``[n_i, F]`` encoder inputs per chunk (its own streaming state)."""
+        from funasr.utils.load_utils import extract_fbank
+
+        n_chunks = len(samples) // CHUNK_STRIDE + 1
+        chunks = []
+        for i in range(n_chunks):
+            final = i == n_chunks - 1
+            chunk = samples[i * CHUNK_STRIDE:(i + 1) * CHUNK_STRIDE]
+            if final and len(chunk) == 0:
+                break
+            try:
+                speech, _ = extract_fbank([chunk], data_type="sound", frontend=self.frontend,
+                                          cache=cache["frontend"], is_final=final)
+            except Exception as exc:  # noqa: BLE001
+                if final and len(chunk) < MIN_FINAL_CHUNK:
+                    log.debug("skipped a %d-sample final chunk the frontend could not frame", len(chunk))
+                    break
+                raise ModelError(f"the Paraformer frontend failed on chunk {i}: {exc}") from None
+            if speech.dim() != 3:  # the frontend's "not enough samples yet" answer
+                if final:
+                    break
+                raise ModelError(f"the Paraformer frontend gave no frames for chunk {i}")
+            chunks.append(speech[0])
+        return chunks
+
+    def _encode_streaming(self, chunks: list[torch.Tensor], cache: dict) -> torch.Tensor:
+        """funasr's own chunk-by-chunk loop; of each chunk only the new frames are kept."""
+        outs = []
+        for i, speech in enumerate(chunks):
+            new = len(speech)
+            lens = torch.tensor([new], dtype=torch.int32, device=self.device)
+            try:
+                enc, _ = self.model.encode_chunk(speech[None].to(self.device), lens, cache=cache,
+                                                 is_final=i == len(chunks) - 1)
+            except RuntimeError as exc:  # e.g. out of memory on the device
+                raise ModelError(f"the Paraformer encoder failed on chunk {i}: {exc}") from None
+            outs.append(enc[0, -new:] if new else enc[0])  # -0 would keep everything; so does the reference
+        return torch.cat(outs, 0)
+

@@ -186,7 +186,7 @@ class StepAudioTokenizer:
 
     @classmethod
     def load(cls, folder: Path, onnx_options: OnnxOptions = OnnxOptions(),
-             device: str | torch.device = "cpu") -> "StepAudioTokenizer":
+             device: str | torch.device = "cpu", vq02_encoder: str = "parallel") -> "StepAudioTokenizer":
         """Load the tokenizer folder (layout of pipeline.md §2.1).
 
         Parameters:
@@ -194,6 +194,8 @@ class StepAudioTokenizer:
             onnx_options: ONNX Runtime threads/mode/TensorRT of the vq06 session (its CUDA provider
                 is used when ``device`` is CUDA). TF32 is the caller's (``core.devices.configure_tf32``).
             device: torch device of the Paraformer encoder.
+            vq02_encoder: ``parallel`` (all chunks per layer at once) or ``streaming`` (funasr's
+                chunk-by-chunk loop, the reference); both give the same codes.
         Raises:
             ModelError: a missing file (named), or a model that cannot be loaded.
         """
@@ -203,7 +205,7 @@ class StepAudioTokenizer:
         for name in (CODEBOOK_FILE, ONNX_FILE, FUNASR_SUBDIR):
             if not (folder / name).exists():
                 raise ModelError(f"the tokenizer folder {folder} lacks {name}")
-        paraformer = ParaformerStream.load(folder / FUNASR_SUBDIR, device)
+        paraformer = ParaformerStream.load(folder / FUNASR_SUBDIR, device, vq02_encoder)
         codebook = _load_codebook(folder / CODEBOOK_FILE, paraformer.output_size)  # stays on the CPU
         if onnx_options.use_cuda != (device.type == "cuda"):
             onnx_options = dataclasses.replace(onnx_options, use_cuda=device.type == "cuda")
