@@ -213,6 +213,10 @@ def test_the_real_engine_on_the_vllm_backend_over_http(tmp_path, one_torch_threa
             error = refused.json()["error"]
             assert error["code"] == "llm_unavailable" and stub.url in error["message"]
             assert "Traceback" not in refused.text
+            scrape = http.get("/metrics").text                              # the backend's stats() as gauges
+            assert 'studio_llm_server_up{backend="vllm-server"} 0.0' in scrape
+            assert 'studio_llm_failures{backend="vllm-server"} 1.0' in scrape
+            assert 'studio_llm_requests{backend="vllm-server"} 1.0' in scrape
 
             stub.start()
             assert _until(lambda: http.get("/readyz").status_code == 200)
