@@ -111,7 +111,7 @@ class StepAudioEngine(Engine):
             return False, f"{self.device} is not available"
         llm_ok, why = self.llm_backend.ready()
         if not llm_ok:
-            return False, why
+            return False, f"LLM ({self.llm_backend.name}): {why}"
         return True, f"ok ({self.device})"
 
     def close(self) -> None:

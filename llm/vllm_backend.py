@@ -63,8 +63,19 @@ class _LoopThread:
 
     def stop(self, timeout: float = 5.0) -> None:
         if self.loop.is_running():
+            try:       # let cancelled tasks (the health probe) unwind, so none is destroyed while pending
+                self.submit(_cancel_others()).result(timeout)
+            except Exception:  # noqa: BLE001 - stopping is best effort
+                log.debug("cancelling the loop's tasks failed", exc_info=True)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout)
+
+
+async def _cancel_others() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class _RemoteStream(GenerationStream):

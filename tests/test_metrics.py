@@ -115,3 +115,44 @@ def test_gpu_memory_family_and_allocation_check():
     reserved = values[("studio_gpu_memory_bytes", (("device", "cuda:0"), ("kind", "reserved")))]
     assert allocated >= held.numel() and reserved >= allocated
     del held
+
+
+def test_llm_backend_stats_are_gauges_read_at_scrape_time(one_torch_thread):
+    """A real native backend on the golden tiny Step1 (tests/fixtures/llm): its counters move as it works."""
+    import torch
+
+    from llm.backend import GenerationRequest
+    from llm.checkpoint import load_step1
+    from llm.native import NativeBackend
+    from llm.sampling import SamplingConfig
+    from testkit.paths import FIXTURES
+
+    model = load_step1(FIXTURES / "llm", "cpu", torch.float32)
+    backend = NativeBackend(model, None, SamplingConfig(slot_mask=False, min_new_tokens=4), eos_ids=(3,),
+                            max_rows=2, step_token_budget=64)
+    try:
+        metrics = Metrics(llm_backend=backend)
+        native = (("backend", "native"),)
+        before = _samples(metrics)
+        assert before[("studio_llm_max_rows", native)] == 2
+        assert before[("studio_llm_requests_finished", native)] == 0
+        out = backend.submit(GenerationRequest((1, 5, 9), seed=1, max_new_tokens=4)).result(timeout=60)
+        after = _samples(metrics)
+        assert len(out.answer) == 4
+        assert after[("studio_llm_requests_finished", native)] == 1
+        assert after[("studio_llm_tokens_generated", native)] >= 4
+        assert after[("studio_llm_rows_running", native)] == 0
+    finally:
+        backend.close()
+
+
+def test_a_failing_llm_stats_never_fails_the_scrape():
+    class Broken:
+        name = "broken"
+
+        def stats(self):
+            raise RuntimeError("worker gone")
+
+    values = _samples(Metrics(llm_backend=Broken()))
+    assert not any(name.startswith("studio_llm_") for name, _ in values)
+    assert ("studio_inflight_requests", ()) in values          # the rest of the scrape is there

@@ -1,4 +1,5 @@
-"""The vLLM server backend (``llm/vllm_backend.py``) and its failure behaviour through the HTTP API.
+"""The vLLM server backend (``llm/vllm_backend.py``), and the real engine on it through the HTTP API
+(``StepAudioEngine`` on tiny models started with ``--llm-backend vllm --llm-url``).
 
 The server is ``testkit/vllm_stub.py`` in its own process on 127.0.0.1, killed and restarted to play a
 server that dies and comes back. It is not vLLM: it replays the response shapes of vLLM 0.33's streamed
@@ -168,49 +169,59 @@ def test_server_errors_are_told_apart(stub, backend):
 
 # ------------------------------------------------------------------------------------------ through the API
 
-def _llm_gated_engine(backend):
-    """The preview engine, made to ask the vLLM backend for an answer first and to report its readiness:
-    enough to see what the web layer does with the backend's failures (the real engine is wired to an
-    ``LLMBackend`` elsewhere)."""
-    from preview.engine import PreviewEngine
-
-    class Gated(PreviewEngine):
-        def clone(self, prompt_audio, prompt_text, target_text, **kw):
-            backend.submit(GenerationRequest(tuple(backend.encode(target_text)), seed=1)).result(timeout=30)
-            return super().clone(prompt_audio, prompt_text, target_text, **kw)
-
-        def ready(self):
-            ok, reason = backend.ready()
-            return (super().ready() if ok else (False, f"LLM: {reason}"))
-
-    return lambda settings, cache: Gated(settings, cache)
-
-
 @pytest.mark.slow
-def test_api_answers_503_with_retry_after_and_readyz_follows_the_server(tmp_path):
+def test_the_real_engine_on_the_vllm_backend_over_http(tmp_path, one_torch_thread):
+    """StepAudioEngine (tiny models of the real layout) with ``--llm-backend vllm --llm-url <stub>``: a clone
+    decodes the server's ids; the server dying gives 503 + Retry-After and an unready /readyz naming the
+    LLM; its return brings the studio back, with no restart."""
+    import io
+
+    import soundfile as sf
+
+    from engine.step_audio import StepAudioEngine
+    from testkit.tiny_models import build_tiny_model_root
+
+    models = build_tiny_model_root(tmp_path)
     stub = StubProcess(free_port()).start()
-    backend = _backend(stub.url)
-    studio = start_studio(tmp_path, _llm_gated_engine(backend))
+    stub.configure(answer_len=10)
+    studio = start_studio(tmp_path, StepAudioEngine, "--engine", "step-audio", "--model-root", str(models),
+                          "--llm-backend", "vllm", "--llm-url", stub.url, "--llm-retry-after-s", "7",
+                          "--llm-health-interval-s", "0.1", "--llm-connect-timeout-s", "1", "--flow-steps", "2")
     try:
-        with httpx.Client(base_url=studio.url, timeout=60) as http:
+        assert studio.engine.llm_backend.name == "vllm-server"
+        with httpx.Client(base_url=studio.url, timeout=120) as http:
             voice = http.post("/v1/audio/voices", files={"file": ("s.wav", speech_wav(), "audio/wav")},
                               data={"transcript": "a test clip"}).json()["id"]
-            speak = {"input": "Hello there.", "voice": voice, "response_format": "wav"}
+            speak = {"input": "Hello there.", "voice": voice, "response_format": "wav", "seed": 5}
             assert http.get("/readyz").status_code == 200
-            assert http.post("/v1/audio/speech", json=speak).status_code == 200
+
+            done = http.post("/v1/audio/speech", json=speak)
+            assert done.status_code == 200, done.text
+            body = stub.log()["requests"][-1]
+            assert body["seed"] == 5 and body["prompt"][0] == 1          # one chunk; our prompt, BOS first
+            assert 3 in body["stop_token_ids"]                              # <|EOT|> ends the answer
+            samples, rate = sf.read(io.BytesIO(done.content))
+            # The stub's 10 audio ids = 2 groups of 5 = 2 x 120 ms at 24 kHz: the answer really was decoded.
+            assert rate == 24000 and len(samples) == 2 * 2880
 
             stub.stop()
             assert _until(lambda: http.get("/readyz").status_code == 503)
-            assert "LLM" in http.get("/readyz").json()["reason"]
+            reason = http.get("/readyz").json()["reason"]
+            assert reason.startswith("LLM (vllm-server)") and "/health" in reason
             refused = http.post("/v1/audio/speech", json=speak)
             assert refused.status_code == 503 and refused.headers["Retry-After"] == "7"
-            assert refused.json()["error"]["code"] == "llm_unavailable"
-            assert "not available" in refused.json()["error"]["message"]
+            error = refused.json()["error"]
+            assert error["code"] == "llm_unavailable" and stub.url in error["message"]
+            assert "Traceback" not in refused.text
+            scrape = http.get("/metrics").text                              # the backend's stats() as gauges
+            assert 'studio_llm_server_up{backend="vllm-server"} 0.0' in scrape
+            assert 'studio_llm_failures{backend="vllm-server"} 1.0' in scrape
+            assert 'studio_llm_requests{backend="vllm-server"} 1.0' in scrape
 
             stub.start()
             assert _until(lambda: http.get("/readyz").status_code == 200)
-            assert http.post("/v1/audio/speech", json=speak).status_code == 200
+            again = http.post("/v1/audio/speech", json=speak)
+            assert again.status_code == 200 and again.content == done.content   # same seed, same ids, same audio
     finally:
         studio.stop()
-        backend.close()
         stub.stop()

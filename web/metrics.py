@@ -17,6 +17,9 @@ Metric names (all prefixed ``studio_``)::
     studio_prompt_cache_<stat>                      gauge, each numeric top-level cache stat
     studio_prompt_cache_kind_<stat>{kind}           gauge, each numeric per-kind cache stat
     studio_gpu_memory_bytes{device,kind}            gauge, allocated/reserved (only when CUDA is initialised)
+    studio_llm_<stat>{backend}                      gauge, each number of the LLM backend's ``stats()``
+                                                    (native: rows_running, queue_depth, steps, ...;
+                                                    vllm-server: server_up, inflight, requests, failures, ...)
 """
 
 from __future__ import annotations
@@ -76,6 +79,27 @@ class _CacheCollector:
         yield from per_kind.values()
 
 
+class _LLMCollector:
+    """Reads the LLM backend's ``stats()`` at scrape time (a leading ``llm_`` in a key is dropped)."""
+
+    def __init__(self, backend) -> None:
+        self._backend = backend
+
+    def collect(self):
+        try:
+            stats = self._backend.stats() or {}
+        except Exception:  # a scrape must never fail because the backend is busy or broken
+            log.exception("LLM backend stats failed during a /metrics scrape")
+            return
+        name = str(getattr(self._backend, "name", "llm"))
+        for key, value in sorted(stats.items()):
+            if _is_number(value):
+                stat = _NAME_OK.sub("_", key.removeprefix("llm_"))
+                family = GaugeMetricFamily("studio_llm_" + stat, f"LLM backend stat {key!r}", labels=["backend"])
+                family.add_metric([name], float(value))
+                yield family
+
+
 class _GpuCollector:
     """CUDA memory per device; silent unless torch is imported and CUDA already initialised."""
 
@@ -99,7 +123,7 @@ def _is_number(value) -> bool:
 class Metrics:
     """All metrics of one app. Thread-safe (prometheus-client metrics are)."""
 
-    def __init__(self, cache_stats: Callable[[], dict] | None = None) -> None:
+    def __init__(self, cache_stats: Callable[[], dict] | None = None, llm_backend=None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("studio_requests", "requests handled", ["endpoint", "status"],
                                 registry=self.registry)
@@ -115,6 +139,8 @@ class Metrics:
         queue_gauge.set_function(lambda: float(self._safe_queue_depth()))
         if cache_stats is not None:
             self.registry.register(_CacheCollector(cache_stats))
+        if llm_backend is not None:          # an ``llm.backend.LLMBackend`` (the preview engine has none)
+            self.registry.register(_LLMCollector(llm_backend))
         self.registry.register(_GpuCollector())
 
     def set_queue_depth_source(self, source: Callable[[], int]) -> None:

@@ -60,7 +60,7 @@ def create_app(engine: Engine, settings: Settings, output_dir: Path | None = Non
     app.state.settings = settings
     app.state.voices = VoiceStore(Path(settings.cache_dir) / "voices")
     # A scrape reads the counters without the cache's file lock and writes nothing.
-    app.state.metrics = Metrics(lambda: engine.cache.stats(flush=False))
+    app.state.metrics = Metrics(lambda: engine.cache.stats(flush=False), getattr(engine, "llm_backend", None))
     install_error_handlers(app)
     app.include_router(api.ops_router)
     app.include_router(api_voices.router)
