@@ -44,7 +44,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 GOLDEN_FOLDER = ROOT / "tests" / "fixtures" / "llm"
 GOLDEN = GOLDEN_FOLDER / "golden_step1.safetensors"
 # head_dim 256 / 4 = 64; 2 KV groups; the shipped vocabulary (text ids, audio ids, spare ids above 70656).

@@ -61,7 +61,7 @@ def test_bad_folders_are_refused(tmp_path, capsys):
     with pytest.raises(ModelError, match="config.json is missing"):
         write_vllm_view(tmp_path, tmp_path / "view")
     folder = _folder(tmp_path, lm_head=True)
-    (folder / "config.json").write_text(json.dumps({**CONFIG, "architectures": ["LlamaForCausalLM"]}))
+    (folder / "config.json").write_text(json.dumps({**CONFIG, "architectures": ["GPT2LMHeadModel"]}))
     assert main([str(folder), str(tmp_path / "view")]) == 1
     assert "does not describe a Step1ForCausalLM" in capsys.readouterr().err
 
