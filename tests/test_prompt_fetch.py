@@ -38,8 +38,9 @@ class CallCounter:
 @pytest.fixture
 def spied(fixture_tokenizer, monkeypatch):
     tok = fixture_tokenizer
-    counters = {"vq02": CallCounter(tok.paraformer.model.encode_chunk), "vq06": CallCounter(tok.vq06_session.run)}
-    monkeypatch.setattr(tok.paraformer.model, "encode_chunk", counters["vq02"])
+    # one vq02 call per clip, whichever encoder path (parallel or streaming) runs inside it
+    counters = {"vq02": CallCounter(tok.paraformer.encode), "vq06": CallCounter(tok.vq06_session.run)}
+    monkeypatch.setattr(tok.paraformer, "encode", counters["vq02"])
     monkeypatch.setattr(tok.vq06_session, "run", counters["vq06"])
     return tok, counters
 
@@ -64,7 +65,7 @@ def test_second_fetch_hits_without_running_the_encoders(spied, tmp_path, caplog)
         first, first_hit = fetch_prompt(cache, kind, audio, digest, first_timer)
         calls = {k: c.calls for k, c in counters.items()}
         second, second_hit = fetch_prompt(cache, kind, audio, digest, second_timer)
-    assert not first_hit and calls == {"vq02": len(GOLDEN["encoder_chunk_lengths"]), "vq06": 1}
+    assert not first_hit and calls == {"vq02": 1, "vq06": 1}
     assert second_hit and {k: c.calls for k, c in counters.items()} == calls
     assert first == second == golden_tokens()
     first_t, second_t = first_timer.finish(), second_timer.finish()
@@ -101,7 +102,7 @@ def test_concurrent_fetches_of_one_new_clip_encode_it_once(spied, tmp_path, conc
     audio, digest = _clip(0.25)
     timers = [Timer() for _ in range(3)]
     results = concurrently(lambda timer: fetch_prompt(cache, kind, audio, digest, timer), [(t,) for t in timers])
-    assert counters["vq02"].calls == len(GOLDEN["encoder_chunk_lengths"]) and counters["vq06"].calls == 1
+    assert counters["vq02"].calls == 1 and counters["vq06"].calls == 1
     assert [tokens for tokens, _ in results] == [golden_tokens()] * 3
     assert sum("tokenize_vq02" in t.finish().stages_ms for t in timers) == 1   # one request computed
     assert cache.stats()["puts"] == 1
