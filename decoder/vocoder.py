@@ -298,15 +298,29 @@ class HiFTGenerator(nn.Module):
                           window=self.stft_window.float())
         return wav.clamp(-cfg.audio_limit, cfg.audio_limit), source
 
-    def stream_step(self, mel: torch.Tensor, draws, phase0: torch.Tensor | None, advance_frames: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Vocode one chunk of a stream: mel [1, M, T] (checked by the caller), the chunk's source
-        draws (:func:`draw_source_noise`), the harmonics' start phase; returns (wav [1, L], the
-        phase after ``advance_frames`` frames, which the next chunk starts from)."""
+    @property
+    def f0_context(self) -> int:
+        """Mel frames on each side that change a frame's predicted F0 (5 for the shipped k3 convs)."""
+        return sum(m.kernel_size[0] // 2 for m in self.f0_predictor.condnet if isinstance(m, nn.Conv1d))
+
+    def stream_step(self, mel: torch.Tensor, draws, phase0: torch.Tensor | None, advance_frames: int,
+                    context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vocode one chunk of a stream.
+
+        Parameters:
+            mel: [1, M, T] (checked by the caller);  draws: the chunk's source draws (:func:`draw_source_noise`);
+            phase0: the harmonics' start phase [1, H] (None: 0);  advance_frames: where the next chunk starts;
+            context: up to ``f0_context`` mel frames [1, M, c] before ``mel``, so that the F0 of its
+                first frames is what a whole-clip pass predicts (a phase error there would persist).
+        Returns:
+            (wav [1, L], the phase at frame ``advance_frames``, which the next chunk starts from).
+        """
         param = self.conv_post.bias
         with torch.inference_mode():
             mel = mel.to(device=param.device, dtype=param.dtype)
-            f0 = self.f0_predictor(mel)
+            c = 0 if context is None else context.size(2)
+            full = mel if not c else torch.cat([context.to(mel), mel], dim=2)
+            f0 = self.f0_predictor(full)[:, c:]
             wav, _ = self._vocode(mel, f0, draws, phase0)
             return wav, self.m_source.l_sin_gen.phase_advance(f0, advance_frames, phase0)
 
