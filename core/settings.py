@@ -82,6 +82,9 @@ class Settings:
     llm_slot_mask: bool = field(default=True, metadata={"help": "let the LLM sample only audio ids that fit the 2:3 vq02/vq06 slot pattern (off: sample freely like the reference, then filter)"})
     text_chunk_chars: int = field(default=300, metadata={"help": "long target text is generated in chunks of about this many characters, split at sentence ends"})
 
+    # --- streaming
+    stream_prompt_cache_mb: int = field(default=1024, metadata={"help": "memory (MB) for the streaming decoder's per-voice prompt state (about 1.3 MB per prompt mel frame in float32; 0: recompute per request)"})
+
     def __post_init__(self) -> None:
         if self.engine not in ENGINE_CHOICES:
             raise ValueError(f"engine must be one of {', '.join(ENGINE_CHOICES)}, not {self.engine!r}")
@@ -98,7 +101,7 @@ class Settings:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
         # 0 means "off" or "none" for these; a negative value is always a typo.
-        for name in ("cache_memory_entries", "batch_window_ms", "llm_max_new_tokens"):
+        for name in ("cache_memory_entries", "batch_window_ms", "llm_max_new_tokens", "stream_prompt_cache_mb"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)!r}")
         if not 0 < self.max_prompt_seconds < float("inf"):  # also refuses NaN

@@ -23,11 +23,14 @@ from core.onnx_session import OnnxOptions
 from core.settings import DECODER_SUBDIR
 from core.timings import StageTimings, Timer
 from decoder.model import AudioDecoder
+from decoder.streaming import StreamingDecoder
 from engine.contract import (CloneOptions, EditCapability, Engine, EngineInfo, ProgressFn, PromptReport, Result,
-                             new_seed, no_progress, validate_edit, validate_text)
+                             ResultStream, new_seed, no_progress, validate_edit, validate_text)
 from engine.prompt_bundle import PromptBundler, features_namespace
+from engine.streaming import stream_answers
 from llm.batching import BatchScheduler
 from llm.generation import GenerationRequest, generate_batch
+from llm.interim_backend import InterimBackend
 from llm.loader import load_llm
 from llm.longform import crossfade_join, split_text
 from llm.prompts import AUDIO_ID_OFFSET, clone_prompt_ids, clone_speaker_id, edit_instruction, edit_prompt_ids
@@ -78,6 +81,9 @@ class StepAudioEngine(Engine):
         self.bundler = PromptBundler(self.tokenizer, self.decoder.frontend, cache, features_namespace(decoder_dir))
         self.scheduler = BatchScheduler(lambda batch: generate_batch(self.llm, batch, self.sampling),
                                         settings.batch_window_ms / 1000.0, settings.max_batch_size)
+        # TEMPORARY adapter until llm.native.NativeBackend lands (the streaming path uses only this contract).
+        self.llm_backend = InterimBackend(self.scheduler, self.llm)
+        self.streamer = StreamingDecoder(self.decoder, prompt_cache_bytes=settings.stream_prompt_cache_mb * 2**20)
         self._capabilities = tuple(EditCapability(t, opts) for t, opts in EDIT_TYPES.items())
         log.info("Step-Audio-EditX engine ready in %.1f s on %s (%s); batching window %g ms, up to %d requests",
                  time.perf_counter() - started, self.device, str(self.dtype).replace("torch.", ""),
@@ -119,10 +125,27 @@ class StepAudioEngine(Engine):
 
     def clone(self, prompt_audio: AudioSource, prompt_text: str, target_text: str, *, seed: int | None = None,
               options: CloneOptions = CloneOptions(), progress: ProgressFn = no_progress) -> Result:
+        seed, timer = new_seed(seed), Timer()
+        prompts, bundle = self._clone_prompts(prompt_audio, prompt_text, target_text, timer, progress)
+        return self._generate("clone", prompts, bundle, seed, options, progress, timer, target_text)
+
+    def clone_stream(self, prompt_audio: AudioSource, prompt_text: str, target_text: str, *,
+                     seed: int | None = None, options: CloneOptions = CloneOptions()) -> ResultStream:
+        seed = new_seed(seed)
+
+        def produce(token):
+            timer = Timer()
+            prompts, bundle = self._clone_prompts(prompt_audio, prompt_text, target_text, timer, no_progress)
+            return (yield from self._stream("clone", prompts, bundle, seed, options, timer, target_text, token))
+
+        return ResultStream(produce, seed, self.decoder.sample_rate)
+
+    def _clone_prompts(self, prompt_audio: AudioSource, prompt_text: str, target_text: str, timer,
+                       progress: ProgressFn):
+        """Validate a clone request, fetch its prompt bundle; (LLM prompts, one per text chunk; bundle)."""
         limit = self.settings.max_text_chars
         prompt_text = validate_text(prompt_text, "the prompt text (what the prompt clip says)", limit)
         target_text = validate_text(target_text, "the target text", limit)
-        seed, timer = new_seed(seed), Timer()
         progress(0.0, "preparing the prompt clip")
         audio, digest = self._decode(prompt_audio, timer)
         bundle, _ = self.bundler.bundle(audio, digest, timer)
@@ -131,11 +154,32 @@ class StepAudioEngine(Engine):
             speaker = clone_speaker_id(prompt_text, audio.samples)
             prompts = [clone_prompt_ids(self.llm.encode, speaker, prompt_text, bundle.tokens.audio_string, chunk)
                        for chunk in chunks]
-        return self._generate("clone", prompts, bundle, seed, options, progress, timer, target_text)
+        return prompts, bundle
 
     def edit(self, audio: AudioSource, audio_text: str, edit_type: str, edit_info: str | None = None,
              text: str | None = None, *, seed: int | None = None, options: CloneOptions = CloneOptions(),
              progress: ProgressFn = no_progress) -> Result:
+        seed, timer = new_seed(seed), Timer()
+        prompts, bundle, spoken = self._edit_prompts(audio, audio_text, edit_type, edit_info, text, timer, progress)
+        return self._generate(f"edit:{edit_type}", prompts, bundle, seed, options, progress, timer, spoken)
+
+    def edit_stream(self, audio: AudioSource, audio_text: str, edit_type: str, edit_info: str | None = None,
+                    text: str | None = None, *, seed: int | None = None,
+                    options: CloneOptions = CloneOptions()) -> ResultStream:
+        seed = new_seed(seed)
+
+        def produce(token):
+            timer = Timer()
+            prompts, bundle, spoken = self._edit_prompts(audio, audio_text, edit_type, edit_info, text, timer,
+                                                         no_progress)
+            return (yield from self._stream(f"edit:{edit_type}", prompts, bundle, seed, options, timer, spoken,
+                                            token))
+
+        return ResultStream(produce, seed, self.decoder.sample_rate)
+
+    def _edit_prompts(self, audio: AudioSource, audio_text: str, edit_type: str, edit_info: str | None,
+                      text: str | None, timer, progress: ProgressFn):
+        """Validate an edit request, fetch its bundle; (LLM prompts, bundle, the text the result says)."""
         edit_info = validate_edit(edit_type, edit_info, self._capabilities)
         limit = self.settings.max_text_chars
         if edit_type in _TYPES_NEEDING_AUDIO_TEXT:
@@ -145,7 +189,6 @@ class StepAudioEngine(Engine):
         if edit_type == "paralinguistic":
             text = validate_text(text, "the new text with tags such as [Laughter] (needed for paralinguistic edits)",
                                  limit)
-        seed, timer = new_seed(seed), Timer()
         progress(0.0, "preparing the input clip")
         clip, digest = self._decode(audio, timer, what="the audio to edit")
         bundle, _ = self.bundler.bundle(clip, digest, timer)
@@ -153,7 +196,7 @@ class StepAudioEngine(Engine):
             instruction = edit_instruction(edit_type, edit_info, audio_text, text)
             prompts = [edit_prompt_ids(self.llm.encode, instruction, bundle.tokens.audio_string)]
         spoken = text if edit_type == "paralinguistic" else (audio_text or "")
-        return self._generate(f"edit:{edit_type}", prompts, bundle, seed, options, progress, timer, spoken)
+        return prompts, bundle, spoken
 
     # -------------------------------------------------------------- steps
 
@@ -164,13 +207,25 @@ class StepAudioEngine(Engine):
             digest = audio_digest(audio.samples, audio.sample_rate)
         return audio, digest
 
-    def _generate(self, kind: str, prompts: list[list[int]], bundle, seed: int, options: CloneOptions,
-                  progress: ProgressFn, timer, text: str) -> Result:
-        """Generate one answer per prompt (chunks batch together), decode each, join; the Result."""
+    def _check_prompt_lengths(self, prompts: list[list[int]]) -> None:
         for ids in prompts:
             if len(ids) >= self.sampling.max_length - 5:
                 raise InputError(f"the prompt clip and text make {len(ids)} LLM tokens; the model's limit is "
                                  f"{self.sampling.max_length} including the answer. Use a shorter clip or text.")
+
+    def _stream(self, kind: str, prompts: list[list[int]], bundle, seed: int, options: CloneOptions, timer,
+                text: str, token):
+        """The streaming form of :meth:`_generate` (``engine/streaming.py``); yields Audio, returns the Result."""
+        self._check_prompt_lengths(prompts)
+        return (yield from stream_answers(backend=self.llm_backend, streamer=self.streamer, prompts=prompts,
+                                          bundle=bundle, seed=seed, options=options, timer=timer, text=text,
+                                          token=token, fade_ms=CROSSFADE_MS,
+                                          on_done=lambda result: _log_request(kind, result.timings, bundle.digest)))
+
+    def _generate(self, kind: str, prompts: list[list[int]], bundle, seed: int, options: CloneOptions,
+                  progress: ProgressFn, timer, text: str) -> Result:
+        """Generate one answer per prompt (chunks batch together), decode each, join; the Result."""
+        self._check_prompt_lengths(prompts)
         n = len(prompts)
         chunk_seeds = [(seed + i) % 2**31 for i in range(n)]
         futures = [self.scheduler.submit(GenerationRequest(tuple(ids), s)) for ids, s in zip(prompts, chunk_seeds)]
