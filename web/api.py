@@ -19,7 +19,7 @@ import logging
 from typing import Literal
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.routing import Match
@@ -33,13 +33,13 @@ from web import api_voices
 from web.deps import (APIError, get_engine, get_metrics, get_settings, get_voices, jsonable, read_upload,
                       require_api_key, result_headers, run_engine)
 from web.metrics import CONTENT_TYPE, Metrics
+from web.streaming import check_stream_format, start_stream, stream_response
 from web.voices import VoiceStore, check_voice_id
 
 log = logging.getLogger(__name__)
 
 MODEL_ID = "step-audio-editx"
 MODEL_ALIASES = (MODEL_ID, "tts-1", "tts-1-hd", "gpt-4o-mini-tts")  # accepted so stock clients work unchanged
-_STREAM_CHUNK = 64 * 1024
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 ops_router = APIRouter()
@@ -56,19 +56,15 @@ class SpeechRequest(BaseModel):
     response_format: str = Field("mp3", description="wav, flac, mp3, opus or pcm (16-bit LE mono at 24 kHz)")
     speed: float = Field(1.0, description="only 1.0; use /v1/audio/edits with edit_type=speed")
     instructions: str | None = Field(None, description="not supported; use /v1/audio/edits")
-    stream_format: Literal["audio", "sse"] | None = Field(None,
-                                                          description="'audio' streams the bytes; 'sse' is refused")
+    stream_format: Literal["audio", "sse"] | None = Field(
+        None, description="'audio' sends pcm or wav audio as it is generated; 'sse' sends speech.audio.delta "
+                          "events (base64 audio) then speech.audio.done (usage, timings); omitted: one whole file")
     seed: int | None = Field(None, description="sampling seed; omitted or negative means random (reported in X-Seed)")
     flow_steps: int | None = Field(None, description="flow-matching Euler steps (1..50); default from settings")
 
 
-def _audio_response(result, engine: Engine, fmt: str, stream: bool = False) -> Response:
-    body = encode_audio(result.audio, fmt)
-    headers = result_headers(result, engine)
-    if stream:
-        chunks = (body[i:i + _STREAM_CHUNK] for i in range(0, len(body), _STREAM_CHUNK))
-        return StreamingResponse(chunks, media_type=media_type(fmt), headers=headers)
-    return Response(body, media_type=media_type(fmt), headers=headers)
+def _audio_response(result, engine: Engine, fmt: str) -> Response:
+    return Response(encode_audio(result.audio, fmt), media_type=media_type(fmt), headers=result_headers(result, engine))
 
 
 def _check_format(fmt: str) -> str:
@@ -92,15 +88,20 @@ def create_speech(body: SpeechRequest, request: Request, engine: Engine = Depend
                          "POST /v1/audio/edits with edit_type=speed (faster, slower, more faster, more slower)")
     if body.instructions:
         raise InputError("instructions are not supported; apply emotion or style with POST /v1/audio/edits")
-    if body.stream_format == "sse":
-        raise InputError("stream_format 'sse' is not supported; use 'audio' or leave it out")
+    if body.stream_format:
+        check_stream_format(fmt)
     text = validate_text(body.input, "input", settings.max_text_chars)
     voice = voices.get(check_voice_id(voice_id))
     prompt = voices.audio(voice.id)
     options = CloneOptions(flow_steps=body.flow_steps)
+    if body.stream_format:
+        stream, first = start_stream(request, "speech_stream", lambda: engine.clone_stream(
+            prompt, voice.transcript, text, seed=body.seed, options=options))
+        return stream_response(request, "speech_stream", engine, stream, first, fmt, sse=body.stream_format == "sse",
+                               input_tokens=len(text))
     result = run_engine(request, "speech", lambda: engine.clone(prompt, voice.transcript, text, seed=body.seed,
                                                                 options=options))
-    return _audio_response(result, engine, fmt, stream=body.stream_format == "audio")
+    return _audio_response(result, engine, fmt)
 
 
 @router.post("/audio/edits", summary="Edit a clip: emotion, style, speed, paralinguistic, denoise, vad",

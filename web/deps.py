@@ -15,6 +15,7 @@ Error body (OpenAI style, so its clients show the message)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -147,6 +148,9 @@ def run_engine(request: Request, endpoint: str, call: Callable[[], T]) -> T:
             raise APIError(500, f"internal error; the server log has the details (request id {rid})",
                            "server_error", "internal_error") from None
     timings = getattr(result, "timings", None)
+    if isinstance(result, Result) and "ttfa_ms" not in timings.counters:   # a whole file: its first audio is all of it
+        timings = timings.with_counter("ttfa_ms", timings.total_ms)
+        result = dataclasses.replace(result, timings=timings)
     if timings is not None:
         metrics.observe_timings(endpoint, timings)
         log.info(timings.log_line(endpoint, rid))
