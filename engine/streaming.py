@@ -74,38 +74,53 @@ class AudioIdFilter:
 class SeamFader:
     """Joins the audio of consecutive text chunks with the equal-power cross-fade of
     ``crossfade_join`` while streaming: the last ``fade`` samples are always held back, so that a
-    following piece can fade in over them; ``end_piece()`` marks a seam, ``finish()`` flushes."""
+    following piece can fade in over them. ``push`` returns final samples; ``end_piece()`` marks a
+    seam (and returns what became final); ``finish()`` flushes. A piece's first ``fade`` samples
+    are gathered before its seam is mixed, so short pieces fade exactly as ``crossfade_join`` does."""
 
     def __init__(self, sample_rate: int, fade_ms: float) -> None:
         self.fade = int(round(sample_rate * fade_ms / 1000.0))
-        self._tail = np.zeros(0, dtype=np.float32)
-        self._seam: np.ndarray | None = None
+        self._tail = _EMPTY
+        self._seam: np.ndarray | None = None   # the previous piece's held-back end
+        self._head = _EMPTY                    # this piece's first samples, until there are ``fade``
 
     def push(self, wav: np.ndarray) -> np.ndarray:
         wav = np.asarray(wav, dtype=np.float32)
-        if self._seam is not None and wav.size:
-            left, self._seam = self._seam, None
-            n = min(left.size, wav.size)
-            if n:
-                t = (np.arange(n, dtype=np.float32) + 0.5) / n
-                seam = left[left.size - n:] * np.cos(t * np.pi / 2) + wav[:n] * np.sin(t * np.pi / 2)
-                wav = np.concatenate([left[:left.size - n], seam, wav[n:]]).astype(np.float32)
-            else:
-                wav = np.concatenate([left, wav])
-        buffer = np.concatenate([self._tail, wav]) if self._tail.size else wav
+        if self._seam is not None:
+            self._head = np.concatenate([self._head, wav])
+            if self._head.size < self.fade:
+                return _EMPTY
+            wav = self._mix()
+        return self._hold(np.concatenate([self._tail, wav]))
+
+    def end_piece(self) -> np.ndarray:
+        buffer = np.concatenate([self._tail, self._mix()]) if self._seam is not None else self._tail
+        keep = min(self.fade, buffer.size)
+        self._seam, self._tail = buffer[buffer.size - keep:].copy(), _EMPTY
+        return buffer[:buffer.size - keep]
+
+    def finish(self) -> np.ndarray:
+        out = np.concatenate([self._tail, self._mix()]) if self._seam is not None else self._tail
+        self._tail = _EMPTY
+        return out.astype(np.float32)
+
+    def _hold(self, buffer: np.ndarray) -> np.ndarray:
         keep = min(self.fade, buffer.size)
         self._tail = buffer[buffer.size - keep:].copy()
         return buffer[:buffer.size - keep]
 
-    def end_piece(self) -> None:
-        if self._seam is not None:   # a piece without audio: nothing to fade over
-            self._tail = np.concatenate([self._seam, self._tail])
-        self._seam, self._tail = self._tail, np.zeros(0, dtype=np.float32)
+    def _mix(self) -> np.ndarray:
+        left, head = self._seam, self._head
+        self._seam, self._head = None, _EMPTY
+        n = min(left.size, head.size)
+        if not n:
+            return np.concatenate([left, head])
+        t = (np.arange(n, dtype=np.float32) + 0.5) / n
+        seam = left[left.size - n:] * np.cos(t * np.pi / 2) + head[:n] * np.sin(t * np.pi / 2)
+        return np.concatenate([left[:left.size - n], seam, head[n:]]).astype(np.float32)
 
-    def finish(self) -> np.ndarray:
-        out = np.concatenate([x for x in (self._seam, self._tail) if x is not None])
-        self._seam, self._tail = None, np.zeros(0, dtype=np.float32)
-        return out.astype(np.float32)
+
+_EMPTY = np.zeros(0, dtype=np.float32)
 
 
 def stream_answers(*, backend: LLMBackend, streamer, prompts: list[list[int]], bundle, seed: int,
@@ -196,8 +211,8 @@ def stream_answers(*, backend: LLMBackend, streamer, prompts: list[list[int]], b
             for audio in _decoded(session, fader, timer, token, final=True):
                 if (chunk := emit(audio)) is not None:
                     yield chunk
-            if index < len(streams) - 1:
-                fader.end_piece()
+            if index < len(streams) - 1 and (chunk := emit(fader.end_piece())) is not None:
+                yield chunk
         if (chunk := emit(fader.finish())) is not None:
             yield chunk
     finally:
