@@ -1,7 +1,9 @@
 """What the studio page's buttons do: clone, edit, history and prompt-cache events.
 
 Owns: turning UI values into engine calls and results into what the page shows (an audio file,
-a stage-timings table, a one-line summary, the history chain), the per-session history state,
+a stage-timings table, a one-line summary, the history chain), the streaming forms of clone and
+edit (``clone_streaming`` / ``edit_streaming``: WAV chunks for a ``gr.Audio(streaming=True)``
+player while the engine works, then the same outputs as ``clone`` / ``edit``), the per-session history state,
 and the UI's error policy: a ``StudioError`` becomes ``gr.Error`` with its message; anything else
 is logged with its traceback and shown as a generic error naming a request id.
 Does not own: the page layout and event wiring (``web.ui``).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import math
 import os
@@ -46,12 +49,13 @@ def new_state() -> dict:
 
 
 def guarded(fn):
-    """Show studio errors by their message and hide everything else behind a request id."""
+    """Show studio errors by their message and hide everything else behind a request id
+    (generator handlers too: their errors happen while the page iterates them)."""
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    @contextlib.contextmanager
+    def translated():
         try:
-            return fn(*args, **kwargs)
+            yield
         except gr.Error:
             raise
         except StudioError as exc:
@@ -61,6 +65,19 @@ def guarded(fn):
             log.exception("UI request %s (%s) failed", rid, fn.__name__)
             raise gr.Error(f"Something went wrong inside the studio (request id {rid}); the server log has "
                            "the details.", title="Internal error") from None
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def generator_wrapper(*args, **kwargs):
+            with translated():
+                yield from fn(*args, **kwargs)
+
+        return generator_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with translated():
+            return fn(*args, **kwargs)
 
     return wrapper
 
@@ -104,6 +121,46 @@ class Handlers:
             progress=_progress_adapter(progress)))
         label = f"{edit_type}: {edit_info}" if edit_info else edit_type
         return self._publish(result, f"{label} (of #{base['n']})", fmt, state)
+
+    def clone_streaming(self, prompt_audio: str | None, prompt_text: str, target_text: str, seed: float | None,
+                        flow_steps: float | None, fmt: str, state: dict | None):
+        """:meth:`clone` while it plays: yields WAV chunks for the streaming player (the last output),
+        then the outputs of :meth:`clone` (file, timings, summary, history) once the result is whole."""
+        if not prompt_audio:
+            raise gr.Error("Upload or record a prompt clip first.", title="Missing prompt audio")
+        options = self._options(flow_steps)
+        yield from self._stream("clone", "clone", fmt, state, lambda: self.engine.clone_stream(
+            prompt_audio, prompt_text, target_text, seed=_seed(seed), options=options))
+
+    def edit_streaming(self, edit_type: str, edit_info: str | None, new_text: str, seed: float | None,
+                       flow_steps: float | None, fmt: str, state: dict | None):
+        """:meth:`edit` while it plays (see :meth:`clone_streaming`)."""
+        state = _copy_state(state)
+        if not state["items"]:
+            raise gr.Error("Clone something first: edits apply to the last result.", title="Nothing to edit")
+        base = state["items"][_base_index(state)]
+        options = self._options(flow_steps)
+        text = new_text if edit_type == "paralinguistic" and new_text and new_text.strip() else None
+        endpoint = f"edit_{edit_type}" if edit_type in EDIT_TYPES else "edit"
+        label = f"{edit_type}: {edit_info}" if edit_info else edit_type
+        yield from self._stream(endpoint, f"{label} (of #{base['n']})", fmt, state, lambda: self.engine.edit_stream(
+            base["path"], base["text"], edit_type, edit_info or None, text, seed=_seed(seed), options=options))
+
+    def _stream(self, endpoint: str, op: str, fmt: str, state: dict | None, make):
+        rid, endpoint = secrets.token_hex(6), "ui_" + endpoint
+        waiting = (gr.skip(),) * 7
+        with self.metrics.track(endpoint):
+            stream = make()
+            try:
+                for audio in stream:
+                    yield (*waiting, encode_audio(audio, "wav"))
+            finally:
+                if not stream.done:   # the page went away or the engine failed: stop the work
+                    stream.close()
+        result = stream.result
+        self.metrics.observe_timings(endpoint, result.timings)
+        log.info(result.timings.log_line(endpoint, rid))
+        yield (*self._publish(result, op, fmt, state), gr.skip())
 
     # ------------------------------------------------------------------ history
 
@@ -198,6 +255,8 @@ def timing_table(result: Result) -> str:
 def summary(result: Result) -> str:
     t = result.timings
     parts = [f"**total** {t.total_ms:.0f} ms"]
+    if "ttfa_ms" in t.counters:
+        parts.append(f"**first audio** {t.counters['ttfa_ms']:.0f} ms")
     if math.isfinite(t.rtf):
         parts.append(f"**RTF** {t.rtf:.2f}")
     parts.append(f"audio {result.audio.duration:.2f} s")
