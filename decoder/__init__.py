@@ -10,6 +10,8 @@ Modules, one job each:
     checkpoint.py reading .safetensors / .pt (weights_only) state dicts, strict loading
     frontend.py   prompt features: 24 kHz mel and CAM++ speaker embedding
     model.py      ``AudioDecoder``: loads the folder strictly, ``prompt_features``, ``token2wav``
+    streaming.py  chunked decoding for streams: ``StreamingDecoder`` (cached per-voice prompt state),
+                  ``DecodeSession`` (push ids, drain audio chunks), ``VocoderStream``
 
 Importing the package loads nothing heavy; use ``from decoder.model import AudioDecoder``.
 """

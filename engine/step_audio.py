@@ -1,7 +1,8 @@
 """The real engine: Step-Audio-EditX (tokenizer + Step1 LLM + CosyVoice decoder).
 
 Owns: ``StepAudioEngine``, which runs prompt work through the cache, asks the LLM (batched) for
-audio tokens, decodes them and times every stage.
+audio tokens, decodes them and times every stage; ``clone_stream`` / ``edit_stream`` hand the same
+prompts to ``engine/streaming.py`` (LLM backend stream -> chunked decoder).
 Does not own: the contract (``engine/contract.py``), choosing an engine (``engine/select.py``), the
 models themselves (``tokenizer/``, ``llm/``, ``decoder/``), audio formats, caching mechanics.
 """
