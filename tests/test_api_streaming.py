@@ -65,6 +65,8 @@ def test_pcm_stream_is_headerless_16_bit_audio_of_the_whole_length(http, voice):
     assert len(body) % 2 == 0 and not body.startswith(b"RIFF")
     # Sentence by sentence vs whole-text adaptation: same length, not the same samples.
     assert len(body) == len(whole.content)
+    timings = json.loads(whole.headers["x-timings"])
+    assert timings["counters"]["ttfa_ms"] == timings["total_ms"]          # a whole file's first audio is all of it
     samples = np.frombuffer(body, "<i2")
     assert np.abs(samples).max() > 1000
 
@@ -159,3 +161,5 @@ def test_a_client_that_disconnects_stops_the_generation(http, studio, voice, mon
     assert later.status_code == 200 and len(later.content) > 0
     metrics = http.get("/metrics").text
     assert 'studio_requests_total{endpoint="speech_stream",status="disconnected"} 1.0' in metrics
+    streamed = [line for line in metrics.splitlines() if line.startswith('studio_ttfa_seconds_count{endpoint="speech_stream"}')]
+    assert streamed and float(streamed[0].split()[-1]) >= 1              # finished streams observed their TTFA
