@@ -152,7 +152,7 @@ def main() -> None:
     print("\n| speech s | streams | mode | TTFA ms (mean) | total ms (mean) | TTFA / non-streamed total | "
           "total / non-streamed total |")
     print("|---|---|---|---|---|---|---|")
-    cases = [(float(s), 1) for s in args.seconds.split(",")]
+    cases = [(float(s), 1) for s in args.seconds.split(",") if s]
     cases += [(args.concurrency_seconds, int(n)) for n in args.concurrency.split(",") if int(n) > 1]
     for seconds, n in cases:
         whole_runs, stream_runs = [], []

@@ -176,6 +176,21 @@ class VocoderStream:
         return np.ascontiguousarray(wav, dtype=np.float32)
 
 
+class _StepPast:
+    """The attention context of one chunk, per Euler step, joined only when that step runs (so a
+    session holds one step's joined keys/values at a time, not all of them)."""
+
+    def __init__(self, parts: list) -> None:
+        self.parts = parts
+
+    def __getitem__(self, step: int) -> list:
+        if len(self.parts) == 1:
+            return self.parts[0][step]
+        blocks = len(self.parts[0][step])
+        return [(torch.cat([p[step][b][0] for p in self.parts], dim=2),
+                 torch.cat([p[step][b][1] for p in self.parts], dim=2)) for b in range(blocks)]
+
+
 class DecodeSession:
     """One stream: ``push`` mixed ids as they come, iterate ``drain()`` for finished audio chunks,
     then ``drain(final=True)`` once the ids are complete. Not thread-safe (one consumer).
@@ -319,16 +334,10 @@ class DecodeSession:
         # Time-major, so that a chunk's noise does not depend on how long the stream will be.
         return torch.randn(m, c, generator=self.generator).T.unsqueeze(0).contiguous()
 
-    def _past(self) -> list | None:
+    def _past(self) -> "_StepPast | None":
         """Per step, per block: the keys/values this chunk may attend to (prompt + kept frames)."""
         parts = [p for p in (self.state.kv, self._tail_kv, self._recent_kv) if p is not None]
-        if not parts:
-            return None
-        if len(parts) == 1:
-            return parts[0]
-        steps, blocks = len(parts[0]), len(parts[0][0])
-        return [[(torch.cat([p[s][b][0] for p in parts], dim=2), torch.cat([p[s][b][1] for p in parts], dim=2))
-                 for b in range(blocks)] for s in range(steps)]
+        return _StepPast(parts) if parts else None
 
     def _keep(self, kv: list, held_mel: int) -> None:
         """Keep the held-back prompt frames for good, and the last ``left_context_mel`` generated ones."""
