@@ -34,9 +34,10 @@ FROM ${CUDA_IMAGE}
 LABEL org.opencontainers.image.title="step-audio-studio" \
       org.opencontainers.image.description="Step-Audio-EditX voice-cloning studio (Gradio UI + HTTP API)"
 ARG DEBIAN_FRONTEND=noninteractive
+# ffmpeg: the page's streaming player converts audio chunks with it (without it results show when whole).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 \
+    && apt-get install -y --no-install-recommends python3.11 ffmpeg \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 1000 --shell /usr/sbin/nologin studio
 COPY --from=build /opt/venv /opt/venv

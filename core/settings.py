@@ -96,6 +96,8 @@ class Settings:
     llm_retry_after_s: int = field(default=5, metadata={"help": "Retry-After seconds in the 503 answered while the vLLM server is down or slow"})
     llm_health_interval_s: float = field(default=2.0, metadata={"help": "seconds between health probes of the vLLM server (GET /health)"})
     llm_gpu_memory_utilization: float = field(default=0.5, metadata={"help": "in-process vLLM only: share of the GPU's memory vLLM may take (the tokenizer and decoder need the rest)"})
+    # --- streaming
+    stream_prompt_cache_mb: int = field(default=1024, metadata={"help": "memory (MB) for the streaming decoder's per-voice prompt state (about 1.3 MB per prompt mel frame in float32; 0: recompute per request)"})
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINE_CHOICES:
@@ -118,7 +120,7 @@ class Settings:
         if self.llm_step_token_budget <= self.llm_max_rows:
             raise ValueError(f"llm_step_token_budget ({self.llm_step_token_budget}) must exceed llm_max_rows "
                              f"({self.llm_max_rows}): each decoding request takes one token of every step")
-        for name in ("cache_memory_entries", "llm_max_new_tokens"):
+        for name in ("cache_memory_entries", "llm_max_new_tokens", "stream_prompt_cache_mb"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)!r}")
         if self.llm_backend not in LLM_BACKENDS:

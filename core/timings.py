@@ -40,6 +40,10 @@ class StageTimings:
         """Real-time factor: processing time / audio seconds produced (NaN when unknown)."""
         return float(self.counters.get("rtf", float("nan")))
 
+    def with_counter(self, name: str, value: float) -> "StageTimings":
+        """A copy with counter ``name`` set to ``value``."""
+        return StageTimings(self.stages_ms, self.cached, {**self.counters, name: float(value)}, self.total_ms)
+
     def as_dict(self) -> dict:
         return {
             "total_ms": round(self.total_ms, 2),

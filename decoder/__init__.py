@@ -9,6 +9,8 @@ Modules, one job each:
     source.py     HiFT's harmonic-plus-noise source (and its random draws)
     frontend.py   prompt features: 24 kHz mel and CAM++ speaker embedding
     model.py      ``AudioDecoder``: loads the folder strictly, ``prompt_features``, ``token2wav``
+    streaming.py  chunked decoding for streams: ``StreamingDecoder`` (cached per-voice prompt state),
+                  ``DecodeSession`` (push ids, drain audio chunks), ``VocoderStream``
 
 Checkpoints are read and strictly loaded by ``core/checkpoint.py``; the token layout is
 ``core/audio_tokens.py``. Use ``from decoder.model import AudioDecoder``.

@@ -3,9 +3,10 @@
 Owns: ``DiT`` and its parts (timestep embedder, blocks with attention, causal convolution and
 MLP, final layer), with parameter names equal to the upstream checkpoint's
 (``decoder.estimator.*`` keys of ``flow.pt``). Full (non-causal) attention over the whole
-utterance, as the non-streaming reference runs it.
-Does not own: the ODE solver and classifier-free guidance (``decoder/flow.py``), the streaming
-chunk path and its KV/conv caches (not implemented: the reference's 2 GB buffers are never made).
+utterance, as the non-streaming reference runs it; ``forward_cached`` runs one chunk against the
+keys/values and causal-conv tails of earlier frames (the streaming path), returning its own.
+Does not own: the ODE solver and classifier-free guidance (``decoder/flow.py``), which frames the
+caches keep and for how long (``decoder/streaming.py``).
 
 Shape legend:
     B  batch (2 during guidance: conditional + unconditional rows)
@@ -75,6 +76,21 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, t, -1))
 
+    def forward_cached(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A chunk [B, n, D] attending to itself and ``past`` (keys, values) [B, H, P, Dh].
+
+        Returns (out [B, n, D], the chunk's own keys and values [B, H, n, Dh]). The DiT has no
+        positional term, so the order of cached frames does not matter (only which are kept).
+        """
+        b, n, _ = x.shape
+        q = self.q_norm(self._heads(self.to_q(x)))
+        k = self.k_norm(self._heads(self.to_k(x)))
+        v = self._heads(self.to_v(x))
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2))
+        out = F.scaled_dot_product_attention(q, keys, values)
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1)), k, v
+
 
 class CausalConvBlock(nn.Module):
     """Causal Conv1d(k3) -> LayerNorm -> Mish -> causal Conv1d(k3), on [B, T, D].
@@ -98,6 +114,18 @@ class CausalConvBlock(nn.Module):
         y = self.block["1"](F.pad(x.transpose(1, 2), pad)).transpose(1, 2)
         y = F.mish(self.block["3"](y))
         return self.block["6"](F.pad(y.transpose(1, 2), pad)).transpose(1, 2)
+
+    def forward_cached(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None
+                       ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """A chunk [B, n, D] continuing the previous frames: ``cache`` holds each conv's last
+        ``kernel_size - 1`` input frames [B, D, k-1] (None: zeros, as at the start)."""
+        tail = self.kernel_size - 1
+        x1 = x.transpose(1, 2)
+        c1, c2 = cache if cache is not None else (x1.new_zeros(x1.size(0), x1.size(1), tail),) * 2
+        x1 = torch.cat([c1, x1], dim=2)
+        y = self.block["1"](x1).transpose(1, 2)
+        y2 = torch.cat([c2, F.mish(self.block["3"](y)).transpose(1, 2)], dim=2)
+        return self.block["6"](y2).transpose(1, 2), (x1[:, :, -tail:], y2[:, :, -tail:])
 
 
 class MLP(nn.Module):
@@ -129,6 +157,20 @@ class DiTBlock(nn.Module):
         x = x + gate_msa * self.attn(_modulate(F.layer_norm(x, d, eps=1e-6), shift_msa, scale_msa))
         x = x + gate_conv * self.conv(_modulate(F.layer_norm(x, d, eps=1e-6), shift_conv, scale_conv))
         return x + gate_mlp * self.mlp(_modulate(F.layer_norm(x, d, eps=1e-6), shift_mlp, scale_mlp))
+
+    def forward_cached(self, x: torch.Tensor, c: torch.Tensor, past_kv: tuple | None, conv_cache: tuple | None
+                       ) -> tuple[torch.Tensor, tuple, tuple]:
+        """:meth:`forward` on a chunk; returns (x, the chunk's (keys, values), the new conv cache)."""
+        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
+         shift_conv, scale_conv, gate_conv) = self.adaLN_modulation(c).chunk(9, dim=-1)
+        d = (x.size(-1),)
+        attended, k, v = self.attn.forward_cached(_modulate(F.layer_norm(x, d, eps=1e-6), shift_msa, scale_msa),
+                                                  past_kv)
+        x = x + gate_msa * attended
+        conv, conv_cache = self.conv.forward_cached(_modulate(F.layer_norm(x, d, eps=1e-6), shift_conv, scale_conv),
+                                                    conv_cache)
+        x = x + gate_conv * conv
+        return x + gate_mlp * self.mlp(_modulate(F.layer_norm(x, d, eps=1e-6), shift_mlp, scale_mlp)), (k, v), conv_cache
 
 
 class FinalLayer(nn.Module):
@@ -169,3 +211,26 @@ class DiT(nn.Module):
         for block in self.blocks:
             h = block(h, c)
         return self.final_layer(h, c).transpose(1, 2)
+
+    def forward_cached(self, x: torch.Tensor, mu: torch.Tensor, t: torch.Tensor, spks: torch.Tensor,
+                       cond: torch.Tensor, past_kv: list | None, conv_cache: list | None
+                       ) -> tuple[torch.Tensor, list, list]:
+        """:meth:`forward` on a chunk of frames that follows cached ones.
+
+        Parameters:
+            x, mu, cond: [B, C, n] for the chunk;  t: [B];  spks: [B, C].
+            past_kv: per block (keys, values) [B, H, P, Dh] of the frames it may attend to, or None.
+            conv_cache: per block the causal convs' input tails (see ``CausalConvBlock``), or None.
+        Returns:
+            (velocity [B, C, n], per block the chunk's own (keys, values), per block the new conv cache).
+        """
+        c = self.t_embedder(t).unsqueeze(1)
+        spk = spks.unsqueeze(-1).expand(-1, -1, x.size(-1))
+        h = self.in_proj(torch.cat([x, mu, spk, cond], dim=1).transpose(1, 2))
+        new_kv, new_conv = [], []
+        for i, block in enumerate(self.blocks):
+            h, kv, conv = block.forward_cached(h, c, past_kv[i] if past_kv else None,
+                                               conv_cache[i] if conv_cache else None)
+            new_kv.append(kv)
+            new_conv.append(conv)
+        return self.final_layer(h, c).transpose(1, 2), new_kv, new_conv

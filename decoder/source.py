@@ -22,6 +22,9 @@ per-sample rad/s is first linearly down-sampled by U). That down-sampler reads s
 ``U*j + U/2 - 1`` and ``U*j + U/2`` of each frame, which hold the same nearest-upsampled F0, so
 we compute the per-frame increments directly; the reference adds the initial phases to sample 0,
 which that down-sampler never reads, so they cannot change its output and we only draw them.
+
+Streaming: a chunk may start its harmonics at a given phase (``phase0``) and ask where they stand
+after N frames (``SineGen2.phase_advance``), so consecutive chunks form one continuous excitation.
 """
 
 from __future__ import annotations
@@ -99,15 +102,32 @@ class SineGen2(nn.Module):
         self.noise_std = noise_std
         self.voiced_threshold = voiced_threshold
 
-    def forward(self, f0: torch.Tensor, draws: SourceDraws) -> tuple[torch.Tensor, torch.Tensor]:
-        f0 = f0.float()
+    def _rad(self, f0: torch.Tensor) -> torch.Tensor:
         multiples = torch.arange(1, self.dim + 1, device=f0.device, dtype=torch.float32)
         # Per-frame phase increment in cycles per sample; the integer part is a whole turn.
-        rad = (f0[:, :, None] * multiples / self.sampling_rate) % 1  # [B, T, H]
+        return (f0.float()[:, :, None] * multiples / self.sampling_rate) % 1  # [B, T, H]
+
+    def phase_advance(self, f0: torch.Tensor, frames: int, phase0: torch.Tensor | None = None) -> torch.Tensor:
+        """The harmonics' phase [B, H] (radians, in [0, 2·pi)) after the first ``frames`` frames of
+        ``f0`` [B, T], starting from ``phase0``: what a chunk that begins at frame ``frames`` of
+        this one passes as its ``phase0`` so that its sines continue these (streaming)."""
+        cycles = (self._rad(f0)[:, :frames].double().sum(dim=1) * self.upsample_scale) % 1.0
+        phase = cycles * (2 * math.pi)
+        if phase0 is not None:
+            phase = phase + phase0.double()
+        return (phase % (2 * math.pi)).float()
+
+    def forward(self, f0: torch.Tensor, draws: SourceDraws,
+                phase0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``phase0`` [B, H]: phase (radians) the harmonics start from (None: 0, the whole-clip case)."""
+        f0 = f0.float()
+        rad = self._rad(f0)
         phase = torch.cumsum(rad, dim=1) * (2 * math.pi)
         # Each frame advances U samples, hence the scale before interpolating to sample rate.
-        phase = F.interpolate(phase.transpose(1, 2) * self.upsample_scale, scale_factor=self.upsample_scale,
-                              mode="linear").transpose(1, 2)  # [B, L, H]
+        phase = phase.transpose(1, 2) * self.upsample_scale
+        if phase0 is not None:
+            phase = phase + phase0.to(phase.device, torch.float32)[:, :, None]
+        phase = F.interpolate(phase, scale_factor=self.upsample_scale, mode="linear").transpose(1, 2)  # [B, L, H]
         sines = torch.sin(phase) * self.sine_amp
         uv = (f0 > self.voiced_threshold).float().repeat_interleave(self.upsample_scale, dim=1)[:, :, None]
         noise_amp = uv * self.noise_std + (1 - uv) * (self.sine_amp / 3)
@@ -127,7 +147,7 @@ class SourceModuleHnNSF2(nn.Module):
                                   voiced_threshold)
         self.l_linear = nn.Linear(harmonic_num + 1, 1)
 
-    def forward(self, f0: torch.Tensor, draws: SourceDraws) -> torch.Tensor:
-        sine_waves, _ = self.l_sin_gen(f0, draws)
+    def forward(self, f0: torch.Tensor, draws: SourceDraws, phase0: torch.Tensor | None = None) -> torch.Tensor:
+        sine_waves, _ = self.l_sin_gen(f0, draws, phase0)
         weight, bias = self.l_linear.weight.float(), self.l_linear.bias.float()
         return torch.tanh(F.linear(sine_waves, weight, bias))

@@ -244,7 +244,8 @@ class HiFTGenerator(nn.Module):
 
     def inference(self, mel: torch.Tensor, *, generator: torch.Generator | None = None,
                   rand_ini: torch.Tensor | None = None, sine_noise: torch.Tensor | None = None,
-                  uv_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  uv_noise: torch.Tensor | None = None, phase0: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Vocode a batch of mels.
 
         Parameters:
@@ -252,6 +253,7 @@ class HiFTGenerator(nn.Module):
             generator: source of the three random draws (on the module's device); None means
                 torch's global RNG.
             rand_ini, sine_noise, uv_noise: injected draws, [B, H], [B, L, H], [B, L, 1].
+            phase0: [B, H] start phase of the harmonics in radians (None: 0); see ``stream_step``.
 
         Returns:
             (wav [B, L] float32 at ``sampling_rate`` clamped to +-audio_limit, source [B, 1, L] float32).
@@ -278,18 +280,50 @@ class HiFTGenerator(nn.Module):
             f0 = self.f0_predictor(mel)
             draws = draw_source_noise(batch, samples, cfg.nb_harmonics + 1, device=param.device, generator=generator,
                                       rand_ini=rand_ini, sine_noise=sine_noise, uv_noise=uv_noise)
-            source = self.m_source(f0, draws).transpose(1, 2)  # [B, 1, L] float32
-            spec = torch.stft(source.squeeze(1), cfg.istft_n_fft, cfg.istft_hop, cfg.istft_n_fft,
-                              window=self.stft_window.float(), return_complex=True)
-            source_stft = torch.cat([spec.real, spec.imag], dim=1).to(param.dtype)
-            x = self._filter(mel, source_stft).float()
-            bins = cfg.istft_n_fft // 2 + 1
-            magnitude = torch.exp(x[:, :bins]).clamp(max=1e2)
-            phase = torch.sin(x[:, bins:])  # the reference's "phase" is sin() of the logits
-            wav = torch.istft(torch.polar(magnitude, phase), cfg.istft_n_fft, cfg.istft_hop, cfg.istft_n_fft,
-                              window=self.stft_window.float())
-            wav = wav.clamp(-cfg.audio_limit, cfg.audio_limit)
+            wav, source = self._vocode(mel, f0, draws, phase0)
         return wav, source
+
+    def _vocode(self, mel: torch.Tensor, f0: torch.Tensor, draws, phase0: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """mel [B, M, T] (module dtype), f0 [B, T], the source draws -> (wav [B, L], source [B, 1, L])."""
+        cfg, param = self.cfg, self.conv_post.bias
+        source = self.m_source(f0, draws, phase0).transpose(1, 2)  # [B, 1, L] float32
+        spec = torch.stft(source.squeeze(1), cfg.istft_n_fft, cfg.istft_hop, cfg.istft_n_fft,
+                          window=self.stft_window.float(), return_complex=True)
+        source_stft = torch.cat([spec.real, spec.imag], dim=1).to(param.dtype)
+        x = self._filter(mel, source_stft).float()
+        bins = cfg.istft_n_fft // 2 + 1
+        magnitude = torch.exp(x[:, :bins]).clamp(max=1e2)
+        phase = torch.sin(x[:, bins:])  # the reference's "phase" is sin() of the logits
+        wav = torch.istft(torch.polar(magnitude, phase), cfg.istft_n_fft, cfg.istft_hop, cfg.istft_n_fft,
+                          window=self.stft_window.float())
+        return wav.clamp(-cfg.audio_limit, cfg.audio_limit), source
+
+    @property
+    def f0_context(self) -> int:
+        """Mel frames on each side that change a frame's predicted F0 (5 for the shipped k3 convs)."""
+        return sum(m.kernel_size[0] // 2 for m in self.f0_predictor.condnet if isinstance(m, nn.Conv1d))
+
+    def stream_step(self, mel: torch.Tensor, draws, phase0: torch.Tensor | None, advance_frames: int,
+                    context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vocode one chunk of a stream.
+
+        Parameters:
+            mel: [1, M, T] (checked by the caller);  draws: the chunk's source draws (:func:`draw_source_noise`);
+            phase0: the harmonics' start phase [1, H] (None: 0);  advance_frames: where the next chunk starts;
+            context: up to ``f0_context`` mel frames [1, M, c] before ``mel``, so that the F0 of its
+                first frames is what a whole-clip pass predicts (a phase error there would persist).
+        Returns:
+            (wav [1, L], the phase at frame ``advance_frames``, which the next chunk starts from).
+        """
+        param = self.conv_post.bias
+        with torch.inference_mode():
+            mel = mel.to(device=param.device, dtype=param.dtype)
+            c = 0 if context is None else context.size(2)
+            full = mel if not c else torch.cat([context.to(mel), mel], dim=2)
+            f0 = self.f0_predictor(full)[:, c:]
+            wav, _ = self._vocode(mel, f0, draws, phase0)
+            return wav, self.m_source.l_sin_gen.phase_advance(f0, advance_frames, phase0)
 
     def f0(self, mel: torch.Tensor) -> torch.Tensor:
         """The predicted F0 in Hz, [B, T], for a mel [B, M, T] (diagnostics and tests)."""

@@ -1,10 +1,19 @@
 """The engine contract: what the studio asks of an engine, and the value types that cross it.
 
-Owns: the ``Engine`` interface (clone, edit, repeated edits, transcription, prompt preparation,
-capabilities, readiness, and copying a clip's prompt-cache entries out of and into the cache for
-voice bundles), the frozen value types (``Result``, ``CloneOptions``, ``EngineInfo``,
-``EditCapability``, ``PromptReport``, ``PromptEntry``, ``PromptImport``, ``Transcript``) and the
-request validation every engine shares.
+Owns: the ``Engine`` interface (clone, edit, their streaming forms, repeated edits, transcription,
+prompt preparation, capabilities, readiness, and copying a clip's prompt-cache entries out of and
+into the cache for voice bundles), the frozen value types (``Result``, ``CloneOptions``,
+``EngineInfo``, ``EditCapability``, ``PromptReport``, ``PromptEntry``, ``PromptImport``,
+``Transcript``), the streaming handle (``ResultStream`` with its ``CancelToken``) and the request
+validation every engine shares.
+
+Streaming: ``clone_stream`` / ``edit_stream`` return a ``ResultStream`` at once; nothing runs until
+the first ``next()``, which does the validation (so bad input raises there, before any audio) and
+returns the first ``Audio`` chunk. Iteration ends with the whole ``Result`` in ``stream.result``
+(all chunks joined; ``timings.counters["ttfa_ms"]`` is the time to the first chunk). ``cancel()``
+may be called from any thread: the engine stops at its next step and frees its LLM slot, and
+the next ``next()`` raises ``StreamCancelled``. Engines without a streaming path inherit a
+default that yields the whole result as one chunk.
 Does not own: any engine (``engine/step_audio.py``, ``preview/``), nor choosing one
 (``engine/select.py``).
 """
@@ -14,8 +23,9 @@ from __future__ import annotations
 import abc
 import logging
 import secrets
+import threading
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Generator, Iterator, Mapping
 
 import numpy as np
 
@@ -125,6 +135,128 @@ class Transcript:
     model: str = ""                    # which ASR model, e.g. the Paraformer folder's name
 
 
+class StreamCancelled(Exception):
+    """Raised by ``ResultStream.__next__`` once the stream was cancelled."""
+
+
+class CancelToken:
+    """Thread-safe cancellation flag with callbacks (e.g. ``GenerationStream.cancel``)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when cancelled (at once if already cancelled)."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._event.is_set():
+                return
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def check(self) -> None:
+        """Raise ``StreamCancelled`` when cancelled (engines call it between steps)."""
+        if self._event.is_set():
+            raise StreamCancelled("the stream was cancelled")
+
+
+# produce(token) -> a generator of Audio chunks whose return value is the whole Result
+Producer = Callable[[CancelToken], Generator[Audio, None, Result]]
+
+
+class ResultStream(Iterator[Audio]):
+    """A clone or edit in progress: iterate for ``Audio`` chunks; then ``result`` holds the whole Result.
+
+    Parameters:
+        produce: the engine's generator function (see ``Producer``); it gets this stream's token.
+        seed: the request's seed (known before any audio, e.g. for an ``X-Seed`` header).
+        sample_rate: of every chunk.
+    """
+
+    def __init__(self, produce: Producer, seed: int, sample_rate: int) -> None:
+        self.seed = seed
+        self.sample_rate = sample_rate
+        self.token = CancelToken()
+        self._gen = produce(self.token)
+        self._result: Result | None = None
+        self.chunks = 0
+
+    def __next__(self) -> Audio:
+        if self._result is not None:
+            raise StopIteration
+        self.token.check()
+        try:
+            chunk = next(self._gen)
+        except StopIteration as stop:
+            if not isinstance(stop.value, Result):
+                raise RuntimeError("a stream producer ended without a Result") from None
+            self._result = stop.value
+            raise StopIteration from None
+        self.chunks += 1
+        return chunk
+
+    def cancel(self) -> None:
+        """Stop the engine's work for this stream (any thread; idempotent)."""
+        self.token.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.token.cancelled
+
+    @property
+    def done(self) -> bool:
+        return self._result is not None
+
+    @property
+    def result(self) -> Result:
+        """The whole Result once iteration has ended.
+
+        Raises:
+            RuntimeError: the stream has not finished (or was cancelled).
+        """
+        if self._result is None:
+            raise RuntimeError("the stream has not finished")
+        return self._result
+
+    def close(self) -> None:
+        """Cancel and release the producer (call from the consuming thread, not while it runs)."""
+        self.cancel()
+        try:
+            self._gen.close()
+        except ValueError:   # "generator already executing": another thread is inside it; cancel suffices
+            pass
+
+
+def whole_result_stream(run: Callable[[], Result], seed: int, sample_rate: int) -> ResultStream:
+    """A stream of one chunk: ``run()`` once, its audio as the only chunk (ttfa_ms = total)."""
+
+    def produce(token: CancelToken):
+        result = run()
+        token.check()
+        counters = dict(result.timings.counters)
+        counters.setdefault("ttfa_ms", result.timings.total_ms)
+        timings = StageTimings(result.timings.stages_ms, result.timings.cached, counters, result.timings.total_ms)
+        yield result.audio
+        return Result(audio=result.audio, text=result.text, timings=timings, seed=result.seed, tokens=result.tokens,
+                      prompt_digest=result.prompt_digest)
+
+    return ResultStream(produce, seed, sample_rate)
+
+
 class Engine(abc.ABC):
     """A voice-cloning engine. Implementations must be thread-safe."""
 
@@ -190,6 +322,22 @@ class Engine(abc.ABC):
                 nothing was heard.
         """
         raise InputError(f"{self.describe().name} cannot transcribe audio; please type what the clip says")
+
+    def clone_stream(self, prompt_audio: AudioSource, prompt_text: str, target_text: str, *,
+                     seed: int | None = None, options: CloneOptions = CloneOptions()) -> ResultStream:
+        """:meth:`clone` as a :class:`ResultStream` of audio chunks (see the module docstring).
+        Engines with a streaming path override this; the default yields one chunk."""
+        seed = new_seed(seed)
+        return whole_result_stream(lambda: self.clone(prompt_audio, prompt_text, target_text, seed=seed,
+                                                      options=options), seed, self.describe().sample_rate)
+
+    def edit_stream(self, audio: AudioSource, audio_text: str, edit_type: str, edit_info: str | None = None,
+                    text: str | None = None, *, seed: int | None = None,
+                    options: CloneOptions = CloneOptions()) -> ResultStream:
+        """:meth:`edit` as a :class:`ResultStream` (default: one chunk)."""
+        seed = new_seed(seed)
+        return whole_result_stream(lambda: self.edit(audio, audio_text, edit_type, edit_info, text, seed=seed,
+                                                     options=options), seed, self.describe().sample_rate)
 
     @abc.abstractmethod
     def prepare_prompt(self, prompt_audio: AudioSource) -> PromptReport:

@@ -2,7 +2,8 @@
 
 Owns: ``StepAudioEngine``, which runs prompt work through the cache, asks the LLM backend
 (``self.llm_backend``, an :class:`llm.backend.LLMBackend`) for audio tokens, decodes them and times
-every stage.
+every stage; ``clone_stream`` / ``edit_stream`` hand the same prompts to ``engine/streaming.py``
+(LLM backend stream -> chunked decoder).
 Does not own: the contract (``engine/contract.py``), choosing an engine (``engine/select.py``), the
 models themselves (``tokenizer/``, ``llm/``, ``decoder/``), audio formats, caching mechanics.
 """
@@ -25,9 +26,11 @@ from core.onnx_session import OnnxOptions
 from core.settings import DECODER_SUBDIR, FUNASR_SUBDIR
 from core.timings import StageTimings, Timer
 from decoder.model import AudioDecoder
+from decoder.streaming import StreamingDecoder
 from engine.contract import (CloneOptions, EditCapability, Engine, EngineInfo, ProgressFn, PromptReport, Result,
-                             Transcript, new_seed, no_progress, validate_edit, validate_text)
+                             ResultStream, Transcript, new_seed, no_progress, validate_edit, validate_text)
 from engine.prompt_bundle import PromptBundler, features_namespace
+from engine.streaming import stream_answers
 from llm.backend import GenerationRequest, LLMBackend
 from llm.native import NativeBackend, answer_rules
 from llm.step1 import Step1Config
@@ -81,6 +84,7 @@ class StepAudioEngine(Engine):
         self.llm_backend = _create_llm_backend(settings, self.device, self.dtype)
         self.bundler = PromptBundler(self.tokenizer, self.decoder.frontend, cache, features_namespace(decoder_dir, cache.root),
                                      numerics_class(self.device, settings.tf32))
+        self.streamer = StreamingDecoder(self.decoder, prompt_cache_bytes=settings.stream_prompt_cache_mb * 2**20)
         self._capabilities = tuple(EditCapability(t, opts) for t, opts in EDIT_TYPES.items())
         # The tokenizer folder's full Paraformer, loaded on the first transcription only.
         self.transcriber = Transcriber(settings.tokenizer_dir / FUNASR_SUBDIR, self.device, settings.max_prompt_seconds)
@@ -130,10 +134,27 @@ class StepAudioEngine(Engine):
 
     def clone(self, prompt_audio: AudioSource, prompt_text: str, target_text: str, *, seed: int | None = None,
               options: CloneOptions = CloneOptions(), progress: ProgressFn = no_progress) -> Result:
+        seed, timer = new_seed(seed), Timer()
+        prompts, bundle = self._clone_prompts(prompt_audio, prompt_text, target_text, timer, progress)
+        return self._generate("clone", prompts, bundle, seed, options, progress, timer, target_text)
+
+    def clone_stream(self, prompt_audio: AudioSource, prompt_text: str, target_text: str, *,
+                     seed: int | None = None, options: CloneOptions = CloneOptions()) -> ResultStream:
+        seed = new_seed(seed)
+
+        def produce(token):
+            timer = Timer()
+            prompts, bundle = self._clone_prompts(prompt_audio, prompt_text, target_text, timer, no_progress)
+            return (yield from self._stream("clone", prompts, bundle, seed, options, timer, target_text, token))
+
+        return ResultStream(produce, seed, self.decoder.sample_rate)
+
+    def _clone_prompts(self, prompt_audio: AudioSource, prompt_text: str, target_text: str, timer,
+                       progress: ProgressFn):
+        """Validate a clone request, fetch its prompt bundle; (LLM prompts, one per text chunk; bundle)."""
         limit = self.settings.max_text_chars
         prompt_text = validate_text(prompt_text, "the prompt text (what the prompt clip says)", limit)
         target_text = validate_text(target_text, "the target text", limit)
-        seed, timer = new_seed(seed), Timer()
         progress(0.0, "preparing the prompt clip")
         audio, digest = self._decode(prompt_audio, timer)
         bundle, _ = self.bundler.bundle(audio, digest, timer)
@@ -142,11 +163,32 @@ class StepAudioEngine(Engine):
             speaker = clone_speaker_id(prompt_text, audio.as_loaded())   # the raw [C, N] array, as upstream
             prompts = [clone_prompt_ids(self.llm_backend.encode, speaker, prompt_text, bundle.tokens.audio_string, chunk)
                        for chunk in chunks]
-        return self._generate("clone", prompts, bundle, seed, options, progress, timer, target_text)
+        return prompts, bundle
 
     def edit(self, audio: AudioSource, audio_text: str, edit_type: str, edit_info: str | None = None,
              text: str | None = None, *, seed: int | None = None, options: CloneOptions = CloneOptions(),
              progress: ProgressFn = no_progress) -> Result:
+        seed, timer = new_seed(seed), Timer()
+        prompts, bundle, spoken = self._edit_prompts(audio, audio_text, edit_type, edit_info, text, timer, progress)
+        return self._generate(f"edit:{edit_type}", prompts, bundle, seed, options, progress, timer, spoken)
+
+    def edit_stream(self, audio: AudioSource, audio_text: str, edit_type: str, edit_info: str | None = None,
+                    text: str | None = None, *, seed: int | None = None,
+                    options: CloneOptions = CloneOptions()) -> ResultStream:
+        seed = new_seed(seed)
+
+        def produce(token):
+            timer = Timer()
+            prompts, bundle, spoken = self._edit_prompts(audio, audio_text, edit_type, edit_info, text, timer,
+                                                         no_progress)
+            return (yield from self._stream(f"edit:{edit_type}", prompts, bundle, seed, options, timer, spoken,
+                                            token))
+
+        return ResultStream(produce, seed, self.decoder.sample_rate)
+
+    def _edit_prompts(self, audio: AudioSource, audio_text: str, edit_type: str, edit_info: str | None,
+                      text: str | None, timer, progress: ProgressFn):
+        """Validate an edit request, fetch its bundle; (LLM prompts, bundle, the text the result says)."""
         edit_info = validate_edit(edit_type, edit_info, self._capabilities)
         limit = self.settings.max_text_chars
         if edit_type in _TYPES_NEEDING_AUDIO_TEXT:
@@ -156,7 +198,6 @@ class StepAudioEngine(Engine):
         if edit_type == "paralinguistic":
             text = validate_text(text, "the new text with tags such as [Laughter] (needed for paralinguistic edits)",
                                  limit)
-        seed, timer = new_seed(seed), Timer()
         progress(0.0, "preparing the input clip")
         clip, digest = self._decode(audio, timer, what="the audio to edit")
         bundle, _ = self.bundler.bundle(clip, digest, timer)
@@ -164,7 +205,7 @@ class StepAudioEngine(Engine):
             instruction = edit_instruction(edit_type, edit_info, audio_text, text)
             prompts = [edit_prompt_ids(self.llm_backend.encode, instruction, bundle.tokens.audio_string)]
         spoken = text if edit_type == "paralinguistic" else (audio_text or "")
-        return self._generate(f"edit:{edit_type}", prompts, bundle, seed, options, progress, timer, spoken)
+        return prompts, bundle, spoken
 
     # -------------------------------------------------------------- steps
 
@@ -174,6 +215,15 @@ class StepAudioEngine(Engine):
         with timer.stage("hash"):
             digest = audio_digest(audio.samples, audio.sample_rate)
         return audio, digest
+
+    def _stream(self, kind: str, prompts: list[list[int]], bundle, seed: int, options: CloneOptions, timer,
+                text: str, token):
+        """The streaming form of :meth:`_generate` (``engine/streaming.py``); yields Audio, returns the Result.
+        The backend refuses a prompt that leaves no room for an answer (InputError) at the first chunk."""
+        return (yield from stream_answers(backend=self.llm_backend, streamer=self.streamer, prompts=prompts,
+                                          bundle=bundle, seed=seed, options=options, timer=timer, text=text,
+                                          token=token, fade_ms=CROSSFADE_MS,
+                                          on_done=lambda result: _log_request(kind, result.timings, bundle.digest)))
 
     def _generate(self, kind: str, prompts: list[list[int]], bundle, seed: int, options: CloneOptions,
                   progress: ProgressFn, timer, text: str) -> Result:

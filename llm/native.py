@@ -109,7 +109,8 @@ class NativeBackend(LLMBackend):
         self._cond = threading.Condition()
         self._closed = False
         self._masks: dict[bool, torch.Tensor] = {}
-        self._counts = {"steps": 0, "tokens_generated": 0, "requests_finished": 0, "requests_failed": 0}
+        self._counts = {"steps": 0, "tokens_generated": 0, "requests_finished": 0, "requests_failed": 0,
+                        "requests_cancelled": 0}
         self._thread = threading.Thread(target=self._work, name="llm-native", daemon=True)
         if start:
             self.start()
@@ -355,7 +356,7 @@ class NativeBackend(LLMBackend):
                                decode_ms=ms(row.first, end), batch_size=row.batch_size, steps=row.steps,
                                sampling_ms=row.sampling_s * 1000.0,
                                queue_ms=ms(row.submitted, row.started or end), cancelled=cancelled)
-        self._counts["requests_finished"] += 1
+        self._counts["requests_cancelled" if cancelled else "requests_finished"] += 1
         row.stream.finish(out)
 
     def _fail_all(self, error: BaseException) -> None:

@@ -12,6 +12,10 @@ Does not own: the cache mechanics (``prompt_cache.funasr_cache``) or the cache-f
 (``engine.prompt_fetch``), request validation rules (``engine.contract``), audio
 decoding (``core.audio_io``).
 
+``clone_stream`` speaks sentence by sentence: each sentence is adapted on its own (the synthetic
+voice's profile is measured on the first sentences with enough voiced speech) and leaves as soon
+as it is re-synthesised, so its audio differs slightly from ``clone``'s whole-text adaptation.
+
 Stage names match the Step-Audio engine where they mean the same: decode_audio, hash,
 cache_lookup, prompt_analysis (``(hit)`` when cached), synthesis (eSpeak), adaptation (WORLD),
 effects; plus counters audio_s and rtf.
@@ -34,7 +38,7 @@ from preview import effects, espeak, text as text_mod, voice
 from core.timings import Timer
 from engine.prompt_fetch import PromptKind, fetch_prompt
 from tokenizer.asr import Transcriber
-from engine.contract import CloneOptions, EditCapability, Engine, EngineInfo, ProgressFn, PromptReport, Result, Transcript, new_seed, no_progress, validate_edit, validate_text
+from engine.contract import CloneOptions, EditCapability, Engine, EngineInfo, ProgressFn, PromptReport, Result, ResultStream, Transcript, new_seed, no_progress, validate_edit, validate_text
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +267,80 @@ class PreviewEngine(Engine):
         with timer.stage("effects"):
             out = effects.set_level(out, float(np.clip(prompt.loudness_db, *_LEVEL_LIMITS_DB)))
         return self._finish("clone", out, spoken.text, timer, seed, digest, progress)
+
+    def clone_stream(self, prompt_audio: AudioSource, prompt_text: str, target_text: str, *,
+                     seed: int | None = None, options: CloneOptions = CloneOptions()) -> ResultStream:
+        """:meth:`clone`, one sentence at a time (see the module docstring); same errors, raised by
+        the first ``next()``. Stages as :meth:`clone`, plus the counter ``ttfa_ms``."""
+        seed = new_seed(seed)
+        return ResultStream(lambda token: self._clone_sentences(prompt_audio, prompt_text, target_text, seed, token),
+                            seed, SAMPLE_RATE)
+
+    def _clone_sentences(self, prompt_audio, prompt_text: str, target_text: str, seed: int, token):
+        self._check()
+        limit = self._settings.max_text_chars
+        validate_text(target_text, "target text", limit)
+        validate_text(prompt_text, "prompt text", limit)
+        spoken = text_mod.prepare(target_text)
+        if not spoken.sentences:
+            raise InputError(f"target text has nothing to speak once tags are removed ({spoken.note})")
+        timer = Timer()
+        samples, digest = self._decode(prompt_audio, timer)
+        prompt, _ = self._profile(samples, digest, timer)
+        voice_name, _ = self._voice(spoken.voice)
+        with timer.stage("synthesis"):
+            rate = self._speaking_rate(prompt_text, prompt)
+        timer.set_counter("rate_wpm", rate)
+        level = float(np.clip(prompt.loudness_db, *_LEVEL_LIMITS_DB))
+        source, waiting, out = None, [], []
+        for index, sentence in enumerate(spoken.sentences):
+            token.check()
+            with timer.stage("synthesis"):
+                speech = espeak.speak(sentence, voice_name, rate_wpm=rate)
+                piece = resample(speech.samples, speech.sample_rate, SAMPLE_RATE)
+            with timer.stage("adaptation"):
+                waiting.append((index, piece, voice.analyse(piece)))
+                if source is None:
+                    source = self._sentence_profile(waiting, last=index == len(spoken.sentences) - 1)
+            if source is None:
+                continue
+            for number, piece, params in waiting:
+                token.check()
+                with timer.stage("adaptation"):
+                    adapted, _ = voice.adapt(params, source, prompt)
+                with timer.stage("effects"):
+                    adapted = effects.humanise(adapted, (seed + number) % 2**31)
+                with timer.stage("adaptation"):
+                    wav = voice.synthesize(adapted)
+                with timer.stage("effects"):
+                    wav = effects.set_level(wav, level) if voice.loudness_db(wav) > -100.0 else wav
+                if not np.isfinite(wav).all():
+                    raise ModelError("the preview engine produced no usable audio for this clone")
+                if not out:
+                    timer.set_counter("ttfa_ms", timer.elapsed_ms())
+                out.append(wav.astype(np.float32))
+                yield Audio(out[-1], SAMPLE_RATE)
+            waiting = []
+        return self._finish("clone", np.concatenate(out), spoken.text, timer, seed, digest, no_progress)
+
+    @staticmethod
+    def _sentence_profile(waiting: list, last: bool) -> voice.VoiceProfile | None:
+        """The synthetic voice's profile from the sentences waiting so far; None while they have too
+        little voiced speech (the last sentence makes that an ``InputError``, as in :meth:`clone`)."""
+        base = np.concatenate([piece for _, piece, _ in waiting])
+        if voice.loudness_db(base) <= -100.0:
+            if last:
+                raise InputError("eSpeak NG found nothing to pronounce in the target text")
+            return None
+        joined = voice.WorldParams(np.concatenate([p.f0 for _, _, p in waiting]),
+                                   np.concatenate([p.sp for _, _, p in waiting]),
+                                   np.concatenate([p.ap for _, _, p in waiting]))
+        try:
+            return voice.profile(base, joined, what="the synthetic speech")
+        except InputError:
+            if last:
+                raise
+            return None
 
     def _finish(self, kind: str, samples: np.ndarray, said: str, timer: Timer, seed: int, digest: str,
                 progress: ProgressFn) -> Result:

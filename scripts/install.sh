@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create ./.venv and install the pinned dependencies. With --test, also the test tools and the
-# system packages the browser tests use (Debian's chromium; needs root or sudo, skipped otherwise).
+# system packages the browser tests use (Debian's chromium; needs root or sudo, skipped otherwise) and
+# ffmpeg (the page's streaming player converts audio chunks with it; without it results show when whole).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -14,12 +15,13 @@ if [ "${1:-}" = "--test" ]; then
     # resemblyzer's declared deps (webrtcvad sdist, typing) break on current setuptools;
     # webrtcvad-wheels in requirements-test.txt provides the same module.
     pip --no-deps resemblyzer==0.1.4
-    if ! command -v chromium >/dev/null 2>&1; then
+    if ! command -v chromium >/dev/null 2>&1 || ! command -v ffmpeg >/dev/null 2>&1; then
         SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
         if $SUDO true 2>/dev/null; then
-            $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
+            $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends chromium ffmpeg >/dev/null
         else
-            echo "note: chromium is not installed and no root: the browser test will be skipped" >&2
+            echo "note: chromium/ffmpeg are not installed and no root: the browser test is skipped and the page" \
+                 "shows results when whole" >&2
         fi
     fi
 fi

@@ -33,7 +33,8 @@ def client(studio):
 
 
 def _clone(client, target="Hello from the studio.", seed=5, fmt="wav"):
-    return client.predict(handle_file(str(EXAMPLE)), EXAMPLE_TEXT, target, seed, 10, fmt, api_name="/clone")
+    # A 7th output is the streaming player (the chunks joined once the stream ends; absent without ffmpeg).
+    return client.predict(handle_file(str(EXAMPLE)), EXAMPLE_TEXT, target, seed, 10, fmt, api_name="/clone")[:6]
 
 
 @pytest.mark.slow
@@ -57,7 +58,7 @@ def test_clone_edit_and_cache_round_trip(client, studio):
     stats = client.predict(api_name="/cache_stats")
     assert stats["hits"] >= 1 and stats["entries"] == 1
 
-    edited, edit_timings, edit_summary, history, table, base = client.predict(
+    edited, edit_timings, edit_summary, history, table, base, *_ = client.predict(
         "speed", "slower", "", 1, 10, "wav", api_name="/edit")
     assert [line.split(" | ")[1] for line in table.splitlines()[2:]] == ["clone", "clone", "speed: slower (of #2)"]
     assert "#3 speed: slower" in base
@@ -84,7 +85,7 @@ def test_errors_are_specific_messages(client, studio, monkeypatch, tmp_path, cap
     def broken(*args, **kwargs):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(studio.engine, "clone", broken)  # fault injection
+    monkeypatch.setattr(studio.engine, "clone_stream", broken)  # fault injection
     with pytest.raises(AppError) as failure:
         _clone(client)
     message = str(failure.value)
@@ -225,7 +226,8 @@ def test_tiny_model_engine_round_trip(tmp_path):
         assert "| llm_decode |" in timings and "cache hits: none" in summary
         _, timings, summary, *_ = _clone(client, target="Hello again.")
         assert "tokenize_vq02" in summary.split("cache hits:")[1]  # the prompt's tokens came from the cache
-        edited, _, edit_summary, _, table, _ = client.predict("emotion", "happy", "", 1, 2, "wav", api_name="/edit")
+        edited, _, edit_summary, _, table, *_ = client.predict("emotion", "happy", "", 1, 2, "wav",
+                                                               api_name="/edit")
         assert edited["orig_name"].endswith(".wav") and "emotion: happy (of #2)" in table
         stats = client.predict(api_name="/cache_stats")
         assert set(stats["per_kind"]) == {"tokens", "prompt_features"} and stats["hits"] >= 2
@@ -264,3 +266,23 @@ def test_ui_requires_key_puts_the_page_behind_a_login(tmp_path):
         assert httpx.get(studio.url + "/healthz").status_code == 200  # operations stay open
     finally:
         studio.stop()
+
+
+def test_clone_streaming_plays_each_sentence_before_the_whole_result(handlers):
+    from web.ui_handlers import new_state
+
+    outputs = list(handlers.clone_streaming(str(EXAMPLE), EXAMPLE_TEXT, "First sentence. Second one here. Third.",
+                                            4, 10, "wav", new_state()))
+    *chunks, final = outputs
+    assert len(chunks) == 3                                              # one per sentence
+    pieces = []
+    for out in chunks:
+        assert all(isinstance(o, type(gr.skip())) for o in out[:7])      # nothing else changes while streaming
+        samples, rate = sf.read(io.BytesIO(out[7]), dtype="float32")
+        assert rate == 24000 and samples.size > 0
+        pieces.append(samples)
+    path, timings, summary, state, *_ = final[:7]
+    assert isinstance(final[7], type(gr.skip()))
+    whole, _ = sf.read(path, dtype="float32")
+    assert whole.size == sum(p.size for p in pieces)                     # the history keeps the full result
+    assert state["items"][-1]["path"] == path and "**first audio**" in summary

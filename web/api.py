@@ -26,7 +26,7 @@ from typing import Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.routing import Match
@@ -42,13 +42,13 @@ from web import api_voices
 from web.deps import (APIError, get_engine, get_metrics, get_settings, get_voices, jsonable, read_upload,
                       require_api_key, result_headers, run_engine)
 from web.metrics import CONTENT_TYPE, Metrics
+from web.streaming import check_stream_format, start_stream, stream_response
 from web.voices import VoiceStore, check_voice_id
 
 log = logging.getLogger(__name__)
 
 MODEL_ID = "step-audio-editx"
 MODEL_ALIASES = (MODEL_ID, "tts-1", "tts-1-hd", "gpt-4o-mini-tts")  # accepted so stock clients work unchanged
-_STREAM_CHUNK = 64 * 1024
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 ops_router = APIRouter()
@@ -66,8 +66,9 @@ class SpeechRequest(BaseModel):
     speed: float = Field(1.0, description="only 1.0; use /v1/audio/edits with edit_type=speed")
     instructions: str | None = Field(None, description="edits applied after the clone, e.g. 'whisper, sad, a bit "
                                                        "slower' or '耳语，难过，慢一点' (echoed in X-Edit-Chain)")
-    stream_format: Literal["audio", "sse"] | None = Field(None,
-                                                          description="'audio' streams the bytes; 'sse' is refused")
+    stream_format: Literal["audio", "sse"] | None = Field(
+        None, description="'audio' sends pcm or wav audio as it is generated; 'sse' sends speech.audio.delta "
+                          "events (base64 audio) then speech.audio.done (usage, timings); omitted: one whole file")
     seed: int | None = Field(None, description="sampling seed; omitted or negative means random (reported in X-Seed)")
     flow_steps: int | None = Field(None, description="flow-matching Euler steps (1..50); default from settings")
 
@@ -77,15 +78,10 @@ def header_value(text: str) -> str:
     return quote(text, safe=" []-_,.:;()'/?!=+*&")
 
 
-def _audio_response(result, engine: Engine, fmt: str, stream: bool = False, audio=None,
-                    extra: dict[str, str] | None = None) -> Response:
+def _audio_response(result, engine: Engine, fmt: str, audio=None, extra: dict[str, str] | None = None) -> Response:
     """The audio of ``result`` (or ``audio``, the end of a chain that began with ``result``)."""
     body = encode_audio(audio if audio is not None else result.audio, fmt)
-    headers = {**result_headers(result, engine), **(extra or {})}
-    if stream:
-        chunks = (body[i:i + _STREAM_CHUNK] for i in range(0, len(body), _STREAM_CHUNK))
-        return StreamingResponse(chunks, media_type=media_type(fmt), headers=headers)
-    return Response(body, media_type=media_type(fmt), headers=headers)
+    return Response(body, media_type=media_type(fmt), headers={**result_headers(result, engine), **(extra or {})})
 
 
 def _check_format(fmt: str) -> str:
@@ -111,12 +107,20 @@ def create_speech(body: SpeechRequest, request: Request, engine: Engine = Depend
     caps = engine.capabilities()
     for step in steps:  # refuse an edit the engine cannot do before the clone runs
         validate_edit(step.edit_type, step.edit_info, caps)
-    if body.stream_format == "sse":
-        raise InputError("stream_format 'sse' is not supported; use 'audio' or leave it out")
+    if body.stream_format:
+        check_stream_format(fmt)
+        if steps:   # the edits need the whole clone first: nothing could be sent before the end
+            raise InputError("instructions cannot be combined with stream_format: the edits apply to the whole "
+                             "clone; leave stream_format out, or stream without instructions")
     text = validate_text(body.input, "input", settings.max_text_chars)
     voice = voices.get(check_voice_id(voice_id))
     prompt = voices.audio(voice.id)
     options = CloneOptions(flow_steps=body.flow_steps)
+    if body.stream_format:
+        stream, first = start_stream(request, "speech_stream", lambda: engine.clone_stream(
+            prompt, voice.transcript, text, seed=body.seed, options=options))
+        return stream_response(request, "speech_stream", engine, stream, first, fmt, sse=body.stream_format == "sse",
+                               input_tokens=len(text))
     result = run_engine(request, "speech", lambda: engine.clone(prompt, voice.transcript, text, seed=body.seed,
                                                                 options=options))
     extra = _warning_header(text)
@@ -129,7 +133,7 @@ def create_speech(body: SpeechRequest, request: Request, engine: Engine = Depend
                 options=options))
         audio = edited.audio
         extra["X-Edit-Chain"] = chain_header(steps)
-    return _audio_response(result, engine, fmt, stream=body.stream_format == "audio", audio=audio, extra=extra)
+    return _audio_response(result, engine, fmt, audio=audio, extra=extra)
 
 
 def _warning_header(*texts: str | None) -> dict[str, str]:

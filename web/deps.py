@@ -16,6 +16,7 @@ Error body (OpenAI style, so its clients show the message)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -160,12 +161,19 @@ def run_engine_call(metrics: Metrics, endpoint: str, rid: str, call: Callable[[]
         except Exception:
             log.exception("request %s (%s) failed", rid, endpoint)
             raise InternalError(rid) from None
-    # An engine call may return several results (one per edit pass): one timing line each.
+    # An engine call may return several results (one per edit pass): one timing line each. A whole
+    # file's first audio is all of it, so its ttfa_ms is its total.
+    items = []
     for item in result if isinstance(result, tuple) else (result,):
         timings = getattr(item, "timings", None)
+        if isinstance(item, Result) and "ttfa_ms" not in timings.counters:
+            timings = timings.with_counter("ttfa_ms", timings.total_ms)
+            item = dataclasses.replace(item, timings=timings)
         if timings is not None:
             metrics.observe_timings(endpoint, timings)
             log.info(timings.log_line(endpoint, rid))
+        items.append(item)
+    result = tuple(items) if isinstance(result, tuple) else items[0]
     return result
 
 

@@ -12,6 +12,7 @@ Metric names (all prefixed ``studio_``)::
     studio_request_seconds{endpoint}                histogram, wall time of the whole request
     studio_stage_seconds{endpoint,stage,cached}     histogram, one sample per stage of a Result
     studio_rtf{endpoint}                            histogram, real-time factor of generated audio
+    studio_ttfa_seconds{endpoint}                   histogram, time to the first audio (= total for whole files)
     studio_inflight_requests                        gauge, engine calls running now
     studio_queue_depth                              gauge, events waiting in the Gradio queue
     studio_prompt_cache_<stat>                      gauge, each numeric top-level cache stat
@@ -133,6 +134,8 @@ class Metrics:
                                 buckets=STAGE_BUCKETS, registry=self.registry)
         self.rtf = Histogram("studio_rtf", "real-time factor (processing s / audio s)", ["endpoint"],
                              buckets=RTF_BUCKETS, registry=self.registry)
+        self.ttfa = Histogram("studio_ttfa_seconds", "time from request to the first audio", ["endpoint"],
+                              buckets=STAGE_BUCKETS, registry=self.registry)
         self.inflight = Gauge("studio_inflight_requests", "engine calls running now", registry=self.registry)
         self._queue_depth: Callable[[], int] = lambda: 0
         queue_gauge = Gauge("studio_queue_depth", "events waiting in the Gradio queue", registry=self.registry)
@@ -176,6 +179,9 @@ class Metrics:
             self.stages.labels(endpoint, stage, cached).observe(ms / 1000.0)
         if math.isfinite(timings.rtf):
             self.rtf.labels(endpoint).observe(timings.rtf)
+        ttfa = timings.counters.get("ttfa_ms")
+        if ttfa is not None and math.isfinite(ttfa):
+            self.ttfa.labels(endpoint).observe(ttfa / 1000.0)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -7,6 +7,10 @@ and the named API endpoints (``/clone``, ``/edit``, ``/transcribe``, ``/cache_st
 ``/cache_clear``; helpers are private).
 Does not own: what the buttons do (``web.ui_handlers``) or serving (``web.server``).
 
+Clone and edit stream: while the engine works, its audio chunks play in a ``gr.Audio(streaming=True)``
+player (Gradio converts chunks with ffmpeg; without ffmpeg the page falls back to whole results);
+the file, timings table and history fill in when the result is whole.
+
 Every engine event shares ``concurrency_id="engine"`` with ``settings.concurrency_limit``, so
 clones and edits from all sessions queue for the same slots; cache and history events are cheap
 and skip the queue. (Gradio 6.17's ``validator=`` is not used: in the browser a second click of an
@@ -18,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 from pathlib import Path
 
 import gradio as gr
@@ -119,6 +124,10 @@ def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = Non
         output_dir: where generated files are written (a fresh temp folder when None).
     """
     h = Handlers(engine, settings, metrics, output_dir)
+    # Gradio's streaming player converts each chunk with ffmpeg; without it results show when whole.
+    can_stream = shutil.which("ffmpeg") is not None
+    if not can_stream:
+        log.warning("ffmpeg is not installed: the page plays results once they are whole, not while they stream")
     caps = engine.capabilities()
     by_type = {c.edit_type: c for c in caps}
     first = next((c for c in caps if c.available), caps[0] if caps else None)
@@ -150,6 +159,8 @@ def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = Non
                             fmt = gr.Radio(list(UI_FORMATS), value="wav", label="Output format")
                         clone_btn = gr.Button("Clone", variant="primary", elem_id="clone_btn")
                     with gr.Column():
+                        stream_audio = gr.Audio(label="Playing as it is generated", streaming=True, autoplay=True,
+                                                interactive=False, elem_id="stream_audio", visible=can_stream)
                         out_audio = gr.Audio(label="Result", type="filepath", interactive=False,
                                              buttons=["download"], elem_id="output_audio")
                         out_summary = gr.Markdown(elem_id="clone_summary")
@@ -178,6 +189,8 @@ def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = Non
                                        label="Strength: apply the edit this many times, each on the last result",
                                        info="Whisper usually needs 2 or more; every pass lands in the history.")
                 edit_btn = gr.Button("Apply edit", variant="primary", elem_id="edit_btn")
+                edit_stream_audio = gr.Audio(label="Playing as it is generated", streaming=True, autoplay=True,
+                                             interactive=False, elem_id="edit_stream_audio", visible=can_stream)
                 edit_audio = gr.Audio(label="Edited result", type="filepath", interactive=False,
                                       buttons=["download"], elem_id="edit_audio")
                 edit_summary = gr.Markdown()
@@ -207,12 +220,16 @@ def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = Non
         refresh.click(guarded(h.cache_stats), outputs=cache_json, api_name="cache_stats", queue=False)
         result_outputs = [state, history_pick, history_view, edit_base]
         dice.click(lambda: random.randrange(2**31), outputs=seed, **quick)
-        clone_btn.click(guarded(h.clone), [prompt_audio, prompt_text, target_text, seed, flow_steps, fmt, state],
-                        [out_audio, out_timings, out_summary, *result_outputs], api_name="clone",
-                        **engine_events).then(h.cache_stats, outputs=cache_json, **quick)
-        edit_btn.click(guarded(h.edit), [edit_type, edit_info, para_text, seed, flow_steps, fmt, state, iterations],
-                       [edit_audio, edit_timings, edit_summary, *result_outputs], api_name="edit",
-                       **engine_events).then(h.cache_stats, outputs=cache_json, **quick)
+        # Results play while they are generated (the streaming player, last output); the file, timings
+        # and history follow when the result is whole.
+        clone_fn, edit_fn = (h.clone_streaming, h.edit_streaming) if can_stream else (h.clone, h.edit)
+        clone_btn.click(guarded(clone_fn), [prompt_audio, prompt_text, target_text, seed, flow_steps, fmt, state],
+                        [out_audio, out_timings, out_summary, *result_outputs, *([stream_audio] if can_stream else [])],
+                        api_name="clone", **engine_events).then(h.cache_stats, outputs=cache_json, **quick)
+        edit_btn.click(guarded(edit_fn), [edit_type, edit_info, para_text, seed, flow_steps, fmt, state, iterations],
+                       [edit_audio, edit_timings, edit_summary, *result_outputs,
+                        *([edit_stream_audio] if can_stream else [])],
+                       api_name="edit", **engine_events).then(h.cache_stats, outputs=cache_json, **quick)
 
         def on_edit_type(kind: str):
             cap = by_type.get(kind)

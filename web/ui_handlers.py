@@ -3,6 +3,8 @@
 Owns: turning UI values into engine calls and results into what the page shows (an audio file,
 a stage-timings table, a one-line summary, the history chain: one item per edit pass), filling the
 transcript box from the engine's ASR, warnings about unknown tags, the per-session history state,
+the streaming forms of clone and edit (``clone_streaming`` / ``edit_streaming``: WAV chunks for a
+``gr.Audio(streaming=True)`` player while the engine works, then the same outputs as ``clone`` / ``edit``),
 the files of each result (a lossless float WAV that the next edit starts from, and the file in the
 chosen format that the page plays and offers for download), and the UI's error policy: a ``StudioError`` becomes ``gr.Error`` with its message; anything else is logged with its
 traceback and shown as a generic error naming the request id (the same id as the event's HTTP
@@ -24,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 import logging
 import math
 import os
@@ -62,15 +65,18 @@ def page_request_id(request: gr.Request | None) -> str:
 
 
 def guarded(fn):
-    """Show studio errors by their message and hide everything else behind the event's request id."""
+    """Show studio errors by their message and hide everything else behind the event's request id
+    (generator handlers too: their errors happen while the page iterates them)."""
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    @contextlib.contextmanager
+    def translated(args, kwargs, bind: bool):
         request = next((a for a in (*args, *kwargs.values()) if isinstance(a, gr.Request)), None)
         rid = page_request_id(request)
-        token = _request_id.set(rid)
+        # A plain handler runs in one context: the id is bound for run_engine_call. A generator's steps
+        # may run in different contexts, so it is not bound there (its engine calls name their own id).
+        token = _request_id.set(rid) if bind else None
         try:
-            return fn(*args, **kwargs)
+            yield
         except gr.Error:
             raise
         except StudioError as exc:
@@ -81,7 +87,21 @@ def guarded(fn):
             raise gr.Error(f"Something went wrong inside the studio (request id {rid}); the server log has "
                            "the details.", title="Internal error") from None
         finally:
-            _request_id.reset(token)
+            if token is not None:
+                _request_id.reset(token)
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def generator_wrapper(*args, **kwargs):
+            with translated(args, kwargs, bind=False):
+                yield from fn(*args, **kwargs)
+
+        return generator_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with translated(args, kwargs, bind=True):
+            return fn(*args, **kwargs)
 
     return wrapper
 
@@ -161,6 +181,57 @@ class Handlers:
         except StudioError as exc:
             gr.Warning(f"Could not transcribe the clip: {exc}")
             return gr.update()
+
+    def clone_streaming(self, prompt_audio: str | None, prompt_text: str, target_text: str, seed: float | None,
+                        flow_steps: float | None, fmt: str, state: dict | None):
+        """:meth:`clone` while it plays: yields WAV chunks for the streaming player (the last output),
+        then the outputs of :meth:`clone` (file, timings, summary, history) once the result is whole."""
+        if not prompt_audio:
+            raise gr.Error("Upload or record a prompt clip first.", title="Missing prompt audio")
+        options = self._options(flow_steps)
+        if not (prompt_text and prompt_text.strip()):
+            prompt_text = self.transcribe(prompt_audio)
+            gr.Info(f"No transcript given; the clip was transcribed as “{_short(prompt_text, 120)}”.")
+        _warn_tags(target_text)
+        yield from self._stream("clone", "clone", fmt, state, lambda: self.engine.clone_stream(
+            prompt_audio, prompt_text, target_text, seed=_seed(seed), options=options))
+
+    def edit_streaming(self, edit_type: str, edit_info: str | None, new_text: str, seed: float | None,
+                       flow_steps: float | None, fmt: str, state: dict | None, iterations: float | None = 1):
+        """:meth:`edit` while it plays (see :meth:`clone_streaming`). Several passes each need the whole
+        previous pass, so they run as :meth:`edit` and the page gets the last one when it is done."""
+        if iterations not in (None, "") and int(iterations) > 1:
+            yield (*self.edit(edit_type, edit_info, new_text, seed, flow_steps, fmt, state, iterations), gr.skip())
+            return
+        state = _copy_state(state)
+        if not state["items"]:
+            raise gr.Error("Clone something first: edits apply to the last result.", title="Nothing to edit")
+        base = state["items"][_base_index(state)]
+        options = self._options(flow_steps)
+        text = new_text if edit_type == "paralinguistic" and new_text and new_text.strip() else None
+        if text:
+            _warn_tags(text)
+        endpoint = f"edit_{edit_type}" if edit_type in EDIT_TYPES else "edit"
+        label = f"{edit_type}: {edit_info}" if edit_info else edit_type
+        source = base.get("source") or base["path"]   # the lossless copy
+        yield from self._stream(endpoint, f"{label} (of #{base['n']})", fmt, state, lambda: self.engine.edit_stream(
+            source, base["text"], edit_type, edit_info or None, text, seed=_seed(seed), options=options))
+
+    def _stream(self, endpoint: str, op: str, fmt: str, state: dict | None, make):
+        rid, endpoint = secrets.token_hex(6), "ui_" + endpoint
+        waiting = (gr.skip(),) * 7
+        with self.metrics.track(endpoint):
+            stream = make()
+            try:
+                for audio in stream:
+                    yield (*waiting, encode_audio(audio, "wav"))
+            finally:
+                if not stream.done:   # the page went away or the engine failed: stop the work
+                    stream.close()
+        result = stream.result
+        self.metrics.observe_timings(endpoint, result.timings)
+        log.info(result.timings.log_line(endpoint, rid))
+        yield (*self._publish(result, op, fmt, state), gr.skip())
 
     # ------------------------------------------------------------------ history
 
@@ -252,6 +323,8 @@ def timing_table(result: Result) -> str:
 def summary(result: Result) -> str:
     t = result.timings
     parts = [f"**total** {t.total_ms:.0f} ms"]
+    if "ttfa_ms" in t.counters:
+        parts.append(f"**first audio** {t.counters['ttfa_ms']:.0f} ms")
     if math.isfinite(t.rtf):
         parts.append(f"**RTF** {t.rtf:.2f}")
     parts.append(f"audio {result.audio.duration:.2f} s")
