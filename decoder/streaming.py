@@ -45,8 +45,8 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -55,8 +55,8 @@ from core.errors import InputError
 from core.timings import Timer
 from decoder.encoder import EncoderCache
 from decoder.flow import cosine_t_span
-from decoder.model import (GROUP, MAX_MEL_FRAMES, AudioDecoder, align_prompt_mel, bf16_round, check_mixed_tokens,
-                           reshape_mixed_tokens, _as_float_tensor)
+from decoder.model import (GROUP, MAX_MEL_FRAMES, AudioDecoder, _as_float_tensor, align_prompt_mel, bf16_round,
+                           check_mixed_tokens, reshape_mixed_tokens)
 from decoder.source import SourceDraws, draw_source_noise
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ class DecodeSession:
         timer: gets stages ``decoder_encoder``, ``decoder_flow``, ``decoder_vocoder``.
     """
 
-    def __init__(self, decoder: "StreamingDecoder", state: PromptState, seed: int, *,
+    def __init__(self, decoder: StreamingDecoder, state: PromptState, seed: int, *,
                  noise: torch.Tensor | None = None, vocoder_draw: Callable[[int], SourceDraws] | None = None,
                  timer: Timer | None = None) -> None:
         self.decoder, self.state = decoder, state
@@ -286,7 +286,7 @@ class DecodeSession:
 
     @torch.inference_mode()
     def _decode(self, n: int, last: bool) -> np.ndarray:
-        base, state, cfg = self.decoder.base, self.state, self.config
+        base, state = self.decoder.base, self.state
         flow = base.flow
         look = 0 if last else self.decoder.lookahead
         tokens = self._take(n, look)
@@ -334,7 +334,7 @@ class DecodeSession:
         # Time-major, so that a chunk's noise does not depend on how long the stream will be.
         return torch.randn(m, c, generator=self.generator).T.unsqueeze(0).contiguous()
 
-    def _past(self) -> "_StepPast | None":
+    def _past(self) -> _StepPast | None:
         """Per step, per block: the keys/values this chunk may attend to (prompt + kept frames)."""
         parts = [p for p in (self.state.kv, self._tail_kv, self._recent_kv) if p is not None]
         return _StepPast(parts) if parts else None
