@@ -25,7 +25,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-
 from common import ROOT, environment_header
 from decoder_bench import build_folder, mixed_tokens
 
@@ -158,9 +157,10 @@ def main() -> None:
         for rep in range(args.repeats):
             seeds = [1000 * rep + 10 * n + i for i in range(n)]
             token_lists = {s: tokens_for(s, seconds) for s in seeds}
-            whole_runs += concurrent(lambda i: run_whole(decoder, bundle, token_lists[seeds[i]], seeds[i],
-                                                         args.steps), n)
-            stream_runs += concurrent(lambda i: run_streamed(streamer, backend, bundle, seeds[i], args.steps), n)
+            whole_runs += concurrent(lambda i, seeds=seeds, lists=token_lists: run_whole(
+                decoder, bundle, lists[seeds[i]], seeds[i], args.steps), n)
+            stream_runs += concurrent(lambda i, seeds=seeds: run_streamed(streamer, backend, bundle, seeds[i],
+                                                                          args.steps), n)
         assert all(w[2] == s[2] for w, s in zip(whole_runs, stream_runs)), "streamed length differs"
         base = float(np.mean([w[1] for w in whole_runs]))
         for mode, runs in (("non-streamed", whole_runs), ("streamed", stream_runs)):

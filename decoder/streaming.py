@@ -45,8 +45,8 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -205,7 +205,7 @@ class DecodeSession:
         timer: gets stages ``decoder_encoder``, ``decoder_flow``, ``decoder_vocoder``.
     """
 
-    def __init__(self, decoder: "StreamingDecoder", state: PromptState, seed: int, *,
+    def __init__(self, decoder: StreamingDecoder, state: PromptState, seed: int, *,
                  noise: torch.Tensor | None = None, vocoder_draw: Callable[[int], SourceDraws] | None = None,
                  timer: Timer | None = None) -> None:
         self.decoder, self.state = decoder, state
@@ -335,7 +335,7 @@ class DecodeSession:
         # Time-major, so that a chunk's noise does not depend on how long the stream will be.
         return torch.randn(m, c, generator=self.generator).T.unsqueeze(0).contiguous()
 
-    def _past(self) -> "_StepPast | None":
+    def _past(self) -> _StepPast | None:
         """Per step, per block: the keys/values this chunk may attend to (prompt + kept frames)."""
         parts = [p for p in (self.state.kv, self._tail_kv, self._recent_kv) if p is not None]
         return _StepPast(parts) if parts else None

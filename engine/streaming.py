@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 
 import numpy as np
 
@@ -182,7 +182,7 @@ def stream_answers(*, backend: LLMBackend, streamer, prompts: list[list[int]], b
                     break
                 except StudioError:
                     raise
-                except Exception as exc:  # noqa: BLE001 -- backend failures (e.g. out of memory)
+                except Exception as exc:  # backend failures (e.g. out of memory) become a ModelError
                     log.exception("LLM generation failed")
                     raise ModelError(f"the LLM failed: {exc}") from None
                 timer.record("llm_wait", (time.perf_counter() - waited) * 1000.0)
