@@ -37,7 +37,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from core.audio_io import encode_audio, encode_lossless
+from core.audio_io import encode_audio, encode_lossless, load_audio
 from core.edit_options import EDIT_TYPES, tag_warning
 from core.errors import StudioError
 from core.settings import Settings
@@ -201,7 +201,9 @@ class Handlers:
         """:meth:`edit` while it plays (see :meth:`clone_streaming`). Several passes each need the whole
         previous pass, so they run as :meth:`edit` and the page gets the last one when it is done."""
         if iterations not in (None, "") and int(iterations) > 1:
-            yield (*self.edit(edit_type, edit_info, new_text, seed, flow_steps, fmt, state, iterations), gr.skip())
+            outputs = self.edit(edit_type, edit_info, new_text, seed, flow_steps, fmt, state, iterations)
+            last = load_audio(outputs[3]["items"][-1]["source"])   # the player gets the last pass, whole
+            yield (*outputs, encode_audio(last, "wav"))
             return
         state = _copy_state(state)
         if not state["items"]:
