@@ -244,7 +244,8 @@ def _greedy_agreement(mode: str, device, dtype) -> list[str]:
         total += len(seq)
         worst_abs = max(worst_abs, float((a - b).abs().max()))
         worst_rel = max(worst_rel, float(((a - b).norm(dim=-1) / a.norm(dim=-1)).max()))
-    greedy = SamplingConfig(top_k=1, slot_mask=False, repetition_window=10**6, max_length=128)
+    # A window longer than any sequence turns the repetition ban off (greedy as in the reference's generate).
+    greedy = SamplingConfig(top_k=1, slot_mask=False, repetition_window=129, max_length=128)
     answers = []
     for model in (full, quant):
         backend = NativeBackend(model, None, greedy, EOS, max_rows=8, step_token_budget=512, start=False)
