@@ -16,15 +16,29 @@ scheduler's policy: a batch runs until its last row is done and hands all its an
 it a little) and continuous batching (rows join and leave between steps). Reports p50/p95 latency of the short requests, their
 solo latency, and total answer ids/s. Answers are forced to their exact lengths (EOS banned).
 
+Part 3 (``--part quant``): ``--llm-quantization`` (``llm/quantize.py``). On the shipped dimensions
+(random weights, ``--layers`` of 32): the weights' bytes, the process's resident memory added by the
+unquantized and by the quantized model, the peak while the quantized one is built and quantized (the
+load path: full precision first), and batch-1 decode tokens/s of both through ``NativeBackend``,
+interleaved in the same process (``--quant`` int8 on CPU or CUDA; int4 needs CUDA and bfloat16). Then,
+on the tiny Step1 of the tests (real id layout, ``testkit/tiny_models.py``), the greedy agreement with
+the unquantized model: top-1 agreement with the same history (teacher forced) and the free-running
+greedy answers' common prefix, plus the logits' error.
+
 Usage:
     PYTHONPATH=$PWD .venv/bin/python bench/llm_bench.py --part single --layers 8 --prompt 64 --new 8
     PYTHONPATH=$PWD .venv/bin/python bench/llm_bench.py --part mixed --hidden 768 --layers 6
+    PYTHONPATH=$PWD .venv/bin/python bench/llm_bench.py --part quant --quant int8 --layers 4 --prompt 32 --new 8
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +48,7 @@ from core.devices import configure_tf32, resolve_device, resolve_dtype
 from llm.backend import GenerationRequest
 from llm.checkpoint import random_state_dict
 from llm.native import NativeBackend
+from llm.quantize import check_quantization, quantize_step1, weight_bytes
 from llm.sampling import SamplingConfig
 from llm.step1 import Step1Config, Step1ForCausalLM
 
@@ -169,9 +184,141 @@ def part_mixed(args, device, dtype) -> list[str]:
     return rows
 
 
+def _rss() -> int:
+    """Resident bytes of this process (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples the resident size every 5 ms on a thread while the ``with`` block runs."""
+
+    def __enter__(self):
+        self.peak, self._stop = _rss(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _memory(device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else _rss()
+
+
+def _decode_rate(backend, prompt, new: int) -> float:
+    out = backend.submit(GenerationRequest(prompt, seed=1, max_new_tokens=new)).result()
+    return (len(out.answer) - 1) / (out.decode_ms / 1000.0)
+
+
+def _greedy_agreement(mode: str, device, dtype) -> list[str]:
+    """Tiny Step1 (real id layout): teacher-forced top-1 agreement, free-running greedy prefix, logit error."""
+    from testkit.tiny_models import build_tiny_llm
+
+    from llm.checkpoint import load_step1
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = build_tiny_llm(Path(tmp) / "llm")
+        full = load_step1(folder, device, dtype)
+        quant = quantize_step1(load_step1(folder, device, dtype), mode)
+    g = torch.Generator().manual_seed(0)
+    agree = total = 0
+    worst_abs = worst_rel = 0.0
+    for _ in range(16):
+        seq = torch.randint(0, full.config.vocab_size, (64,), generator=g).tolist()
+        logits = []
+        for model in (full, quant):
+            cache = model.new_cache(1, len(seq))
+            with torch.inference_mode():
+                logits.append(model(torch.tensor([seq], device=device), torch.arange(len(seq), device=device)[None],
+                                    cache, torch.tensor([0], device=device))[0].float())
+        a, b = logits
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += len(seq)
+        worst_abs = max(worst_abs, float((a - b).abs().max()))
+        worst_rel = max(worst_rel, float(((a - b).norm(dim=-1) / a.norm(dim=-1)).max()))
+    # A window longer than any sequence turns the repetition ban off (greedy as in the reference's generate).
+    greedy = SamplingConfig(top_k=1, slot_mask=False, repetition_window=129, max_length=128)
+    answers = []
+    for model in (full, quant):
+        backend = NativeBackend(model, None, greedy, EOS, max_rows=8, step_token_budget=512, start=False)
+        streams = [backend.submit(GenerationRequest(tuple(torch.randint(0, full.config.vocab_size, (24,),
+                   generator=torch.Generator().manual_seed(100 + i)).tolist()), seed=0, max_new_tokens=32))
+                   for i in range(16)]
+        backend.start()
+        answers.append([s.result(300).answer for s in streams])
+        backend.close()
+    prefix = [next((i for i, (x, y) in enumerate(zip(p, q)) if x != y), min(len(p), len(q)))
+              for p, q in zip(*answers)]
+    same = sum(p == q for p, q in zip(*answers))
+    return [f"tiny Step1 (hidden 48, 2 layers, vocab 70656), {mode} vs unquantized, {str(dtype).replace('torch.', '')}:",
+            "", "| measure | value |", "|---|---|",
+            f"| greedy top-1 agreement, same history (16 x 64 positions) | {agree / total:.3f} |",
+            f"| free-running greedy answers identical (16 x 32 ids) | {same}/16 |",
+            f"| mean common prefix of those answers | {np.mean(prefix):.1f} of 32 ids |",
+            f"| max abs logit error (max abs logit of the model ~0.7) | {worst_abs:.4f} |",
+            f"| max relative L2 logit error per position | {worst_rel:.4f} |"]
+
+
+def part_quant(args, device, dtype) -> list[str]:
+    mode = args.quant
+    check_quantization(mode, device, dtype)
+    prompt = clone_prompt(np.random.default_rng(0), args.prompt)
+    config = SamplingConfig(max_length=args.prompt + args.new + 8, min_new_tokens=10**6)
+    before = _memory(device)
+    full = build_model(args, device, dtype)
+    after_full = _memory(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        with PeakRSS() as peak:
+            quant = quantize_step1(build_model(args, device, dtype), mode)
+        peak_bytes = torch.cuda.max_memory_allocated(device)
+    else:
+        with PeakRSS() as peak:
+            quant = quantize_step1(build_model(args, device, dtype), mode)
+        peak_bytes = peak.peak
+    after_quant = _memory(device)
+    kind = "GPU allocated" if device.type == "cuda" else "RSS"
+    rows = [f"| {str(dtype).replace('torch.', '')} weights | bytes (counted) | {kind} added | decode tok/s (median) |",
+            "|---|---|---|---|"]
+    budget = max(args.prompt + 1, 64)
+    backends = {"unquantized": NativeBackend(full, None, config, EOS, max_rows=1, step_token_budget=budget),
+                mode: NativeBackend(quant, None, config, EOS, max_rows=1, step_token_budget=budget)}
+    rates: dict[str, list[float]] = {name: [] for name in backends}
+    for i in range(args.repeats + 1):         # round 0 is warm-up
+        for name, backend in backends.items():
+            r = _decode_rate(backend, prompt, args.new)
+            print(f"round {i} {name}: {r:.2f} tok/s", flush=True)
+            if i:
+                rates[name].append(r)
+    for backend in backends.values():
+        backend.close()
+    med = {n: float(np.median(v)) for n, v in rates.items()}
+    added = {"unquantized": after_full - before, mode: after_quant - after_full}
+    for name, model in (("unquantized", full), (mode, quant)):
+        rows.append(f"| {name} | {weight_bytes(model) / 2**30:.2f} GiB | {added[name] / 2**30:.2f} GiB | {med[name]:.2f} |")
+    rows.append(f"| {mode} / unquantized | {weight_bytes(quant) / weight_bytes(full):.2f}x | "
+                f"{added[mode] / added['unquantized']:.2f}x | {med[mode] / med['unquantized']:.2f}x |")
+    rows += ["", f"peak {kind} while building + quantizing the {mode} model: "
+             f"{(peak_bytes - after_full) / 2**30:.2f} GiB above the unquantized model alone "
+             f"(it is built in full precision first)",
+             f"timed rounds: " + "; ".join(f"{n} " + " / ".join(f"{r:.2f}" for r in v) for n, v in rates.items()),
+             ""]
+    del full, quant, backends
+    return rows + _greedy_agreement(mode, device, dtype)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("single", "mixed"), required=True)
+    parser.add_argument("--part", choices=("single", "mixed", "quant"), required=True)
+    parser.add_argument("--quant", choices=("int8", "int4"), default="int8", help="part quant: the mode measured")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     for name, value in SHIPPED.items():
@@ -197,7 +344,8 @@ def main() -> None:
         f"{args.groups} groups, {args.layers} layers, vocab {args.vocab} ({params:.2f} B params)",
         f"prompt ~{args.prompt} ids"])
     print(header, flush=True)
-    rows = part_single(args, device, dtype) if args.part == "single" else part_mixed(args, device, dtype)
+    parts = {"single": part_single, "mixed": part_mixed, "quant": part_quant}
+    rows = parts[args.part](args, device, dtype)
     if device.type == "cuda":
         rows.append(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     print("\n" + header + "\n\n" + "\n".join(rows))

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 ENV_PREFIX = "STUDIO_"
 ENGINE_CHOICES = ("auto", "step-audio", "preview")
 LLM_BACKENDS = ("native", "vllm")
+LLM_QUANTIZATIONS = ("none", "int8", "int4")   # llm/quantize.py owns what they do
 EXECUTION_MODES = ("parallel", "sequential")
 VQ02_ENCODERS = ("parallel", "streaming")
 
@@ -96,6 +97,7 @@ class Settings:
     llm_retry_after_s: int = field(default=5, metadata={"help": "Retry-After seconds in the 503 answered while the vLLM server is down or slow"})
     llm_health_interval_s: float = field(default=2.0, metadata={"help": "seconds between health probes of the vLLM server (GET /health)"})
     llm_gpu_memory_utilization: float = field(default=0.5, metadata={"help": "in-process vLLM only: share of the GPU's memory vLLM may take (the tokenizer and decoder need the rest)"})
+    llm_quantization: str = field(default="none", metadata={"help": "native backend only: none | int8 (weight-only, CPU and CUDA) | int4 (weight-only, CUDA with bfloat16 only); quantizes the Step1 decoder layers with torchao after loading (vLLM ignores it: it has its own --quantization)"})
     # --- streaming
     stream_prompt_cache_mb: int = field(default=1024, metadata={"help": "memory (MB) for the streaming decoder's per-voice prompt state (about 1.3 MB per prompt mel frame in float32; 0: recompute per request)"})
 
@@ -125,6 +127,11 @@ class Settings:
                 raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)!r}")
         if self.llm_backend not in LLM_BACKENDS:
             raise ValueError(f"llm_backend must be one of {', '.join(LLM_BACKENDS)}, not {self.llm_backend!r}")
+        if self.llm_quantization not in LLM_QUANTIZATIONS:
+            raise ValueError(f"llm_quantization must be one of {', '.join(LLM_QUANTIZATIONS)}, not {self.llm_quantization!r}")
+        if self.llm_quantization == "int4" and self.device == "cpu":
+            raise ValueError("llm_quantization int4 needs a CUDA device (its 4-bit kernel is CUDA only), and device "
+                             "is cpu: use int8 or none")
         if self.llm_url and not self.llm_url.startswith(("http://", "https://")):
             raise ValueError(f"llm_url must be an http:// or https:// URL, not {self.llm_url!r}")
         for name in ("llm_connect_timeout_s", "llm_read_timeout_s", "llm_request_timeout_s", "llm_health_interval_s"):

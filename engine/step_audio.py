@@ -309,7 +309,11 @@ def _create_llm_backend(settings, device: torch.device, dtype: torch.dtype) -> L
         config = Step1Config.from_json(folder / "config.json")
         tokenizer, sampling, eos_ids = answer_rules(folder, config, max_new_tokens=settings.llm_max_new_tokens,
                                                     slot_mask=settings.llm_slot_mask)
+        if settings.llm_quantization != "none":
+            log.warning("--llm-quantization %s applies to the native backend only; vLLM ignores it (use vLLM's "
+                        "own --quantization on its server)", settings.llm_quantization)
         return create_vllm_backend(settings, folder, tokenizer.encode, eos_ids, sampling)
     return NativeBackend.from_folder(folder, device, dtype, max_new_tokens=settings.llm_max_new_tokens,
                                      slot_mask=settings.llm_slot_mask, max_rows=settings.llm_max_rows,
-                                     step_token_budget=settings.llm_step_token_budget)
+                                     step_token_budget=settings.llm_step_token_budget,
+                                     quantization=settings.llm_quantization)

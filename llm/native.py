@@ -40,6 +40,7 @@ from core.errors import InputError, ModelError
 from llm.backend import GenerationOutput, GenerationRequest, GenerationStream, LLMBackend
 from llm.checkpoint import load_step1
 from llm.prompts import END_OF_TURN_ID
+from llm.quantize import check_quantization, quantize_step1
 from llm.sampling import SamplingConfig, repetition_ban, slot_allowed, top_candidates
 from llm.step1 import Step1Config, Step1ForCausalLM
 from llm.text_tokenizer import TextTokenizer, load_text_tokenizer
@@ -88,6 +89,7 @@ class NativeBackend(LLMBackend):
     """
 
     name = "native"
+    quantization = "none"     # what from_folder applied (llm/quantize.py); shown by describe()
 
     def __init__(self, model: Step1ForCausalLM, tokenizer: TextTokenizer | None, sampling: SamplingConfig,
                  eos_ids: Sequence[int], *, max_rows: int = 8, step_token_budget: int = 512,
@@ -121,18 +123,23 @@ class NativeBackend(LLMBackend):
     @classmethod
     def from_folder(cls, folder: Path | str, device: torch.device | str, dtype: torch.dtype, *,
                     max_new_tokens: int = 0, slot_mask: bool = True, max_rows: int = 8,
-                    step_token_budget: int = 512) -> "NativeBackend":
+                    step_token_budget: int = 512, quantization: str = "none") -> "NativeBackend":
         """Load ``Step-Audio-EditX/``: Step1 weights, tokenizer, and top-k/top-p/EOS from
-        ``generation_config.json`` when present (read as data).
+        ``generation_config.json`` when present (read as data). ``quantization`` (``llm/quantize.py``)
+        is applied after the strict load.
 
         Raises:
-            ModelError: a file is missing or does not load (the message names it).
+            ModelError: a file is missing or does not load (the message names it); the quantization
+                cannot run on ``device``/``dtype`` (checked before loading).
         """
         folder = Path(folder)
-        model = load_step1(folder, device, dtype)
+        check_quantization(quantization, device, dtype)
+        model = quantize_step1(load_step1(folder, device, dtype), quantization)
         tokenizer, sampling, eos_ids = answer_rules(folder, model.config, max_new_tokens=max_new_tokens,
                                                     slot_mask=slot_mask)
-        return cls(model, tokenizer, sampling, eos_ids, max_rows=max_rows, step_token_budget=step_token_budget)
+        backend = cls(model, tokenizer, sampling, eos_ids, max_rows=max_rows, step_token_budget=step_token_budget)
+        backend.quantization = quantization
+        return backend
 
     # ------------------------------------------------------------------ contract
 
@@ -196,8 +203,9 @@ class NativeBackend(LLMBackend):
                 **{k: float(v) for k, v in self._counts.items()}}
 
     def describe(self) -> str:
-        return (f"Step1 (native), {self.model.parameters_count / 1e6:.0f} M parameters, up to {self.max_rows} rows "
-                f"per step")
+        quantized = "" if self.quantization == "none" else f", {self.quantization} weight-only decoder layers"
+        return (f"Step1 (native), {self.model.parameters_count / 1e6:.0f} M parameters{quantized}, up to "
+                f"{self.max_rows} rows per step")
 
     def close(self) -> None:
         with self._cond:

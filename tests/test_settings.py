@@ -41,10 +41,19 @@ def test_cli_beats_environment_beats_default():
     ([], {"STUDIO_LLM_REQUEST_TIMEOUT_S": "inf"}, "llm_request_timeout_s"),
     (["--llm-retry-after-s", "0"], {}, "llm_retry_after_s"),
     (["--llm-gpu-memory-utilization", "1.5"], {}, "llm_gpu_memory_utilization"),
+    (["--llm-quantization", "int3"], {}, "llm_quantization"),
+    (["--device", "cpu"], {"STUDIO_LLM_QUANTIZATION": "int4"}, "llm_quantization int4 needs a CUDA device"),
 ])
 def test_bad_values_name_the_setting(argv, env, field):
     with pytest.raises(ValueError, match=field):
         load_settings(argv, env=env)
+
+
+def test_llm_quantization_is_read_from_flag_and_environment():
+    assert load_settings([], env={}).llm_quantization == "none"
+    assert load_settings([], env={"STUDIO_LLM_QUANTIZATION": "int8"}).llm_quantization == "int8"
+    # int4 is refused up front only when the device is pinned to cpu; "auto" is checked when the engine loads.
+    assert load_settings(["--llm-quantization", "int4", "--device", "cuda"], env={}).llm_quantization == "int4"
 
 
 def test_every_field_has_a_flag_with_help():
