@@ -217,14 +217,8 @@ class PreviewEngine(Engine):
                 text with nothing to pronounce once tags are removed.
             ModelError: eSpeak NG could not be loaded or produced no audio.
         """
-        self._check()
         seed = new_seed(seed)
-        limit = self._settings.max_text_chars
-        validate_text(target_text, "target text", limit)
-        validate_text(prompt_text, "prompt text", limit)
-        spoken = text_mod.prepare(target_text)
-        if not spoken.sentences:
-            raise InputError(f"target text has nothing to speak once tags are removed ({spoken.note})")
+        spoken = self._clone_text(prompt_text, target_text)
         timer = Timer()
         progress(0.0, "analysing the prompt voice")
         samples, digest = self._decode(prompt_audio, timer)
@@ -276,7 +270,8 @@ class PreviewEngine(Engine):
         return ResultStream(lambda token: self._clone_sentences(prompt_audio, prompt_text, target_text, seed, token),
                             seed, SAMPLE_RATE)
 
-    def _clone_sentences(self, prompt_audio, prompt_text: str, target_text: str, seed: int, token):
+    def _clone_text(self, prompt_text: str, target_text: str):
+        """The checks both clone forms share; the target text prepared for eSpeak (its sentences)."""
         self._check()
         limit = self._settings.max_text_chars
         validate_text(target_text, "target text", limit)
@@ -284,6 +279,10 @@ class PreviewEngine(Engine):
         spoken = text_mod.prepare(target_text)
         if not spoken.sentences:
             raise InputError(f"target text has nothing to speak once tags are removed ({spoken.note})")
+        return spoken
+
+    def _clone_sentences(self, prompt_audio, prompt_text: str, target_text: str, seed: int, token):
+        spoken = self._clone_text(prompt_text, target_text)
         timer = Timer()
         samples, digest = self._decode(prompt_audio, timer)
         prompt, _ = self._profile(samples, digest, timer)

@@ -125,13 +125,7 @@ class Handlers:
         """Clone; returns (audio path, timings table, summary, state, history choices, history table, base note).
 
         An empty transcript is filled by the engine's ASR first (a notice shows what it heard)."""
-        if not prompt_audio:
-            raise gr.Error("Upload or record a prompt clip first.", title="Missing prompt audio")
-        options = self._options(flow_steps)
-        if not (prompt_text and prompt_text.strip()):
-            prompt_text = self.transcribe(prompt_audio)
-            gr.Info(f"No transcript given; the clip was transcribed as “{_short(prompt_text, 120)}”.")
-        _warn_tags(target_text)
+        prompt_text, options = self._clone_inputs(prompt_audio, prompt_text, target_text, flow_steps)
         result = self._run("clone", lambda: self.engine.clone(
             prompt_audio, prompt_text, target_text, seed=_seed(seed), options=options,
             progress=_progress_adapter(progress)))
@@ -186,13 +180,7 @@ class Handlers:
                         flow_steps: float | None, fmt: str, state: dict | None):
         """:meth:`clone` while it plays: yields WAV chunks for the streaming player (the last output),
         then the outputs of :meth:`clone` (file, timings, summary, history) once the result is whole."""
-        if not prompt_audio:
-            raise gr.Error("Upload or record a prompt clip first.", title="Missing prompt audio")
-        options = self._options(flow_steps)
-        if not (prompt_text and prompt_text.strip()):
-            prompt_text = self.transcribe(prompt_audio)
-            gr.Info(f"No transcript given; the clip was transcribed as “{_short(prompt_text, 120)}”.")
-        _warn_tags(target_text)
+        prompt_text, options = self._clone_inputs(prompt_audio, prompt_text, target_text, flow_steps)
         yield from self._stream("clone", "clone", fmt, state, lambda: self.engine.clone_stream(
             prompt_audio, prompt_text, target_text, seed=_seed(seed), options=options))
 
@@ -263,6 +251,19 @@ class Handlers:
         return self.cache_stats()
 
     # ------------------------------------------------------------------ helpers
+
+    def _clone_inputs(self, prompt_audio: str | None, prompt_text: str, target_text: str,
+                      flow_steps: float | None) -> tuple[str, CloneOptions]:
+        """The checks both clone forms share: a clip is there, an empty transcript is filled by the
+        engine's ASR (a notice shows what it heard), unknown tags are warned about; (transcript, options)."""
+        if not prompt_audio:
+            raise gr.Error("Upload or record a prompt clip first.", title="Missing prompt audio")
+        options = self._options(flow_steps)
+        if not (prompt_text and prompt_text.strip()):
+            prompt_text = self.transcribe(prompt_audio)
+            gr.Info(f"No transcript given; the clip was transcribed as “{_short(prompt_text, 120)}”.")
+        _warn_tags(target_text)
+        return prompt_text, options
 
     def _options(self, flow_steps: float | None) -> CloneOptions:
         steps = None if flow_steps in (None, "") else int(flow_steps)
