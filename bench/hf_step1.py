@@ -45,10 +45,12 @@ class HFStep1(PreTrainedModel, GenerationMixin):
         bias = bias.masked_fill((distance < 0)[None], float("-inf"))
         return bias[None, :, -q_len:, :].to(dtype)
 
-    def forward(self, input_ids: torch.Tensor, past_key_values=None, use_cache: bool = True, **kwargs):
+    def forward(self, input_ids: torch.Tensor, cache=None, use_cache: bool = True, **kwargs):
+        # transformers 5 hands the cache to forward as ``cache`` (``past_key_values`` before); under the
+        # old name it would land in **kwargs and every step would attend to its own token only.
         m, c = self.inner.model, self.inner.config
-        if past_key_values is None:
-            past_key_values = DynamicCache()
+        if cache is None:
+            cache = DynamicCache()
         x = m.embed_tokens(input_ids)
         b, s, _ = x.shape
         h, g, d = c.num_attention_heads, c.num_attention_groups, c.head_dim
@@ -59,7 +61,7 @@ class HFStep1(PreTrainedModel, GenerationMixin):
             q = attn.q_proj(y).view(b, s, h, d).transpose(1, 2)
             k = attn.k_proj(y).view(b, s, g, d).transpose(1, 2)
             v = attn.v_proj(y).view(b, s, g, d).transpose(1, 2)
-            k, v = past_key_values.update(k, v, idx)
+            k, v = cache.update(k, v, idx)
             if bias is None:
                 bias = self._bias(s, k.shape[2], x.dtype)
             k, v = k.repeat_interleave(h // g, dim=1), v.repeat_interleave(h // g, dim=1)
@@ -67,4 +69,4 @@ class HFStep1(PreTrainedModel, GenerationMixin):
             x = x + attn.o_proj(out.transpose(1, 2).reshape(b, s, h * d))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         logits = self.inner.lm_head(m.norm(x))
-        return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(logits=logits, cache=cache)

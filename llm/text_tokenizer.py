@@ -12,10 +12,12 @@ we never do. Order of preference:
 
 1. ``tokenizer.json``: read by the Rust ``tokenizers`` library through transformers'
    ``PreTrainedTokenizerFast`` (special tokens from ``tokenizer_config.json``).
-2. ``tokenizer.model``: transformers' own Llama-style fast tokenizer converts the SentencePiece
-   model (Llama conventions: a leading word-boundary piece, byte fallback); the added tokens listed
-   in ``tokenizer_config.json`` keep their ids. (Assumption: StepFun's vocabulary is Llama-style;
-   ``llm.prompts`` encodes target text behind a newline so the leading piece never leaks in.)
+2. ``tokenizer.model``: transformers' generic fast tokenizer converts the SentencePiece model by
+   its own settings (unigram or BPE as trained, its normalizer spec, byte fallback, user-defined
+   pieces kept whole), so ``encode`` gives what ``SentencePieceProcessor.encode`` gives; the added
+   tokens listed in ``tokenizer_config.json`` keep their ids. (Not the Llama tokenizer class: since
+   transformers 5 it always builds a BPE model, which splits a unigram vocabulary differently;
+   ``llm.prompts`` encodes target text behind a newline so a leading word-boundary piece never leaks in.)
 
 A ``tokenizer_class`` or ``auto_map`` in ``tokenizer_config.json`` is ignored: it would name code.
 """
@@ -70,7 +72,7 @@ def load_text_tokenizer(folder: Path | str) -> TextTokenizer:
     Raises:
         ModelError: neither file is there, or the file does not load (the message names it).
     """
-    from transformers import LlamaTokenizerFast, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     folder = Path(folder)
     # Only the options that are data; never a class name or an auto_map.
@@ -78,7 +80,7 @@ def load_text_tokenizer(folder: Path | str) -> TextTokenizer:
     if (folder / TOKENIZER_JSON).is_file():
         path, cls = folder / TOKENIZER_JSON, PreTrainedTokenizerFast
     elif (folder / SENTENCEPIECE).is_file():
-        path, cls = folder / SENTENCEPIECE, LlamaTokenizerFast
+        path, cls = folder / SENTENCEPIECE, PreTrainedTokenizerFast
         options.update(add_bos_token=False, add_eos_token=False)
     else:
         raise ModelError(f"no LLM tokenizer in {folder}: neither {TOKENIZER_JSON} nor {SENTENCEPIECE} is there")

@@ -139,11 +139,13 @@ def fetch_hub_metadata(repo_id: str, revision: str | None) -> dict[str, RemoteFi
         OSError: the hub could not be reached or answered with an error (message says which).
     """
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HTTPError
 
     try:
         info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
-    except (HfHubHTTPError, OSError, ValueError) as exc:  # requests' errors are OSErrors
+    # HTTPError: the hub client's transport errors (connection refused, timeouts; since huggingface_hub
+    # 1.0 they are httpx's, not OSErrors), HfHubHTTPError (an error answer) included.
+    except (HTTPError, OSError, ValueError) as exc:
         raise OSError(f"could not read the file list of {repo_id} from the hub: {exc}") from None
     return remote_files_from_siblings(info.siblings or ())
 
@@ -283,11 +285,11 @@ def resolve_commit(repo: ModelRepo, model_root: Path, override: str | None) -> s
     if manifest and manifest.get("commit"):
         return manifest["commit"]
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HTTPError
 
     try:
         sha = HfApi().model_info(repo.repo_id).sha
-    except (HfHubHTTPError, OSError, ValueError) as exc:
+    except (HTTPError, OSError, ValueError) as exc:   # HTTPError: see fetch_hub_metadata
         raise OSError(f"could not resolve the current commit of {repo.repo_id}: {exc}") from None
     print(f"note: {repo.repo_id} has no published pin; pinning the hub's current commit {sha} (recorded in "
           f"{repo.dirname}/{MANIFEST})")

@@ -439,6 +439,22 @@ def test_hub_metadata_checks_sizes_checksums_and_unlisted_files(tmp_path):
     assert _problems(tmp_path, remote)[0] == f"Step-Audio-EditX/config.json: 2 bytes, expected {expected} (hub)"
 
 
+def test_unreachable_hub_is_a_clear_oserror(monkeypatch):
+    # A hub on a local port nobody listens on: the client's connection error (not an OSError since
+    # huggingface_hub moved to httpx) must come out as the script's OSError naming the repository.
+    from huggingface_hub import constants
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(OSError, match="could not read the file list of stepfun-ai/Step-Audio-EditX from the hub"):
+        dl.fetch_hub_metadata("stepfun-ai/Step-Audio-EditX", None)
+    with pytest.raises(OSError, match="could not resolve the current commit of stepfun-ai/Step-Audio-EditX"):
+        dl.resolve_commit(dataclasses.replace(dl.default_repos()[1], commit=None), Path("/nonexistent"), None)
+
+
 def test_cli_dry_run_check_only_and_offline_download(tmp_path, capsys, monkeypatch):
     (tmp_path / "hashes.json").write_text("{}")  # the fake weights below are not upstream's
     monkeypatch.setattr(dl, "HASHES_FILE", tmp_path / "hashes.json")

@@ -52,7 +52,8 @@ def test_sentencepiece_model_is_converted_as_data(tmp_path):
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
     tok = load_text_tokenizer(folder)
     sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
-    for text in ["The quick brown fox.", "audio more happy", "Zebra! 你好"]:   # the last needs byte fallback
+    # "Zebra! 你好" needs byte fallback; the last keeps a user-defined piece whole after a newline.
+    for text in ["The quick brown fox.", "audio more happy", "Zebra! 你好", "human\nThe fox<|EOT|>"]:
         assert tok.encode(text) == sp.encode(text), text
     assert tok.token_id("<|BOT|>") == sp.piece_to_id("<|BOT|>") == 4
     assert tok.eos_id == 2
