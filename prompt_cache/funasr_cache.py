@@ -287,14 +287,7 @@ class PromptCache:
         path = entry_path(self.root, folder, digest)
         try:
             with self._locked():
-                self._ix.sync_locked()
-                meta = self._ix.entries.get((folder, digest))
-                side = named_sidecar(path) or (meta.sidecar if meta else None)
-                unlink_quiet(path)
-                if side:
-                    unlink_quiet(os.path.join(os.path.dirname(path), side))
-                if meta is not None:
-                    self._ix.remove_locked((folder, digest))
+                self._unlink_entry_locked(path, folder, digest)
         except (OSError, Timeout) as exc:
             log.warning("prompt cache: could not remove %s (%s)", path, exc)
 
@@ -492,20 +485,24 @@ class PromptCache:
             return None
         return None
 
+    def _unlink_entry_locked(self, path: str, folder: str, digest: str) -> None:
+        """Remove an entry's file, its sidecar and its index row; the caller holds the file lock."""
+        self._ix.sync_locked()
+        meta = self._ix.entries.get((folder, digest))
+        side = named_sidecar(path) or (meta.sidecar if meta else None)
+        unlink_quiet(path)
+        if side:
+            unlink_quiet(os.path.join(os.path.dirname(path), side))
+        if meta is not None:
+            self._ix.remove_locked((folder, digest))
+
     def _discard_corrupt(self, path: str, ino: int, kind: str, folder: str, digest: str, reason: str) -> None:
         try:
             with self._locked(timeout=1.0):
                 st = os.stat(path)
                 if st.st_ino != ino:
                     return  # replaced by a writer since we read it
-                self._ix.sync_locked()
-                meta = self._ix.entries.get((folder, digest))
-                side = named_sidecar(path) or (meta.sidecar if meta else None)
-                unlink_quiet(path)
-                if side:
-                    unlink_quiet(os.path.join(os.path.dirname(path), side))
-                if meta is not None:
-                    self._ix.remove_locked((folder, digest))
+                self._unlink_entry_locked(path, folder, digest)
         except FileNotFoundError:
             return  # evicted meanwhile: not corrupt
         except (OSError, Timeout):
