@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from core.devices import configure_threads
     from core.errors import StudioError
-    from engine.select import create_engine
+    from tts_engine.select import create_engine
     from web.server import create_app
 
     configure_threads(settings.torch_threads)

@@ -29,10 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from common import ROOT, environment_header, interleaved, repeat_ms, summary
-
-
-from prompt_cache import funasr_cache as fc# noqa: E402
-from prompt_cache.funasr_cache import PromptCache, audio_digest
+from funasr_cache import store as fc
+from funasr_cache.store import PromptCache, audio_digest
 
 NS = fc.make_namespace("Step-Audio-Tokenizer", "0123456789abcdef", 1)
 

@@ -17,13 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import environment_header
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 
+from common import environment_header
 from core.settings import load_settings
+from funasr_cache.store import PromptCache
 from preview.engine import PreviewEngine
-from prompt_cache.funasr_cache import PromptCache
 from testkit import fuzzing
 from testkit.studio_server import speech_wav
 from web.server import create_app

@@ -28,10 +28,10 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from prompt_cache.funasr_cache import PromptCache
     from core.settings import Settings
+    from funasr_cache.store import PromptCache
     from testkit.tiny_models import build_tiny_model_root
-    from engine.step_audio import StepAudioEngine
+    from tts_engine.step_audio import StepAudioEngine
 
     failures = []
 

@@ -22,14 +22,13 @@ import numpy as np
 
 from common import cells, environment_header, summary
 
-
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from core.audio_io import Audio, resample
-    from prompt_cache.funasr_cache import PromptCache
+    from core.settings import Settings
+    from funasr_cache.store import PromptCache
     from preview import espeak, voice
     from preview.engine import PreviewEngine
-    from core.settings import Settings
 
 PROMPT_TEXT = ("The quick brown fox jumps over the lazy dog near the river bank, "
                "while the farmer counts his sheep before the evening rain.")

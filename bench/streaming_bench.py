@@ -5,7 +5,7 @@ prompt (the fixture clip's mel, 38 random token groups), and a SYNTHETIC token s
 for the LLM: an ``LLMBackend`` whose streams put random valid audio ids from a thread, all at once
 by default (``--ids-per-s 0``: a fast LLM), so that the numbers describe the decoder side alone
 (the native Step1 backend streams its ids as sampled; its own speed is bench/llm_bench.py's). The streamed path is
-the engine's own (``engine.streaming.stream_answers``: id filter, ``DecodeSession`` chunks, seam
+the engine's own (``tts_engine.streaming.stream_answers``: id filter, ``DecodeSession`` chunks, seam
 fader); the non-streamed path is ``AudioDecoder.token2wav`` on the same ids, as ``_generate`` does.
 TTFA of a non-streamed request is its total. The prompt state is built once (its time is
 reported) and then served from the decoder's cache, as for a stored voice.
@@ -25,17 +25,17 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from common import ROOT, environment_header
 from decoder_bench import build_folder, mixed_tokens
 
+from common import ROOT, environment_header
 from core.audio_io import load_audio
+from core.audio_tokens import AUDIO_ID_OFFSET
 from core.timings import Timer
 from decoder.model import AudioDecoder
 from decoder.streaming import StreamingDecoder
-from engine.contract import CancelToken, CloneOptions
-from engine.streaming import stream_answers
 from llm.backend import GenerationOutput, GenerationStream, LLMBackend
-from core.audio_tokens import AUDIO_ID_OFFSET
+from tts_engine.contract import CancelToken, CloneOptions
+from tts_engine.streaming import stream_answers
 
 FIXTURES = ROOT / "tests" / "fixtures"
 EOS = 2

@@ -10,7 +10,7 @@ folder keeps the tiny S3 ONNX stand-in, a random [1024, 512] codebook, and a min
 (the tokenizer drops decoder and predictor after loading, so their size does not matter).
 
 Clips: the 22.05 kHz fixture prompt tiled to 5 s and 15 s. Requests go through the engine's
-cache-first path (``engine.prompt_fetch.fetch_prompt`` with the ``tokens`` kind; the tokenizer itself
+cache-first path (``tts_engine.prompt_fetch.fetch_prompt`` with the ``tokens`` kind; the tokenizer itself
 is pure). Every cold request uses a slightly rescaled copy (a new digest, the same tokens), so it
 misses the cache; warm requests repeat one clip.
 
@@ -45,15 +45,13 @@ import soundfile as sf
 import torch
 
 from common import ROOT, cells, environment_header, summary, time_ms
-
-
 from core.audio_io import Audio, load_audio
 from core.settings import FUNASR_SUBDIR
 from core.timings import Timer
-from engine.prompt_bundle import tokens_kind
-from engine.prompt_fetch import fetch_prompt
-from prompt_cache.funasr_cache import PromptCache, audio_digest
+from funasr_cache.store import PromptCache, audio_digest
 from tokenizer import step_audio as tk
+from tts_engine.prompt_bundle import tokens_kind
+from tts_engine.prompt_fetch import fetch_prompt
 
 FIXTURE = ROOT / "tests" / "fixtures" / "tokenizer" / "Step-Audio-Tokenizer"
 PROMPT = ROOT / "tests" / "fixtures" / "prompt_22k.wav"
@@ -71,10 +69,10 @@ def row(label: str, s: dict) -> str:
 
 def build_real_size(folder: Path) -> Path:
     """Write a real-size random-weight tokenizer folder (see module docstring); returns it."""
+    import funasr  # noqa: F401 - registers the model classes
     import yaml
     from funasr.register import tables
     from safetensors.torch import save_file
-    import funasr  # noqa: F401 - registers the model classes
 
     sub = folder / FUNASR_SUBDIR
     sub.mkdir(parents=True)

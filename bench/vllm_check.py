@@ -215,8 +215,8 @@ def clone_through_studio(work: Path, models: Path, url: str, out: Path, device: 
     """The real engine with ``--llm-backend vllm --llm-url url`` behind the real app; one voice, one clone."""
     import httpx
 
-    from engine.step_audio import StepAudioEngine
     from testkit.studio_server import speech_wav, start_studio
+    from tts_engine.step_audio import StepAudioEngine
 
     studio = start_studio(work / "studio", StepAudioEngine, *studio_flags(models, url, device, dtype))
     try:

@@ -3,7 +3,7 @@
 Owns: the ``clone`` and ``edit`` commands (argument parsing, turning files, folders and text files
 into jobs, output names), the progress bar (tqdm, on stderr), one ``timing`` line per result and a
 summary line, and the exit status (0 all done, 1 some job failed, 2 bad arguments or no engine).
-Does not own: the engines (``engine.select.create_engine`` picks one exactly as the server does),
+Does not own: the engines (``tts_engine.select.create_engine`` picks one exactly as the server does),
 settings (every ``app.py`` flag and ``STUDIO_*`` variable works here too), audio formats.
 
 Examples::
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from core.errors import StudioError
     from core.instructions import parse_instructions
-    from engine.contract import validate_iterations
+    from tts_engine.contract import validate_iterations
 
     try:
         if args.command == "clone":
@@ -267,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [job for job in jobs if not job.out.exists()]
 
     from core.devices import configure_threads
-    from engine.contract import validate_edit
-    from engine.select import create_engine
+    from tts_engine.contract import validate_edit
+    from tts_engine.select import create_engine
 
     configure_threads(settings.torch_threads)
     started = time.perf_counter()

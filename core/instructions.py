@@ -5,7 +5,7 @@ the real option lists in ``core.edit_options`` (English names and a few English 
 Chinese names), repeat counts ("whisper x2", "耳语两次"), the chain's limits, its ASCII header form,
 and the message listing what is understood when a clause cannot be mapped.
 Does not own: running the edits (the caller applies them in order with ``Engine.edit``), checking
-them against one engine's capabilities (``engine.contract.validate_edit``).
+them against one engine's capabilities (``tts_engine.contract.validate_edit``).
 
 The mapping is a lookup, not a language model: a clause maps only when, after dropping filler words
 ("a bit", "please", "voice", "一点", "语气" ...), what is left names exactly one option.

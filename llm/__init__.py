@@ -7,5 +7,5 @@ strict safetensors loader (``checkpoint``), the tokenizer read as data (``text_t
 continuous-batching decode loop (``native``), and splitting long text / joining the audio pieces
 (``longform``).
 Does not own: audio tokenisation (``tokenizer/``), the audio-token layout (``core.audio_tokens``),
-waveform synthesis (``decoder/``), request orchestration and timing (``engine/step_audio.py``).
+waveform synthesis (``decoder/``), request orchestration and timing (``tts_engine/step_audio.py``).
 """

@@ -5,7 +5,7 @@ trained on, odd spacing included), the clone speaker name, and the assembly of p
 separate ``encode`` calls.
 Does not own: the tokenizer itself (any ``encode(str) -> list[int]`` without BOS will do), the
 audio-token layout and its ``<audio_N>`` string (``core.audio_tokens``), validation of user
-choices against the option lists (``engine.contract.validate_edit``).
+choices against the option lists (``tts_engine.contract.validate_edit``).
 
 Id layout (every ``enc`` is its own encode call, results concatenated)::
 

@@ -1,6 +1,6 @@
 """The CPU preview engine: eSpeak NG speech adapted to the prompt voice with WORLD.
 
-Owns: :class:`PreviewEngine`, the :class:`engine.contract.Engine` that runs without GPU or
+Owns: :class:`PreviewEngine`, the :class:`tts_engine.contract.Engine` that runs without GPU or
 downloaded weights. A clone decodes the prompt, fetches (or computes and caches, kind ``preview_voice``)
 its :class:`preview.voice.VoiceProfile`, speaks the text with eSpeak NG at the prompt's speaking
 rate, and re-synthesises it with WORLD using the prompt's pitch statistics and warped envelope.
@@ -8,8 +8,8 @@ Edits are DSP (``preview.effects``); options without an honest DSP counterpart a
 unavailable by :meth:`PreviewEngine.capabilities`. Transcription uses the tokenizer folder's
 Paraformer (``tokenizer.asr``) when that folder is under ``--model-root``, and otherwise refuses
 with a message saying why.
-Does not own: the cache mechanics (``prompt_cache.funasr_cache``) or the cache-first fetch
-(``engine.prompt_fetch``), request validation rules (``engine.contract``), audio
+Does not own: the cache mechanics (``funasr_cache.store``) or the cache-first fetch
+(``tts_engine.prompt_fetch``), request validation rules (``tts_engine.contract``), audio
 decoding (``core.audio_io``).
 
 ``clone_stream`` speaks sentence by sentence: each sentence is adapted on its own (the synthetic
@@ -33,12 +33,14 @@ from core.audio_io import Audio, AudioSource, load_audio, resample
 from core.edit_options import EDIT_TYPES, EMOTIONS, STYLES
 from core.errors import InputError, ModelError
 from core.settings import FUNASR_SUBDIR
-from prompt_cache.funasr_cache import audio_digest, make_namespace
-from preview import effects, espeak, text as text_mod, voice
 from core.timings import Timer
-from engine.prompt_fetch import PromptKind, fetch_prompt
+from core.transcript import Transcript
+from funasr_cache.store import audio_digest, make_namespace
+from preview import effects, espeak, voice
+from preview import text as text_mod
 from tokenizer.asr import Transcriber
-from engine.contract import CloneOptions, EditCapability, Engine, EngineInfo, ProgressFn, PromptReport, Result, ResultStream, Transcript, new_seed, no_progress, validate_edit, validate_text
+from tts_engine.contract import CloneOptions, EditCapability, Engine, EngineInfo, ProgressFn, PromptReport, Result, ResultStream, new_seed, no_progress, validate_edit, validate_text
+from tts_engine.prompt_fetch import PromptKind, fetch_prompt
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ def _fingerprint() -> str:
 
 
 class PreviewEngine(Engine):
-    """eSpeak NG + WORLD behind the :class:`engine.contract.Engine` interface. Thread-safe: it keeps no
+    """eSpeak NG + WORLD behind the :class:`tts_engine.contract.Engine` interface. Thread-safe: it keeps no
     per-request state, eSpeak calls are serialised inside ``preview.espeak`` and WORLD is pure."""
 
     def __init__(self, settings, cache) -> None:
@@ -160,7 +162,7 @@ class PreviewEngine(Engine):
         return samples, digest
 
     def _profile(self, samples: np.ndarray, digest: str, timer: Timer) -> tuple[voice.VoiceProfile, bool]:
-        """The prompt's voice profile, cache-first (``engine.prompt_fetch``); (profile, hit).
+        """The prompt's voice profile, cache-first (``tts_engine.prompt_fetch``); (profile, hit).
 
         A damaged entry (or one imported from a foreign bundle) does not break this voice for good:
         the helper recomputes and overwrites it.

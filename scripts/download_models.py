@@ -13,7 +13,7 @@ Pins: a full commit per repository from ``model_hashes.json``; where none is pub
 the first download resolves the branch to a commit once, downloads exactly that commit and records it
 in the manifest, and later runs (resumes) stay on it. ``--revision`` overrides (``REPO=COMMIT`` for
 one repository, or a bare value for all).
-Does not own: which files the engine needs (``engine.select.REQUIRED_*``), where the model root is
+Does not own: which files the engine needs (``tts_engine.select.REQUIRED_*``), where the model root is
 (``core/settings.py``: ``--model-root`` / ``STUDIO_MODEL_ROOT``), or loading the models.
 
 Usage::
@@ -81,7 +81,7 @@ def awq_repo() -> ModelRepo:
 def default_repos() -> tuple[ModelRepo, ...]:
     """The two repositories, with the engine's own list of required files."""
     from core.settings import DECODER_SUBDIR
-    from engine.select import REQUIRED_DECODER_FILES, REQUIRED_EDITX_FILES, REQUIRED_FUNASR_FILES, REQUIRED_TOKENIZER_FILES
+    from tts_engine.select import REQUIRED_DECODER_FILES, REQUIRED_EDITX_FILES, REQUIRED_FUNASR_FILES, REQUIRED_TOKENIZER_FILES
 
     def under(folder: str, names: Iterable[str]) -> tuple[str, ...]:
         return tuple("|".join(f"{folder}/{option}" for option in name.split("|")) for name in names)

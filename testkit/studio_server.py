@@ -23,8 +23,8 @@ import numpy as np
 import soundfile as sf
 import uvicorn
 
-from prompt_cache.funasr_cache import PromptCache
 from core.settings import load_settings
+from funasr_cache.store import PromptCache
 from web.server import create_app
 
 

@@ -100,7 +100,7 @@ def test_errors_are_specific_messages(client, studio, monkeypatch, tmp_path, cap
 
 @pytest.fixture
 def handlers(tmp_path):
-    from prompt_cache.funasr_cache import PromptCache
+    from funasr_cache.store import PromptCache
     from preview.engine import PreviewEngine
     from web.ui_handlers import Handlers
 
@@ -214,7 +214,7 @@ def test_tiny_model_engine_round_trip(tmp_path):
     import httpx
 
     from testkit.tiny_models import build_tiny_model_root
-    from engine.step_audio import StepAudioEngine
+    from tts_engine.step_audio import StepAudioEngine
 
     root = build_tiny_model_root(tmp_path)
     studio = start_studio(tmp_path, StepAudioEngine, "--engine", "step-audio", "--model-root", str(root),

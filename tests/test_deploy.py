@@ -17,6 +17,7 @@ import dataclasses
 import fnmatch
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -26,14 +27,12 @@ import sys
 import time
 from pathlib import Path
 
-import json
-
 import dockerfile
 import pytest
 import yaml
+from conftest import ROOT
 from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
 
-from conftest import ROOT
 from core.settings import ENV_PREFIX, FUNASR_SUBDIR, Settings, build_parser, load_settings
 
 BIN = Path(sys.executable).parent
@@ -372,7 +371,7 @@ def _problems(model_root: Path, remote_by_dir: dict | None = None, **kw) -> list
 
 
 def test_a_complete_folder_passes_and_satisfies_the_engine(tmp_path):
-    from engine.select import missing_model_files
+    from tts_engine.select import missing_model_files
 
     _fill(tmp_path)
     assert _problems(tmp_path) == []

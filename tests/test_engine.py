@@ -1,4 +1,4 @@
-"""engine.step_audio.StepAudioEngine end to end on CPU with tiny random-weight models of the real layout.
+"""tts_engine.step_audio.StepAudioEngine end to end on CPU with tiny random-weight models of the real layout.
 
 Covers clone and every edit type (24 kHz audio whose length follows from the generated tokens:
 5 ids = 120 ms = 2880 samples), the whole-prompt cache (a repeat is served without running the
@@ -19,8 +19,8 @@ from conftest import FIXTURES
 from core.audio_io import Audio
 from core.edit_options import EDIT_TYPES
 from core.errors import InputError, ModelError
-from prompt_cache.funasr_cache import PromptCache, audio_digest
 from core.settings import Settings
+from funasr_cache.store import PromptCache, audio_digest
 
 PROMPT_WAV = FIXTURES / "prompt_22k.wav"
 PROMPT_TEXT = "The quick brown fox jumps over the lazy dog near the river bank."
@@ -45,7 +45,7 @@ class Counting:
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     from testkit.tiny_models import build_tiny_model_root
-    from engine.step_audio import StepAudioEngine
+    from tts_engine.step_audio import StepAudioEngine
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # tiny models; avoids thread thrash on a busy 2-core runner
@@ -111,7 +111,7 @@ def test_second_clone_is_served_from_the_cache(engine, first_clone):
 def test_prompt_features_survive_a_restart(engine, first_clone):
     from core.devices import numerics_class
     from core.timings import Timer
-    from engine.prompt_bundle import PromptBundler
+    from tts_engine.prompt_bundle import PromptBundler
 
     samples, rate = sf.read(PROMPT_WAV, dtype="float32")
     clip, digest = Audio(samples, rate), audio_digest(samples, rate)
@@ -264,8 +264,8 @@ def test_describe_capabilities_ready(engine):
 
 
 def test_create_engine_auto_picks_step_audio_for_a_complete_root(engine):
-    from engine.step_audio import StepAudioEngine
-    from engine.select import create_engine, missing_model_files
+    from tts_engine.select import create_engine, missing_model_files
+    from tts_engine.step_audio import StepAudioEngine
 
     settings = engine.settings.replace(engine="auto")
     assert missing_model_files(settings) == []
@@ -282,7 +282,7 @@ def test_a_folder_without_the_paraformer_token_list_is_incomplete(engine, tmp_pa
     import shutil
 
     from core.settings import FUNASR_SUBDIR
-    from engine.select import missing_model_files
+    from tts_engine.select import missing_model_files
 
     root = tmp_path / "models"
     shutil.copytree(engine.settings.model_root / "Step-Audio-Tokenizer", root / "Step-Audio-Tokenizer")
@@ -298,8 +298,8 @@ def test_auto_falls_back_to_preview_when_the_llm_folder_is_broken(engine, tmp_pa
     import logging
     import shutil
 
-    from engine.select import create_engine, missing_model_files
     from preview.engine import PreviewEngine
+    from tts_engine.select import create_engine, missing_model_files
 
     root = tmp_path / "models"
     shutil.copytree(engine.settings.model_root, root, ignore=shutil.ignore_patterns("cache"))
@@ -309,7 +309,7 @@ def test_auto_falls_back_to_preview_when_the_llm_folder_is_broken(engine, tmp_pa
     config.write_text(json.dumps(data))
     settings = engine.settings.replace(model_root=root, engine="auto", cache_dir=tmp_path / "cache")
     assert missing_model_files(settings) == []       # every file is there; it just does not load
-    with caplog.at_level(logging.WARNING, logger="engine.select"):
+    with caplog.at_level(logging.WARNING, logger="tts_engine.select"):
         created = create_engine(settings)
     try:
         assert isinstance(created, PreviewEngine)
@@ -321,7 +321,7 @@ def test_auto_falls_back_to_preview_when_the_llm_folder_is_broken(engine, tmp_pa
 
 
 def test_seeds_are_folded_into_the_generators_range():
-    from engine.contract import new_seed
+    from tts_engine.contract import new_seed
 
     assert new_seed(7) == 7
     assert new_seed(2**64 + 5) == (2**64 + 5) % 2**31

@@ -12,8 +12,8 @@ import pytest
 from core.audio_io import load_audio
 from core.errors import ModelError
 from core.settings import Settings
+from funasr_cache.store import PromptCache, audio_digest
 from preview.engine import PROFILE_KIND, PreviewEngine
-from prompt_cache.funasr_cache import PromptCache, audio_digest
 from testkit.studio_server import speech_wav
 
 

@@ -18,7 +18,7 @@ import torch
 from core.audio_io import load_audio
 from core.errors import InputError, ModelError
 from core.settings import FUNASR_SUBDIR, Settings
-from prompt_cache.funasr_cache import PromptCache, audio_digest
+from funasr_cache.store import PromptCache, audio_digest
 from testkit.paths import FIXTURES, ROOT
 
 PROMPT_WAV = FIXTURES / "prompt_22k.wav"
@@ -44,8 +44,8 @@ def preview(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from engine.step_audio import StepAudioEngine
     from testkit.tiny_models import build_tiny_model_root
+    from tts_engine.step_audio import StepAudioEngine
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -1,6 +1,6 @@
 """StepAudioEngine.clone_stream / edit_stream on CPU with tiny random-weight models, through the
 LLMBackend contract (the native Step1 backend with continuous batching), and the pieces of
-engine/streaming.py.
+tts_engine/streaming.py.
 
 Covers: the streamed clone has the non-streamed clone's ids and length (one text chunk and several,
 whose seams are cross-faded as ``crossfade_join`` does), chunks arrive as the decoder's schedule
@@ -19,11 +19,11 @@ from conftest import FIXTURES
 
 from core.errors import InputError
 from core.settings import Settings
-from engine.contract import StreamCancelled
-from engine.streaming import AudioIdFilter, SeamFader
+from funasr_cache.store import PromptCache
 from llm.longform import crossfade_join
 from llm.sampling import filter_audio_ids
-from prompt_cache.funasr_cache import PromptCache
+from tts_engine.contract import StreamCancelled
+from tts_engine.streaming import AudioIdFilter, SeamFader
 
 PROMPT_WAV = str(FIXTURES / "prompt_22k.wav")
 PROMPT_TEXT = "The quick brown fox jumps over the lazy dog near the river bank."
@@ -32,8 +32,8 @@ LONG = "Hello there, how are you? I am fine thank you. The weather is nice today
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from engine.step_audio import StepAudioEngine
     from testkit.tiny_models import build_tiny_model_root
+    from tts_engine.step_audio import StepAudioEngine
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -139,8 +139,8 @@ def test_seam_fader_equals_crossfade_join():
 
 
 def test_contract_default_is_one_chunk_with_ttfa_equal_to_total(tmp_path):
-    from engine.contract import Engine
     from preview.engine import PreviewEngine
+    from tts_engine.contract import Engine
 
     settings = Settings(cache_dir=tmp_path)
     preview = PreviewEngine(settings, PromptCache.from_settings(settings))

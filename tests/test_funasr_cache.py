@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from prompt_cache import funasr_cache
 from core.errors import CacheError
-from prompt_cache.funasr_cache import PromptCache, audio_digest, fingerprint_files, make_namespace
+from funasr_cache import store
+from funasr_cache.store import PromptCache, audio_digest, fingerprint_files, make_namespace
 
 NS = make_namespace("Step-Audio-Tokenizer", "0123456789abcdef", 1)
 
@@ -42,7 +42,7 @@ def entry_files(root: Path) -> list[Path]:
 
 
 def warnings_of(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name == "prompt_cache.funasr_cache"]
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name == "funasr_cache.store"]
 
 
 @pytest.fixture
@@ -314,7 +314,7 @@ def test_corrupt_entry_is_a_miss_warned_once_and_removed(root, caplog, damage):
     (json_path,) = [p for p in entry_files(root) if p.suffix == ".json"]
     _corrupt(damage, json_path)
     reader = PromptCache(root, memory_entries=0)
-    with caplog.at_level(logging.WARNING, logger="prompt_cache.funasr_cache"):
+    with caplog.at_level(logging.WARNING, logger="funasr_cache.store"):
         assert reader.get("prompt_features", NS, key(0)) is None
         assert reader.get("prompt_features", NS, key(0)) is None
     assert len(warnings_of(caplog)) == 1 and "corrupt" in warnings_of(caplog)[0]
@@ -347,13 +347,13 @@ def test_startup_reads_no_payload(root, caplog):
     path.write_bytes(b"{broken")
     _OPENED = []
     try:
-        with caplog.at_level(logging.WARNING, logger="prompt_cache.funasr_cache"):
+        with caplog.at_level(logging.WARNING, logger="funasr_cache.store"):
             restarted = PromptCache(root)
     finally:
         opened, _OPENED = _OPENED, None
     assert not [p for p in opened if p.endswith((".safetensors", ".json")) and "namespace" not in p
                 and not p.endswith("stats.json")]
-    with caplog.at_level(logging.WARNING, logger="prompt_cache.funasr_cache"):
+    with caplog.at_level(logging.WARNING, logger="funasr_cache.store"):
         assert len(restarted) == 4 and warnings_of(caplog) == []  # the index came from metadata only
         assert restarted.get("prompt_features", NS, key(1)) is None
     assert len(warnings_of(caplog)) == 1 and len(restarted) == 3
@@ -416,7 +416,7 @@ def test_unreadable_stats_file_restarts_the_counts(root, caplog):
     cache = PromptCache(root)
     cache.put("tokens", NS, key(0), {"v": 1}, 0.0)
     (root / "stats.json").write_bytes(b"\x00garbage")
-    with caplog.at_level(logging.WARNING, logger="prompt_cache.funasr_cache"):
+    with caplog.at_level(logging.WARNING, logger="funasr_cache.store"):
         fresh = PromptCache(root)
         assert fresh.get("tokens", NS, key(0)) is not None
         stats = fresh.stats()
@@ -476,7 +476,7 @@ def test_compute_error_reaches_every_waiter_and_nothing_is_stored(root):
 def test_unusable_root_degrades_to_memory_only(tmp_path, caplog):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    with caplog.at_level(logging.WARNING, logger="prompt_cache.funasr_cache"):
+    with caplog.at_level(logging.WARNING, logger="funasr_cache.store"):
         cache = PromptCache(blocker / "cache")
         for i in range(3):
             entry, hit = cache.get_or_compute("tokens", NS, key(i), lambda: ({"v": 1}, None))
@@ -491,11 +491,11 @@ def test_unusable_root_degrades_to_memory_only(tmp_path, caplog):
 def test_a_root_that_becomes_usable_is_used_and_logged(tmp_path, caplog, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    monkeypatch.setattr(funasr_cache, "_RETRY_DISK_S", 0.0)
+    monkeypatch.setattr(store, "_RETRY_DISK_S", 0.0)
     cache = PromptCache(blocker / "cache")
     assert cache.stats()["degraded"]
     blocker.unlink()
-    with caplog.at_level(logging.INFO, logger="prompt_cache.funasr_cache"):
+    with caplog.at_level(logging.INFO, logger="funasr_cache.store"):
         cache.put("tokens", NS, key(0), {"v": 0}, 0.0)
     assert not cache.stats()["degraded"] and len(entry_files(blocker / "cache")) == 1
     assert any("writable again" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
@@ -509,9 +509,9 @@ def test_full_or_read_only_disk_degrades_once_and_recovers(root, caplog, monkeyp
     def fail(*args, **kwargs):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(funasr_cache, "_RETRY_DISK_S", 0.0)  # retry the disk on every put, still warn once
-    monkeypatch.setattr(funasr_cache.os, "fsync", fail)  # fault injection: every write fails
-    with caplog.at_level(logging.WARNING, logger="prompt_cache.funasr_cache"):
+    monkeypatch.setattr(store, "_RETRY_DISK_S", 0.0)  # retry the disk on every put, still warn once
+    monkeypatch.setattr(store.os, "fsync", fail)  # fault injection: every write fails
+    with caplog.at_level(logging.WARNING, logger="funasr_cache.store"):
         for i in range(1, 4):
             assert cache.put("tokens", NS, key(i), {"v": i}, 0.0).payload == {"v": i}
         assert [cache.get("tokens", NS, key(i)).payload["v"] for i in range(4)] == [0, 1, 2, 3]
@@ -530,7 +530,7 @@ def _use_read_only_cache(root: str, drop_to_nobody: bool) -> dict:
     seen = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage()) if record.levelno >= logging.WARNING else None
-    logging.getLogger("prompt_cache.funasr_cache").addHandler(handler)
+    logging.getLogger("funasr_cache.store").addHandler(handler)
     cache = PromptCache(root)
     old = cache.get("tokens", NS, key(0))
     put = cache.put("tokens", NS, key(1), {"v": 1}, 0.0)
@@ -576,7 +576,7 @@ def _stress_worker(args) -> dict:
     seen = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage()) if record.levelno >= logging.WARNING else None
-    logging.getLogger("prompt_cache.funasr_cache").addHandler(handler)
+    logging.getLogger("funasr_cache.store").addHandler(handler)
     cache = PromptCache(root, max_entries=12, max_bytes=40_000, memory_entries=4)
     rng = random.Random(seed)
     counts = {"put": 0, "hit": 0, "miss": 0, "clear": 0}
@@ -683,7 +683,7 @@ def test_kill_9_of_a_writer_leaves_no_corrupt_entry(root, caplog):
         mid_write += bool(temps) or len(sidecars) != len(jsons)  # a temp file, or a sidecar not yet committed
         for temp in temps:  # so that the next round's evidence is its own
             temp.unlink()
-    with caplog.at_level(logging.WARNING, logger="prompt_cache.funasr_cache"):
+    with caplog.at_level(logging.WARNING, logger="funasr_cache.store"):
         reader = PromptCache(root, max_entries=6, memory_entries=0)
         visible = [p for p in root.glob("prompt_features-*/*/*.json")]
         assert visible

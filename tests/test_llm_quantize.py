@@ -102,9 +102,9 @@ def test_native_backend_loads_int8_from_the_folder_and_generates(tiny_folder):
 
 
 def test_the_engine_clones_with_an_int8_llm(tmp_path):
-    from engine.step_audio import StepAudioEngine
-    from prompt_cache.funasr_cache import PromptCache
+    from funasr_cache.store import PromptCache
     from testkit.tiny_models import build_tiny_model_root
+    from tts_engine.step_audio import StepAudioEngine
 
     root = build_tiny_model_root(tmp_path)
     settings = Settings(model_root=root, cache_dir=root / "cache", llm_max_new_tokens=20, flow_steps=2,
@@ -131,7 +131,7 @@ def test_int4_is_refused_on_cpu_before_loading(tmp_path):
 
 
 def test_the_engine_refuses_int4_when_auto_resolves_to_cpu(tmp_path):
-    from engine.step_audio import _create_llm_backend
+    from tts_engine.step_audio import _create_llm_backend
 
     settings = Settings(model_root=tmp_path, device="auto", llm_quantization="int4")
     with pytest.raises(ModelError, match="int4 needs a CUDA device"):

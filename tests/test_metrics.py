@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from prompt_cache.funasr_cache import PromptCache
 from core.timings import StageTimings
+from funasr_cache.store import PromptCache
 from web.metrics import Metrics
 
 

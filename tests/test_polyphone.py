@@ -11,12 +11,14 @@ import re
 
 import httpx
 import pytest
-from hypothesis import given, settings as hyp_settings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
-from engine.contract import validate_text
 from llm.longform import split_text
 from preview.text import prepare, split_sentences
 from testkit.paths import ROOT
+from tts_engine.contract import validate_text
 
 EXAMPLE = "我也想guo4guo4guo1儿guo4guo4的生活"
 SYLLABLE = re.compile(r"[a-z]{1,6}[1-5]")

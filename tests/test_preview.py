@@ -17,14 +17,15 @@ import soxr
 from core.audio_io import Audio
 from core.edit_options import EDIT_TYPES
 from core.errors import InputError
-from prompt_cache.funasr_cache import PromptCache
 from core.settings import Settings
+from funasr_cache.store import PromptCache
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import pyworld
 
-from preview import espeak, text as text_mod, voice  # noqa: E402
+from preview import espeak, voice  # noqa: E402
+from preview import text as text_mod
 from preview.engine import CAPABILITIES, PROFILE_KIND, PreviewEngine  # noqa: E402
 
 SR = 24000
@@ -393,7 +394,7 @@ def test_bad_prompts_are_refused(engine):
 
 
 def test_create_engine_builds_the_preview(tmp_path):
-    from engine.select import create_engine
+    from tts_engine.select import create_engine
 
     engine = create_engine(Settings(engine="auto", model_root=tmp_path / "none", cache_dir=tmp_path / "cache"))
     assert isinstance(engine, PreviewEngine) and engine.describe().preview

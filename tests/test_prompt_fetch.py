@@ -1,4 +1,4 @@
-"""engine/prompt_fetch.py with the ``tokens`` kind of engine/prompt_bundle.py: cache-first prompt work.
+"""tts_engine/prompt_fetch.py with the ``tokens`` kind of tts_engine/prompt_bundle.py: cache-first prompt work.
 
 The real fixture tokenizer and a real cache folder: a repeat is served without running the
 encoders (calls counted on the real model objects), a malformed entry is recomputed and replaced,
@@ -11,15 +11,15 @@ import logging
 
 import numpy as np
 import pytest
-
 from conftest import golden_tokens, load_tokenizer_golden
+
 from core.audio_io import Audio
 from core.errors import InputError
 from core.timings import Timer
-from engine.prompt_bundle import TOKENS_KIND, tokens_kind, tokens_namespace
-from engine.prompt_fetch import fetch_prompt
-from prompt_cache.funasr_cache import PromptCache, audio_digest, fingerprint_files, make_namespace
+from funasr_cache.store import PromptCache, audio_digest, fingerprint_files, make_namespace
 from tokenizer.step_audio import PREPROCESS_VERSION
+from tts_engine.prompt_bundle import TOKENS_KIND, tokens_kind, tokens_namespace
+from tts_engine.prompt_fetch import fetch_prompt
 
 GOLDEN = load_tokenizer_golden()
 
@@ -88,7 +88,7 @@ def test_malformed_entry_is_recomputed_and_replaced(fixture_tokenizer, tmp_path,
     cache, kind = PromptCache(tmp_path / "cache"), tokens_kind(fixture_tokenizer)
     audio, digest = _clip(0.5)
     cache.put(TOKENS_KIND, kind.namespace, digest, payload, 0.1)
-    with caplog.at_level(logging.WARNING, logger="engine.prompt_fetch"):
+    with caplog.at_level(logging.WARNING, logger="tts_engine.prompt_fetch"):
         tokens, hit = fetch_prompt(cache, kind, audio, digest, Timer())
     assert not hit and tokens == golden_tokens()
     assert any("malformed tokens cache entry" in r.getMessage() for r in caplog.records)

@@ -1,7 +1,7 @@
 """Tests of tokenizer/step_audio.py and tokenizer/paraformer_stream.py: the Step-Audio tokenizer.
 
 Covers golden parity of every stage (tests/fixtures/tokenizer, README §5/§6 tolerances), that the
-tokenizer is pure (every call runs the models; caching is engine/prompt_bundle.py's, tested in
+tokenizer is pure (every call runs the models; caching is tts_engine/prompt_bundle.py's, tested in
 tests/test_prompt_fetch.py), loading from model.safetensors and model.pt with the shared checkpoint
 rules, missing/mismatched files, the ONNX session options actually used, bad input, and
 concurrent requests.
@@ -19,15 +19,15 @@ import onnxruntime as ort
 import pytest
 import soundfile as sf
 import torch
+from conftest import FIXTURES, ROOT, TOK_DIR, golden_tokens, load_tokenizer_golden, load_tokenizer_golden_json
 from safetensors.torch import load_file as load_torch_file
 
-from conftest import FIXTURES, ROOT, TOK_DIR, golden_tokens, load_tokenizer_golden, load_tokenizer_golden_json
 from core.audio_io import Audio, load_audio, resample
-from core.devices import configure_tf32
 from core.checkpoint import load_state_dict_file
+from core.devices import configure_tf32
 from core.errors import InputError, ModelError
 from core.onnx_session import OnnxOptions
-from core.settings import Settings, FUNASR_SUBDIR
+from core.settings import FUNASR_SUBDIR, Settings
 from core.timings import Timer
 from tokenizer import step_audio as tk
 

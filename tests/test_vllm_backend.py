@@ -178,8 +178,8 @@ def test_the_real_engine_on_the_vllm_backend_over_http(tmp_path, one_torch_threa
 
     import soundfile as sf
 
-    from engine.step_audio import StepAudioEngine
     from testkit.tiny_models import build_tiny_model_root
+    from tts_engine.step_audio import StepAudioEngine
 
     models = build_tiny_model_root(tmp_path)
     stub = StubProcess(free_port()).start()

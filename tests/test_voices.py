@@ -18,7 +18,7 @@ import soundfile as sf
 
 from core.audio_io import Audio
 from core.errors import InputError, StudioError
-from prompt_cache.funasr_cache import audio_digest
+from funasr_cache.store import audio_digest
 from web.voices import BundleEntry, VoiceNotFound, VoiceStore, check_voice_id
 
 

@@ -24,7 +24,7 @@ import torch
 from core.audio_io import AudioSource, load_audio, resample
 from core.errors import InputError, ModelError
 from core.timings import Timer
-from engine.contract import Transcript
+from core.transcript import Transcript
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ streaming encoder over a whole 16 kHz clip, either through funasr's chunk-by-chu
 (``streaming``, the reference) or all chunks per layer at once (``parallel``,
 ``parallel_encoder``; the same output).
 Does not own: audio preprocessing, k-means assignment (``tokenizer.step_audio``), caching
-(``engine.prompt_bundle``), the checkpoint rules (``core.checkpoint``).
+(``tts_engine.prompt_bundle``), the checkpoint rules (``core.checkpoint``).
 
 Shape legend:
     N   samples at 16 kHz

@@ -4,7 +4,7 @@ Owns: the tokenizer's preprocessing (16 kHz, peak 0.999, silence trim with the r
 margins), vq02 (streaming Paraformer encoder -> nearest k-means centroid), vq06 (128-bin
 whisper-style log-mel -> S3 ONNX tokenizer, 30 s chunks), the frozen ``Tokens`` result, and
 loading the ``Step-Audio-Tokenizer`` folder. Does not own: decoding uploads (``core.audio_io``),
-caching tokens (``engine.prompt_bundle`` does that, cache-first), the token layout (interleave,
+caching tokens (``tts_engine.prompt_bundle`` does that, cache-first), the token layout (interleave,
 ids, ``<audio_N>`` strings: ``core.audio_tokens``), the Paraformer streaming loop
 (``tokenizer.paraformer_stream``), prompt templates.
 

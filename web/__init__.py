@@ -2,5 +2,5 @@
 
 Owns: translating user requests (browser events, HTTP calls) into engine calls, and engine
 results and errors back into pages, audio files and JSON. Does not own: models, caching
-mechanics or audio formats (see ``engine/``, ``prompt_cache.funasr_cache``, ``core.audio_io``).
+mechanics or audio formats (see ``tts_engine/``, ``funasr_cache.store``, ``core.audio_io``).
 """

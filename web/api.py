@@ -37,10 +37,9 @@ from core.edit_options import EDIT_TYPES, tag_warning
 from core.errors import InputError
 from core.instructions import chain_header, parse_instructions
 from core.settings import Settings
-from engine.contract import CloneOptions, Engine, validate_edit, validate_iterations, validate_text
+from tts_engine.contract import CloneOptions, Engine, validate_edit, validate_iterations, validate_text
 from web import api_voices
-from web.deps import (APIError, get_engine, get_metrics, get_settings, get_voices, jsonable, read_upload,
-                      require_api_key, result_headers, run_engine)
+from web.deps import APIError, get_engine, get_metrics, get_settings, get_voices, jsonable, read_upload, require_api_key, result_headers, run_engine
 from web.metrics import CONTENT_TYPE, Metrics
 from web.streaming import check_stream_format, start_stream, stream_response
 from web.voices import VoiceStore, check_voice_id

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from core.audio_io import load_audio
 from core.settings import Settings
-from engine.contract import Engine, PromptReport, validate_text
+from tts_engine.contract import Engine, PromptReport, validate_text
 from web.deps import get_engine, get_settings, get_voices, read_upload, require_api_key, run_engine
 from web.voices import Voice, VoiceStore, check_voice_id
 

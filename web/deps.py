@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import BackendUnavailable, CacheError, InputError, ModelError, StudioError
 from core.settings import Settings
-from engine.contract import Engine, Result
+from tts_engine.contract import Engine, Result
 from web.metrics import Metrics
 from web.voices import VoiceNotFound, VoiceStore
 

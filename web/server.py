@@ -24,7 +24,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from core.settings import Settings
-from engine.contract import Engine
+from tts_engine.contract import Engine
 from web import api, api_voices
 from web.deps import StudioMiddleware, install_error_handlers
 from web.guards import BodyLimit, OriginGuard

@@ -8,7 +8,7 @@ before any byte is sent, so bad input still answers a JSON 4xx) and ``stream_res
 a client that goes away cancels the engine's stream, which frees its LLM slot; the request's
 metrics and its timing log line are written when the stream ends, including ``ttfa_ms``).
 Does not own: the routes and their validation (``web.api``), the engines' streaming
-(``engine/contract.py``).
+(``tts_engine/contract.py``).
 
 Why a response class of our own: Starlette only watches for a disconnect on ASGI < 2.4 servers;
 ``CancellableStreamingResponse`` always listens, so a dropped client stops the work at once.
@@ -29,7 +29,7 @@ from starlette.responses import StreamingResponse
 
 from core.audio_io import Audio, media_type
 from core.errors import InputError, StudioError
-from engine.contract import Engine, ResultStream, StreamCancelled
+from tts_engine.contract import Engine, ResultStream, StreamCancelled
 from web.deps import APIError, get_metrics, request_id
 
 log = logging.getLogger(__name__)

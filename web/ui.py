@@ -29,7 +29,7 @@ import gradio as gr
 
 from core.edit_options import LANGUAGE_TAGS, PARALINGUISTIC_TAGS
 from core.settings import Settings
-from engine.contract import MAX_EDIT_ITERATIONS, EditCapability, Engine
+from tts_engine.contract import MAX_EDIT_ITERATIONS, EditCapability, Engine
 from web.metrics import Metrics
 from web.ui_handlers import UI_FORMATS, Handlers, base_note, guarded, history_table, new_state
 

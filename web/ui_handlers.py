@@ -41,7 +41,7 @@ from core.audio_io import encode_audio, encode_lossless, load_audio
 from core.edit_options import EDIT_TYPES, tag_warning
 from core.errors import StudioError
 from core.settings import Settings
-from engine.contract import CloneOptions, Engine, Result
+from tts_engine.contract import CloneOptions, Engine, Result
 from web.deps import InternalError, jsonable, request_id, run_engine_call
 from web.metrics import Metrics
 

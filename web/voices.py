@@ -55,8 +55,8 @@ import soundfile as sf
 
 from core.audio_io import Audio, load_audio
 from core.errors import InputError, StudioError
-from engine.contract import PromptEntry
-from prompt_cache.funasr_cache import audio_digest
+from funasr_cache.store import audio_digest
+from tts_engine.contract import PromptEntry
 
 log = logging.getLogger(__name__)
 

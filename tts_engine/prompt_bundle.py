@@ -2,18 +2,18 @@
 
 Owns: the frozen ``PromptBundle`` (tokens + decoder prompt features + digest), the two prompt
 kinds ``tokens`` and ``prompt_features`` (what a stored entry holds, their cache namespaces),
-and fetching both through the one cache-first helper ``engine.prompt_fetch.fetch_prompt`` (the
+and fetching both through the one cache-first helper ``tts_engine.prompt_fetch.fetch_prompt`` (the
 preview engine's voice profile goes through it too). Single-flight is the cache's
 (``PromptCache.get_or_compute``): N concurrent requests with one new clip compute each kind once.
 Does not own: the models (``tokenizer/``, ``decoder/``), the fetch policy and its timing
-(``engine.prompt_fetch``), cache mechanics (``prompt_cache``).
+(``tts_engine.prompt_fetch``), cache mechanics (``funasr_cache``).
 
 Cache namespaces: tokens use ``Step-Audio-Tokenizer@<SHA-256 fingerprint of its model files>/v<tokenizer
 PREPROCESS_VERSION>/<numerics class>``; prompt features use
 ``CosyVoice-300M-25Hz-frontend@<fingerprint of cosyvoice.yaml + campplus.onnx>/v<FEATURES_VERSION>``
 (fingerprints are over file contents), so editing ``mel_conf`` or swapping CAM++ invalidates them.
 
-Stages added to the request's timer: ``cache_lookup`` (see ``engine.prompt_fetch``), and when
+Stages added to the request's timer: ``cache_lookup`` (see ``tts_engine.prompt_fetch``), and when
 computed ``tokenize_preprocess/vq02/vq06/merge`` (tokens) and ``prompt_mel``,
 ``speaker_embedding`` (features); served from the cache, ``tokenize_vq02/vq06`` and
 ``prompt_mel``/``speaker_embedding`` are recorded at 0 ms and marked cached.
@@ -29,9 +29,9 @@ import numpy as np
 from core.audio_io import Audio
 from core.timings import Timer
 from decoder.frontend import PromptFeatures
-from engine.prompt_fetch import PromptKind, fetch_prompt
-from prompt_cache.funasr_cache import CacheEntry, PromptCache, fingerprint_files, make_namespace
+from funasr_cache.store import CacheEntry, PromptCache, fingerprint_files, make_namespace
 from tokenizer.step_audio import PREPROCESS_VERSION, Tokens
+from tts_engine.prompt_fetch import PromptKind, fetch_prompt
 
 FEATURES_KIND = "prompt_features"
 TOKENS_KIND = "tokens"

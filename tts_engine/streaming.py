@@ -3,8 +3,8 @@
 Owns: ``AudioIdFilter`` (the slot filter of ``llm.sampling.filter_audio_ids``, one id at a time),
 ``SeamFader`` (the streaming form of ``llm.longform.crossfade_join``: same seams, same length) and
 ``stream_answers`` (the producer behind ``StepAudioEngine.clone_stream`` / ``edit_stream``).
-Does not own: prompts and validation (``engine/step_audio.py``), the LLM (any ``LLMBackend``), the
-chunked decoder (``decoder/streaming.py``), the stream handle (``engine/contract.py``).
+Does not own: prompts and validation (``tts_engine/step_audio.py``), the LLM (any ``LLMBackend``), the
+chunked decoder (``decoder/streaming.py``), the stream handle (``tts_engine/contract.py``).
 
 Only the ``LLMBackend`` / ``GenerationStream`` contract is used, so the backend behind it (the
 ``llm.native``, ``llm.vllm_backend``) can change without touching this file.
@@ -19,11 +19,11 @@ from collections.abc import Callable, Generator, Sequence
 import numpy as np
 
 from core.audio_io import Audio
+from core.audio_tokens import AUDIO_ID_END, AUDIO_ID_OFFSET, GROUP, VQ02_CODES
 from core.errors import ModelError, StudioError
 from core.timings import Timer
-from engine.contract import CancelToken, CloneOptions, Result
 from llm.backend import GenerationCancelled, GenerationRequest, GenerationStream, LLMBackend
-from core.audio_tokens import AUDIO_ID_END, AUDIO_ID_OFFSET, GROUP, VQ02_CODES
+from tts_engine.contract import CancelToken, CloneOptions, Result
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ import logging
 
 from core.errors import ModelError
 from core.settings import DECODER_SUBDIR, FUNASR_SUBDIR
-from engine.contract import Engine
-from engine.step_audio import StepAudioEngine
+from funasr_cache.store import PromptCache
 from preview.engine import PreviewEngine
-from prompt_cache.funasr_cache import PromptCache
+from tts_engine.contract import Engine
+from tts_engine.step_audio import StepAudioEngine
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ Owns: ``PromptKind`` (how one kind of prompt work is computed, stored and read b
 ``fetch_prompt`` over ``PromptCache.get_or_compute`` (whose single-flight makes concurrent
 requests for one new clip compute it once), the policy for a stored entry that cannot be read
 (log, recompute, replace), and the stages it records. Used for every prompt kind: tokens and
-decoder features (``engine.prompt_bundle``) and the preview voice profile (``preview.engine``).
-Does not own: what a kind computes (models), cache mechanics (``prompt_cache``).
+decoder features (``tts_engine.prompt_bundle``) and the preview voice profile (``preview.engine``).
+Does not own: what a kind computes (models), cache mechanics (``funasr_cache``).
 
 Stages added to the caller's timer: ``cache_lookup`` (lookup, waiting for a concurrent request's
 computation of the same clip, and the store; compute time excluded), the kind's own stages when
@@ -23,7 +23,7 @@ import numpy as np
 
 from core.audio_io import Audio
 from core.timings import Timer
-from prompt_cache.funasr_cache import CacheEntry, PromptCache
+from funasr_cache.store import CacheEntry, PromptCache
 
 log = logging.getLogger(__name__)
 

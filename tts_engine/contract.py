@@ -3,8 +3,8 @@
 Owns: the ``Engine`` interface (clone, edit, their streaming forms, repeated edits, transcription,
 prompt preparation, capabilities, readiness, and copying a clip's prompt-cache entries out of and
 into the cache for voice bundles), the frozen value types (``Result``, ``CloneOptions``,
-``EngineInfo``, ``EditCapability``, ``PromptReport``, ``PromptEntry``, ``PromptImport``,
-``Transcript``), the streaming handle (``ResultStream`` with its ``CancelToken``) and the request
+``EngineInfo``, ``EditCapability``, ``PromptReport``, ``PromptEntry``, ``PromptImport``; ``Transcript``
+is ``core.transcript``'s), the streaming handle (``ResultStream`` with its ``CancelToken``) and the request
 validation every engine shares.
 
 Streaming: ``clone_stream`` / ``edit_stream`` return a ``ResultStream`` at once; nothing runs until
@@ -14,8 +14,8 @@ returns the first ``Audio`` chunk. Iteration ends with the whole ``Result`` in `
 may be called from any thread: the engine stops at its next step and frees its LLM slot, and
 the next ``next()`` raises ``StreamCancelled``. Engines without a streaming path inherit a
 default that yields the whole result as one chunk.
-Does not own: any engine (``engine/step_audio.py``, ``preview/``), nor choosing one
-(``engine/select.py``).
+Does not own: any engine (``tts_engine/step_audio.py``, ``preview/``), nor choosing one
+(``tts_engine/select.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from core.audio_io import Audio, AudioSource
 from core.edit_options import EDIT_TYPES
 from core.errors import InputError
 from core.timings import StageTimings
+from core.transcript import Transcript
 
 log = logging.getLogger(__name__)
 # progress(fraction in [0, 1], description)
@@ -124,15 +125,6 @@ class PromptImport:
     report: PromptReport
     imported: frozenset[str]                   # kinds taken from the bundle into the cache
     added: tuple[tuple[str, str, str], ...] = ()   # (kind, namespace, digest) it stored
-
-
-@dataclass(frozen=True)
-class Transcript:
-    """What an engine heard in a clip (its ASR), to be corrected by the user if need be."""
-
-    text: str
-    timings: StageTimings
-    model: str = ""                    # which ASR model, e.g. the Paraformer folder's name
 
 
 class StreamCancelled(Exception):
@@ -386,7 +378,7 @@ class Engine(abc.ABC):
         """
         from core.audio_io import load_audio
         from core.errors import CacheError
-        from prompt_cache.funasr_cache import audio_digest
+        from funasr_cache.store import audio_digest
 
         wanted = dict(self.prompt_namespaces())
         added, imported = [], set()

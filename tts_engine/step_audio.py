@@ -2,9 +2,9 @@
 
 Owns: ``StepAudioEngine``, which runs prompt work through the cache, asks the LLM backend
 (``self.llm_backend``, an :class:`llm.backend.LLMBackend`) for audio tokens, decodes them and times
-every stage; ``clone_stream`` / ``edit_stream`` hand the same prompts to ``engine/streaming.py``
+every stage; ``clone_stream`` / ``edit_stream`` hand the same prompts to ``tts_engine/streaming.py``
 (LLM backend stream -> chunked decoder).
-Does not own: the contract (``engine/contract.py``), choosing an engine (``engine/select.py``), the
+Does not own: the contract (``tts_engine/contract.py``), choosing an engine (``tts_engine/select.py``), the
 models themselves (``tokenizer/``, ``llm/``, ``decoder/``), audio formats, caching mechanics.
 """
 
@@ -25,22 +25,22 @@ from core.errors import ModelError, StudioError
 from core.onnx_session import OnnxOptions
 from core.settings import DECODER_SUBDIR, FUNASR_SUBDIR
 from core.timings import StageTimings, Timer
+from core.transcript import Transcript
 from decoder.model import AudioDecoder
 from decoder.streaming import StreamingDecoder
-from engine.contract import (CloneOptions, EditCapability, Engine, EngineInfo, ProgressFn, PromptReport, Result,
-                             ResultStream, Transcript, new_seed, no_progress, validate_edit, validate_text)
-from engine.prompt_bundle import PromptBundler, features_namespace
-from engine.streaming import stream_answers
+from funasr_cache.store import audio_digest
 from llm.backend import GenerationRequest, LLMBackend
-from llm.native import NativeBackend, answer_rules
-from llm.step1 import Step1Config
-from llm.vllm_backend import create_vllm_backend
 from llm.longform import crossfade_join, split_text
+from llm.native import NativeBackend, answer_rules
 from llm.prompts import clone_prompt_ids, clone_speaker_id, edit_instruction, edit_prompt_ids
 from llm.sampling import audio_answer
-from prompt_cache.funasr_cache import audio_digest
+from llm.step1 import Step1Config
+from llm.vllm_backend import create_vllm_backend
 from tokenizer.asr import Transcriber
 from tokenizer.step_audio import StepAudioTokenizer
+from tts_engine.contract import CloneOptions, EditCapability, Engine, EngineInfo, ProgressFn, PromptReport, Result, ResultStream, new_seed, no_progress, validate_edit, validate_text
+from tts_engine.prompt_bundle import PromptBundler, features_namespace
+from tts_engine.streaming import stream_answers
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ class StepAudioEngine(Engine):
 
     def _stream(self, kind: str, prompts: list[list[int]], bundle, seed: int, options: CloneOptions, timer,
                 text: str, token):
-        """The streaming form of :meth:`_generate` (``engine/streaming.py``); yields Audio, returns the Result.
+        """The streaming form of :meth:`_generate` (``tts_engine/streaming.py``); yields Audio, returns the Result.
         The backend refuses a prompt that leaves no room for an answer (InputError) at the first chunk."""
         return (yield from stream_answers(backend=self.llm_backend, streamer=self.streamer, prompts=prompts,
                                           bundle=bundle, seed=seed, options=options, timer=timer, text=text,

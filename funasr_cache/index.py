@@ -6,7 +6,7 @@ of all processes sharing a folder in step (snapshot, appended ``+``/``-`` lines,
 compaction); evicting least recently used entries down to the capacity limits. Methods named
 ``*_locked`` expect the caller to hold the folder lock.
 Does not own: the lock itself, statistics, the RAM layer and all logging (``funasr_cache``); the
-entry file format, atomic writes and folder scans (``prompt_cache.files``). The journal's format and its
+entry file format, atomic writes and folder scans (``funasr_cache.files``). The journal's format and its
 crash guarantees are specified in ``docs/cache.md`` ("Journal").
 """
 
@@ -19,7 +19,7 @@ import secrets
 from pathlib import Path
 from typing import Callable
 
-from prompt_cache.files import EntryMeta, Key, atomic_write, entry_path, scan_root, unlink_quiet
+from funasr_cache.files import EntryMeta, Key, atomic_write, entry_path, scan_root, unlink_quiet
 
 _JOURNAL_LINE = re.compile(  # "+ folder digest recency_ns nbytes sidecar|-" or "- folder digest"
     r"^([+-]) ([a-z][a-z0-9_]{0,31}-[0-9a-f]{16}) ([0-9a-f]{64})"

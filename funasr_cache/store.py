@@ -7,9 +7,9 @@ computation per key in flight (``get_or_compute``); the folder lock (``<root>/.l
 of steps that makes reads, writes, eviction and ``clear()`` safe between processes; when counters
 are flushed; memory-only mode on disk faults; every log message of the cache; ``check()``; the
 memo of model-file SHA-256 digests (``<root>/file_hashes.json``) behind :func:`fingerprint_files`.
-Does not own: the file format, atomic writes and folder scans (``prompt_cache.files``); the index,
-its journal and LRU eviction (``prompt_cache.index``); counters and ``stats.json``
-(``prompt_cache.stats``); what a
+Does not own: the file format, atomic writes and folder scans (``funasr_cache.files``); the index,
+its journal and LRU eviction (``funasr_cache.index``); counters and ``stats.json``
+(``funasr_cache.stats``); what a
 namespace means (callers pass model identity + preprocessing version), what a payload holds, which
 models exist. ``docs/cache.md`` is the long-form contract; in short:
 
@@ -52,12 +52,27 @@ import numpy as np
 from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 
-from prompt_cache.files import FORMAT, CacheEntry  # noqa: F401  (public names, defined there since the split)
-from prompt_cache.files import (FOLDER, EntryMeta, SidecarGone, atomic_write, audit_files, check_key, decode_entry, dump_json,
-                         encode_entry, entry_path, folder_name, named_sidecar, unlink_quiet, write_temp)
-from prompt_cache.index import DiskIndex
-from prompt_cache.stats import Counters, load_stats
 from core.errors import CacheError
+from funasr_cache.files import (  # noqa: F401  (public names, defined there since the split)
+    FOLDER,
+    FORMAT,
+    CacheEntry,
+    EntryMeta,
+    SidecarGone,
+    atomic_write,
+    audit_files,
+    check_key,
+    decode_entry,
+    dump_json,
+    encode_entry,
+    entry_path,
+    folder_name,
+    named_sidecar,
+    unlink_quiet,
+    write_temp,
+)
+from funasr_cache.index import DiskIndex
+from funasr_cache.stats import Counters, load_stats
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ validating a key and mapping it to a folder and path; encoding an entry to JSON 
 sidecar and decoding/validating it back; writing files atomically (temp file in the same folder,
 fsync, ``os.replace``); scanning shard folders into index records (stat only) and removing stale
 temporary files and orphan sidecars; the file part of the ``check()`` audit.
-Does not own: locking, the index and its journal, eviction (``prompt_cache.index``); the RAM layer,
+Does not own: locking, the index and its journal, eviction (``funasr_cache.index``); the RAM layer,
 statistics, degraded mode and every log message (``funasr_cache``, the public API). Nothing here
 logs or takes a lock: functions raise or return and the caller decides what a failure means.
 ``docs/cache.md`` ("On disk") is the contract these files implement.

@@ -5,8 +5,8 @@ Owns: :class:`Counters`, the counts a process made and has not yet merged into `
 format and its merge (each process adds its own counts under the folder lock, so none overwrites
 another's; a ``clear()`` starts a new epoch and counts from the old one are dropped); summing
 counters and index sizes into the figures :meth:`funasr_cache.PromptCache.stats` returns.
-Does not own: when to flush or the lock (``prompt_cache.funasr_cache``), what the index holds (``prompt_cache.index``),
-atomic writes (``prompt_cache.files``), logging (the caller is told through ``on_unreadable``).
+Does not own: when to flush or the lock (``funasr_cache.store``), what the index holds (``funasr_cache.index``),
+atomic writes (``funasr_cache.files``), logging (the caller is told through ``on_unreadable``).
 The fields are documented in ``docs/cache.md`` ("Stats file", "Statistics").
 """
 
@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable
 
-from prompt_cache.files import FORMAT, EntryMeta, Key, atomic_write, dump_json
+from funasr_cache.files import FORMAT, EntryMeta, Key, atomic_write, dump_json
 
 COUNTERS = ("hits", "misses", "puts", "evictions", "corrupt", "coalesced", "seconds_saved")
 
