@@ -100,6 +100,13 @@ class Settings:
     llm_quantization: str = field(default="none", metadata={"help": "native backend only: none | int8 (weight-only, CPU and CUDA) | int4 (weight-only, CUDA with bfloat16 only); quantizes the Step1 decoder layers with torchao after loading (vLLM ignores it: it has its own --quantization)"})
     # --- streaming
     stream_prompt_cache_mb: int = field(default=1024, metadata={"help": "memory (MB) for the streaming decoder's per-voice prompt state (about 1.3 MB per prompt mel frame in float32; 0: recompute per request)"})
+    # --- text-in streaming (WS /v1/audio/speech/stream, web/api_stream_ws.py)
+    ws_max_sessions: int = field(default=8, metadata={"help": "most text-streaming WebSocket sessions open at once; one more is closed at once with code 1013 (try again later)"})
+    ws_max_session_s: float = field(default=600.0, metadata={"help": "longest a text-streaming session may stay open, in seconds; then it is closed with code 1008"})
+    ws_max_session_chars: int = field(default=20000, metadata={"help": "most text characters one text-streaming session may send in all"})
+    ws_send_buffer_bytes: int = field(default=8 * 1024**2, metadata={"help": "audio bytes queued for a text-streaming client that does not read; over it, generation stops and the session closes with code 4000"})
+    ws_segment_max_wait_ms: int = field(default=1500, metadata={"help": "text-streaming: longest pending text waits for a sentence or clause end before it is spoken anyway (cut at the last word)"})
+    ws_clause_min_chars: int = field(default=60, metadata={"help": "text-streaming: a clause end (comma, colon, Chinese comma) cuts a segment only once this many characters wait; sentence ends always cut"})
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINE_CHOICES:
@@ -122,6 +129,12 @@ class Settings:
         if self.llm_step_token_budget <= self.llm_max_rows:
             raise ValueError(f"llm_step_token_budget ({self.llm_step_token_budget}) must exceed llm_max_rows "
                              f"({self.llm_max_rows}): each decoding request takes one token of every step")
+        for name in ("ws_max_sessions", "ws_max_session_chars", "ws_send_buffer_bytes", "ws_segment_max_wait_ms"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        if not 0 < self.ws_max_session_s < float("inf") or self.ws_clause_min_chars < 0:
+            raise ValueError(f"ws_max_session_s must be a positive number of seconds and ws_clause_min_chars 0 or "
+                             f"more, not {self.ws_max_session_s!r} and {self.ws_clause_min_chars!r}")
         for name in ("cache_memory_entries", "llm_max_new_tokens", "stream_prompt_cache_mb"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)!r}")
