@@ -25,7 +25,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from core.settings import Settings
 from tts_engine.contract import Engine
-from web import api, api_voices
+from web import api, api_stream_ws, api_voices
 from web.deps import StudioMiddleware, install_error_handlers
 from web.guards import BodyLimit, OriginGuard
 from web.metrics import Metrics
@@ -64,6 +64,7 @@ def create_app(engine: Engine, settings: Settings, output_dir: Path | None = Non
     install_error_handlers(app)
     app.include_router(api.ops_router)
     app.include_router(api_voices.router)
+    app.include_router(api_stream_ws.router)   # WS /v1/audio/speech/stream: checks its own key and Origin
     app.include_router(api.router)
     # add_middleware wraps: the last added runs first (request id, then body limit, then origins).
     app.add_middleware(OriginGuard, allowed_origins=settings.cors_origin_list)
