@@ -67,7 +67,7 @@ CLOSE_POLICY = 1008          # a limit: session time or total text
 CLOSE_ERROR = 1011           # the engine failed, or an internal error
 CLOSE_BUSY = 1013            # too many sessions: try again later
 CLOSE_SLOW_CLIENT = 4000     # the client did not read its audio: the send buffer filled
-CLOSE_GRACE_S = 5.0          # how long the last events and the close frame may take to leave
+CLOSE_GRACE_S = 20.0         # how long the last events and the close frame may wait for a client to read
 
 router = APIRouter()
 
@@ -166,10 +166,18 @@ async def speech_stream(websocket: WebSocket) -> None:
                                                    "(setting ws_max_sessions); try again later"}})
         await websocket.close(CLOSE_BUSY, "too many sessions")
         return
+    released = False
+
+    def release() -> None:   # once the session's generation has stopped (the close may still wait)
+        nonlocal released
+        if not released:
+            released = True
+            _release_session(websocket)
+
     try:
-        await _Session(websocket, app.state.engine, settings, app.state.voices, app.state.metrics).run()
+        await _Session(websocket, app.state.engine, settings, app.state.voices, app.state.metrics, release).run()
     finally:
-        _release_session(websocket)
+        release()
 
 
 # ----------------------------------------------------------------------------- one session
@@ -177,8 +185,10 @@ async def speech_stream(websocket: WebSocket) -> None:
 class _Session:
     """One connection's state and tasks (see the module docstring)."""
 
-    def __init__(self, websocket: WebSocket, engine: Engine, settings: Settings, voices, metrics) -> None:
+    def __init__(self, websocket: WebSocket, engine: Engine, settings: Settings, voices, metrics,
+                 release=lambda: None) -> None:
         self.ws, self.engine, self.settings, self.voices, self.metrics = websocket, engine, settings, voices, metrics
+        self.release = release
         self.id = secrets.token_hex(6)
         self.started = time.monotonic()
         self.deadline = self.started + settings.ws_max_session_s
@@ -237,6 +247,7 @@ class _Session:
             if speaker is not None:
                 speaker.cancel()
                 await asyncio.gather(speaker, return_exceptions=True)
+            self.release()
             if status == "disconnected":
                 sender.cancel()
             else:
@@ -471,9 +482,10 @@ class _Session:
 
     def _send_audio(self, chunk: Audio) -> None:
         data = encode_audio(chunk, "opus") if self.fmt == "opus" else pcm_bytes(chunk)
-        if self.queued_bytes + len(data) > self.settings.ws_send_buffer_bytes:
+        # One chunk always fits an empty buffer (the preview engine's chunk is a whole sentence).
+        if self.queued_bytes and self.queued_bytes + len(data) > self.settings.ws_send_buffer_bytes:
             raise _Close(CLOSE_SLOW_CLIENT, "send_buffer_full",
-                         f"{self.queued_bytes} bytes of audio wait for the client to read them (limit "
+                         f"{self.queued_bytes + len(data)} bytes of audio wait for the client to read them (limit "
                          f"{self.settings.ws_send_buffer_bytes}, setting ws_send_buffer_bytes); generation stopped")
         self._send_bytes(data)
 
