@@ -6,6 +6,7 @@ A real studio (uvicorn on 127.0.0.1, in this process) and a real WebSocket clien
 sent at ``--tokens-per-s`` (30: a typical chat LLM). For each segment:
 
     engine_ttfa_ms  of after_text_ms, the engine's own time to the first chunk (the segment's timings)
+    overhead_ms     after_text_ms - engine_ttfa_ms: the segmenter's wait, the WebSocket and thread hops
     after_text_ms   from sending the token that completes its text (the one with its final mark) to its
                     first audio frame; the segmenter's wait for the next character is part of it
     baseline_ms     the same text and seed as a plain ``POST /v1/audio/speech`` (whole file), timed in the
@@ -108,7 +109,8 @@ def run_session(url: str, voice: str, pieces: list[str], rate: float, seed: int)
 def measure(studio, voice: str, pieces: list[str], rate: float, repeats: int, http: httpx.Client) -> dict:
     url = studio.url.replace("http://", "ws://") + "/v1/audio/speech/stream"
     sample_rate = studio.engine.describe().sample_rate
-    rows: dict[str, list[float]] = {"after_text_first": [], "engine_ttfa_first": [], "baseline_first": [],
+    rows: dict[str, list[float]] = {"after_text_first": [], "engine_ttfa_first": [], "overhead_first": [],
+                                    "baseline_first": [],
                                     "ratio_first": [],
                                     "after_text_later": [], "gap": [], "stall": []}
     for r in range(repeats):
@@ -124,6 +126,7 @@ def measure(studio, voice: str, pieces: list[str], rate: float, repeats: int, ht
         first = (order[0]["first"] - order[0]["complete"]) * 1000.0
         rows["after_text_first"].append(first)
         rows["engine_ttfa_first"].append(order[0]["engine_ttfa"])
+        rows["overhead_first"].append(first - order[0]["engine_ttfa"])
         rows["baseline_first"].append(baseline)
         rows["ratio_first"].append(first / baseline)
         played_until = order[0]["first"]
@@ -210,8 +213,10 @@ def main() -> int:
         digits = 3 if name == "ratio_first" else 1
         print(f"  {name:18s} {inline(summary(values), digits)}")
     ratio = summary(rows["ratio_first"])["median"]
+    of_medians = summary(rows["after_text_first"])["median"] / summary(rows["baseline_first"])["median"]
     print(f"first segment: audio {ratio:.2f} x its non-streamed generation time after its text was complete "
-          f"(target <= 1.20: {'met' if ratio <= 1.2 else 'NOT met'})")
+          f"(median of per-run ratios; {of_medians:.2f} as a ratio of the medians; target <= 1.20: "
+          f"{'met' if max(ratio, of_medians) <= 1.2 else 'NOT met'})")
     load_end = os.getloadavg()
     print(f"load average at end: {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
     return 0
