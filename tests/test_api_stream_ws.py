@@ -15,6 +15,7 @@ own counters, not timing).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import socket
@@ -216,6 +217,19 @@ def test_edits_apply_to_the_segments_cut_after_them(studio, http, voice):
     faster = int16(speech_pcm(http, voice, "How are you?", starts[1]["seed"], instructions="faster"))
     mine = int16(session.audio[1])
     assert mine.size == faster.size < plain.size
+
+
+def test_an_inline_clip_is_a_voice(studio, http, voice):
+    clip = (ROOT / "examples" / "en_low.flac").read_bytes()
+    inline = {"audio": base64.b64encode(clip).decode(), "transcript": EXAMPLE_TEXT}
+    session = speak(studio, inline, "Hello there.", seed=9)
+    assert session.close_code == 1000
+    assert session.audio[0] == speech_pcm(http, voice, "Hello there.", 9, stream=True)   # same clip, same audio
+    for bad, words in (({"audio": "%%%", "transcript": "x"}, "not base64"), ({"audio": inline["audio"]}, "transcript"),
+                       ({"audio": base64.b64encode(b"not audio").decode(), "transcript": "x"}, "")):
+        refused = speak(studio, bad, "Hi.")
+        assert (refused.close_code, error_of(refused)) == (1007, "invalid_input")
+        assert words in refused.of("error")[0]["error"]["message"]
 
 
 def test_key_by_header_or_subprotocol(studio, voice):

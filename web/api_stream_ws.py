@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 
 import anyio
-from fastapi import APIRouter, WebSocket
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -515,7 +515,7 @@ class _Session:
                 else:
                     await self.ws.close(item[1], item[2])
                     return
-            except (OSError, RuntimeError) as exc:   # the connection is gone; the receiver sees the disconnect
+            except (OSError, RuntimeError, WebSocketDisconnect) as exc:   # gone; the receiver sees the disconnect
                 log.debug("text-streaming session %s: send failed (%s)", self.id, exc)
                 return
 
