@@ -3,7 +3,8 @@
 Owns: the session protocol (messages, events, close codes; docs/api.md "Text-in streaming"), the
 handshake checks (API key from the ``Authorization`` header or a ``bearer.<key>`` subprotocol, the
 ``Origin`` check, the session admission hook), one session's tasks (receiver, speaker, sender) and its
-limits (session length and text, the bounded send buffer).
+limits (session length and text, the bounded send buffer); ``GET /stream-demo``, a static page whose
+typing streams to a voice (``web/stream_demo.html``).
 Does not own: cutting the text (``tts_engine/text_segmenter.py``), generating audio (each segment is an
 ordinary ``Engine.clone_stream``, then ``edit_stream`` per edit), stored voices (``web.voices``), audio
 encodings (``core.audio_io``, ``web.streaming``).
@@ -33,10 +34,11 @@ import math
 import secrets
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.audio_io import Audio, encode_audio, load_audio
@@ -70,6 +72,7 @@ CLOSE_SLOW_CLIENT = 4000     # the client did not read its audio: the send buffe
 CLOSE_GRACE_S = 20.0         # how long the last events and the close frame may wait for a client to read
 
 router = APIRouter()
+DEMO_PAGE = Path(__file__).with_name("stream_demo.html")
 
 
 class SessionOpen(BaseModel):
@@ -141,6 +144,12 @@ def admit_session(websocket: WebSocket, settings: Settings) -> bool:
 
 def _release_session(websocket: WebSocket) -> None:
     websocket.app.state.ws_sessions -= 1
+
+
+@router.get("/stream-demo", include_in_schema=False)
+def stream_demo() -> FileResponse:
+    """A static page whose typing streams to a voice (no server data in it; the WebSocket checks the key)."""
+    return FileResponse(DEMO_PAGE, media_type="text/html")
 
 
 @router.websocket(PATH)
