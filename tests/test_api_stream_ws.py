@@ -340,6 +340,7 @@ def test_a_client_that_does_not_read_is_closed_with_4000(studio, voice, tweak):
             if transport.get_extra_info("peername") == sock.getsockname():
                 transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         ws.send(open_message(voice))
+        assert json.loads(ws.recv(timeout=30))["type"] == "session.started"     # admitted: ws_sessions is 1
         ws.send(json.dumps({"type": "text", "text": LONG}))
         ws.send(json.dumps({"type": "close"}))
         deadline = time.monotonic() + 90
@@ -397,8 +398,22 @@ def _until_rows_free(studio, cancelled_before) -> dict:
     raise AssertionError(f"the LLM rows were not freed: {_stats(studio)}")
 
 
+@pytest.fixture
+def slow_llm(tiny, monkeypatch):
+    """The fault: an LLM that takes 50 ms a decode step, so that a row is surely still generating when the
+    client's cancel arrives (the first audio needs about 30 of its 150 ids)."""
+    backend = tiny[0].engine.llm_backend
+    decode = backend._decode
+
+    def slow(rows):
+        time.sleep(0.05)
+        return decode(rows)
+
+    monkeypatch.setattr(backend, "_decode", slow)
+
+
 @pytest.mark.parametrize("how", ["cancel", "disconnect"])
-def test_cancel_and_disconnect_free_the_llm_rows(tiny, how):
+def test_cancel_and_disconnect_free_the_llm_rows(tiny, slow_llm, how):
     studio, _, voice = tiny
     before = _stats(studio)
     ws = connect(ws_url(studio), additional_headers=AUTH, max_size=None)
