@@ -328,3 +328,56 @@ def test_named_cache_clear_needs_confirmation_and_the_key(studio, voice):
     assert studio.engine.cache.snapshot()["entries"] >= 1
     with_key = Client(studio.url, verbose=False, headers=AUTH)
     assert with_key.predict("clear", api_name="/cache_clear")["entries"] == 0
+
+
+# ------------------------------------------------------------------------------ 4. the engine side (tiny models)
+
+@pytest.fixture(scope="module")
+def tiny_engine(tmp_path_factory):
+    import torch
+
+    from core.settings import Settings
+    from funasr_cache.store import PromptCache
+    from testkit.tiny_models import build_tiny_model_root
+    from tts_engine.step_audio import StepAudioEngine
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = build_tiny_model_root(tmp_path_factory.mktemp("tiny"))
+    settings = Settings(model_root=root, cache_dir=root / "cache", flow_steps=2, llm_max_rows=4)
+    engine = StepAudioEngine(settings, PromptCache.from_settings(settings))
+    yield engine
+    engine.close()
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_the_llm_gets_a_cap_from_the_text_and_stops_when_cancelled(tiny_engine):
+    from tests.conftest import FIXTURES
+    from tts_engine.contract import CancelToken, StreamCancelled, cancellable
+
+    prompt = str(FIXTURES / "prompt_22k.wav")
+    text = "The quick brown fox jumps over the lazy dog near the river bank."
+    backend = tiny_engine.llm_backend
+    submitted, submit = [], backend.submit
+
+    def recording_submit(request):   # a spy: records what the engine asks for, then does it
+        submitted.append(request)
+        return submit(request)
+
+    backend.submit = recording_submit
+    try:
+        result = tiny_engine.clone(prompt, text, "Hi.", seed=3)
+        assert [r.max_new_tokens for r in submitted] == [answer_cap(0, "Hi.")]
+        assert result.timings.counters["llm_tokens"] <= answer_cap(0, "Hi.")
+
+        token, before = CancelToken(), backend.stats()["requests_cancelled"]
+        timer = threading.Timer(0.5, token.cancel)   # the client goes away half a second in
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(StreamCancelled), cancellable(token):
+            tiny_engine.clone(prompt, text, "A longer sentence to speak. " * 30, seed=4)
+        assert time.monotonic() - started < 20
+        assert backend.stats()["requests_cancelled"] > before
+    finally:
+        backend.submit = submit
