@@ -1,20 +1,28 @@
-"""ASGI guards in front of every route: the request-body byte limit and the cross-origin check.
+"""ASGI guards in front of every route: the Host check, the same-origin rule, the API key before the
+body, and the request-body byte limit.
 
-Owns: :class:`BodyLimit`, which enforces ``max_upload_bytes`` (plus multipart framing) on every
-HTTP request while its body streams in -- a declared ``Content-Length`` over the limit is refused
-before a byte is read, and a chunked body is cut off at the first byte over it, before the route
-has parsed it (multipart spooled to disk, JSON read into RAM) and before any dependency (the API
-key) runs; and :class:`OriginGuard`, which refuses browser requests from other sites that would
-change state under ``/v1`` (a form POST from any web page to ``/v1/cache/clear`` needs no CORS
-preflight, so only the ``Origin`` header can stop it).
+Owns: :class:`HostGuard` (a ``Host`` outside ``allowed_hosts`` is a 400 naming the setting: a
+DNS-rebinding page sends its own name); :class:`OriginGuard` (the same-origin rule for every
+state-changing request of the app -- ``/v1``, Gradio's ``/gradio_api/...``, ``/login``, uploads,
+WebSocket handshakes -- since a form POST from any web page needs no CORS preflight, only the
+``Origin`` header can stop it; it also strips ``Access-Control-Allow-*`` from answers to origins not
+in ``cors_origins``, which Gradio would reflect, and rewrites Gradio's login cookies to
+``SameSite=Lax``); :class:`KeyGuard` with :class:`FailureLimiter` (the key on ``/v1`` and the API docs,
+checked before any body byte is read; wrong keys and page logins limited per client address, then
+429 + ``Retry-After``); :class:`BodyLimit`, which enforces ``max_upload_bytes`` (plus multipart
+framing) while the body streams in -- a declared ``Content-Length`` over the limit is refused before a
+byte is read, and a chunked body is cut off at the first byte over it, before the route has parsed
+it (multipart spooled to disk, JSON read into RAM).
 Does not own: request ids and the JSON 500 (``web.deps.StudioMiddleware``), CORS itself (Starlette's
-``CORSMiddleware``, added by ``web.server`` only when ``cors_origins`` is configured), the key check.
+``CORSMiddleware``, added by ``web.server`` only when ``cors_origins`` is configured), admission of
+engine work (``web.admission``). The threat model is docs/security.md.
 
-A refused body is answered ``413`` with ``Connection: close``; the rest of it is read and dropped
-(up to :data:`DRAIN_LIMIT` bytes, never stored) so that the client sees the answer instead of a
-reset connection. Requests without an ``Origin`` header (curl, SDKs, server-to-server) are not
-browser cross-site requests and pass; so does an ``Origin`` naming this server's own host or one
-listed in ``cors_origins``.
+A refused body is answered (413, or 401/429 before reading it) with ``Connection: close``; the rest
+of it is read and dropped (up to :data:`DRAIN_LIMIT` bytes, never stored) so that the client sees the
+answer instead of a reset connection. Requests without an ``Origin`` header (curl, SDKs,
+server-to-server) are not browser cross-site requests and pass (unless the browser marks them
+``Sec-Fetch-Site: cross-site``); so does an ``Origin`` naming this server's own host or one listed
+in ``cors_origins``.
 """
 
 from __future__ import annotations
