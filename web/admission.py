@@ -144,13 +144,10 @@ class AdmissionGuard:
         scope.setdefault("state", {})["cancel"] = token
         body_done = anyio.Event()
         disconnected = anyio.Event()
-        pending: list[dict] = []
 
         async def app_receive():
             # The route reads its body through here; once it is whole, the watcher below owns the
             # real receive (only it may wait there) and the route sees a disconnect it reports.
-            if pending:
-                return pending.pop(0)
             if body_done.is_set():
                 await disconnected.wait()
                 return {"type": "http.disconnect"}
