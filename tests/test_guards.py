@@ -1,7 +1,7 @@
 """web.guards and the hardening around the API, against real servers on 127.0.0.1.
 
 Covers: a chunked (no Content-Length) body far over the upload limit is refused with 413 while it
-streams in -- before parsing and before the API key is checked -- and the server process's peak
+streams in -- before parsing (without the key: a 401 before any byte is read) -- and the server process's peak
 memory and its temp folder grow by less than the limit; a browser form POST from another site to
 ``/v1/cache/clear`` or ``/v1/audio/voices/import`` is refused (same-origin, no Origin, and a
 configured CORS origin pass); ``/readyz`` is 503 when the engine serving is not the one
