@@ -109,6 +109,8 @@ def test_a_rebinding_host_is_refused_naming_the_setting(studio):
     assert r.status_code == 400 and r.json()["error"]["code"] == "host_not_allowed"
     assert "allowed_hosts" in r.json()["error"]["message"]
     assert httpx.get(studio.url + "/v1/models", headers={**AUTH, "Host": f"localhost:{port}"}).status_code == 200
+    # Probes come by the container's address (a pod IP): they answer whatever the Host.
+    assert httpx.get(studio.url + "/healthz", headers={"Host": f"10.1.2.3:{port}"}).status_code == 200
 
 
 def test_allowed_hosts_default_and_the_exposed_warning(caplog):

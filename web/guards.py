@@ -148,8 +148,14 @@ async def _refuse_ws_or_http(scope, send, status: int, payload: dict) -> None:
     await _send_json(send, status, payload, _rid(scope))
 
 
+# Orchestrators and scrapers call these by the container's address (e.g. a pod IP); they change nothing
+# and show no voice or text, so they answer whatever the Host.
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
 class HostGuard:
-    """400 for a ``Host`` header outside ``allowed_hosts`` (a DNS-rebinding page sends its own name)."""
+    """400 for a ``Host`` header outside ``allowed_hosts`` (a DNS-rebinding page sends its own name);
+    the probes (:data:`PROBE_PATHS`) answer any host."""
 
     def __init__(self, app, allowed_hosts: tuple[str, ...]) -> None:
         self.app = app
@@ -157,7 +163,7 @@ class HostGuard:
         self.allowed = frozenset(h.strip("[]") for h in allowed_hosts)
 
     def allows(self, scope) -> bool:
-        if self.any:
+        if self.any or (scope["type"] == "http" and scope["path"] in PROBE_PATHS):
             return True
         host = _header(scope, b"host")
         return host is not None and _host_name(host) in self.allowed
