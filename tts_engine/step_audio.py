@@ -164,7 +164,8 @@ class StepAudioEngine(Engine):
             speaker = clone_speaker_id(prompt_text, audio.as_loaded())   # the raw [C, N] array, as upstream
             prompts = [clone_prompt_ids(self.llm_backend.encode, speaker, prompt_text, bundle.tokens.audio_string, chunk)
                        for chunk in chunks]
-        return prompts, bundle, [answer_cap(self.settings.llm_max_new_tokens, chunk) for chunk in chunks]
+        caps = [answer_cap(self.settings.llm_max_new_tokens, chunk) for chunk in chunks]
+        return prompts, bundle, [self._within_context(cap, ids) for cap, ids in zip(caps, prompts)]
 
     def edit(self, audio: AudioSource, audio_text: str, edit_type: str, edit_info: str | None = None,
              text: str | None = None, *, seed: int | None = None, options: CloneOptions = CloneOptions(),
@@ -208,7 +209,15 @@ class StepAudioEngine(Engine):
             prompts = [edit_prompt_ids(self.llm_backend.encode, instruction, bundle.tokens.audio_string)]
         spoken = text if edit_type == "paralinguistic" else (audio_text or "")
         cap = answer_cap(self.settings.llm_max_new_tokens, text or "", clip.duration)
-        return prompts, bundle, spoken, [cap]
+        return prompts, bundle, spoken, [self._within_context(cap, prompts[0])]
+
+    def _within_context(self, cap: int, prompt: list[int]) -> int:
+        """``cap`` lowered to the room the prompt leaves in the model's context (a vLLM server refuses a
+        request whose prompt plus max_tokens exceeds it); a prompt with no room keeps ``cap`` and is
+        refused by the backend with its own message."""
+        sampling = getattr(self.llm_backend, "sampling", None)   # every backend here has one; a stub may not
+        room = sampling.budget(len(prompt)) if sampling is not None else cap
+        return min(cap, room) if room >= 1 else cap
 
     # -------------------------------------------------------------- steps
 
