@@ -383,3 +383,36 @@ def test_the_llm_gets_a_cap_from_the_text_and_stops_when_cancelled(tiny_engine):
         assert backend.stats()["requests_cancelled"] > before
     finally:
         backend.submit = submit
+
+
+def test_websocket_handshakes_from_other_sites_or_hosts_are_closed():
+    """The guards close a WebSocket handshake (the server answers 403) from another site or host;
+    checked on the guards themselves, as no WebSocket route exists yet (issue 26 adds one)."""
+    import asyncio
+
+    from web.guards import HostGuard, OriginGuard
+
+    async def accept(scope, receive, send):
+        await send({"type": "websocket.accept"})
+
+    def handshake(guard, host: bytes, origin: bytes) -> list[dict]:
+        sent: list[dict] = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "websocket.connect"}
+
+        scope = {"type": "websocket", "path": "/v1/audio/speech/ws",
+                 "headers": [(b"host", host), (b"origin", origin)]}
+        asyncio.run(guard(scope, receive, send))
+        return sent
+
+    origin_guard = OriginGuard(accept, ())
+    assert handshake(origin_guard, b"127.0.0.1:7860", b"https://evil.example") == [
+        {"type": "websocket.close", "code": 1008}]
+    assert handshake(origin_guard, b"127.0.0.1:7860", b"http://127.0.0.1:7860") == [{"type": "websocket.accept"}]
+    host_guard = HostGuard(accept, ("localhost", "127.0.0.1"))
+    assert handshake(host_guard, b"evil.example:7860", b"http://evil.example:7860") == [
+        {"type": "websocket.close", "code": 1008}]
