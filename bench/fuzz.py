@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         conf = load_settings(["--cache-dir", str(root / "cache"), "--max-upload-bytes", "300000",
                               "--max-prompt-seconds", "5", "--bundle-key", "fuzzing-bundle-key-123"], env={})
         app = create_app(PreviewEngine(conf, PromptCache.from_settings(conf)), conf, root / "out")
-        with TestClient(app, raise_server_exceptions=False) as client:
+        with TestClient(app, raise_server_exceptions=False, base_url="http://localhost") as client:
             voice = client.post("/v1/audio/voices", files={"file": ("s.wav", speech_wav(seconds=1.0), "audio/wav")},
                                 data={"transcript": "a short hum"}).json()["id"]
             bundle = client.get(f"/v1/audio/voices/{voice}/export").content

@@ -83,7 +83,7 @@ class Settings:
     llm_step_token_budget: int = field(default=512, metadata={"help": "most tokens one LLM step runs: one per decoding request, the rest for new prompts (must exceed llm_max_rows)"})
 
     # --- LLM generation
-    llm_max_new_tokens: int = field(default=0, metadata={"help": "cap on LLM tokens per answer (0: only the model's 8192 prompt+answer limit)"})
+    llm_max_new_tokens: int = field(default=0, metadata={"help": "cap on LLM tokens per answer (0: proportional to the text, about 42 tokens per second of speech at a generous 0.5 s per character plus 5 s, and for edits twice the clip; always within the model's 8192 prompt+answer limit)"})
     llm_slot_mask: bool = field(default=True, metadata={"help": "let the LLM sample only audio ids that fit the 2:3 vq02/vq06 slot pattern (off: sample freely like the reference, then filter)"})
     text_chunk_chars: int = field(default=300, metadata={"help": "long target text is generated in chunks of about this many characters, split at sentence ends"})
 
@@ -107,6 +107,12 @@ class Settings:
     ws_send_buffer_bytes: int = field(default=8 * 1024**2, metadata={"help": "audio bytes queued for a text-streaming client that does not read; over it, generation stops and the session closes with code 4000"})
     ws_segment_max_wait_ms: int = field(default=1500, metadata={"help": "text-streaming: longest pending text waits for a sentence or clause end before it is spoken anyway (cut at the last word)"})
     ws_clause_min_chars: int = field(default=60, metadata={"help": "text-streaming: a clause end (comma, colon, Chinese comma) cuts a segment only once this many characters wait; sentence ends always cut"})
+    # --- web hardening (docs/security.md)
+    allowed_hosts: str = field(default="", metadata={"help": "comma-separated host names (no port) this server answers to, against DNS rebinding, e.g. studio.example,10.0.0.5; empty: localhost, 127.0.0.1, ::1 and the --host address; * allows any"})
+    max_engine_requests: int = field(default=16, metadata={"help": "engine requests (speech, edits, transcriptions, voice uploads and imports) admitted at once; more are answered 503 with Retry-After at once (default: two per LLM row)"})
+    busy_retry_after_s: int = field(default=2, metadata={"help": "Retry-After seconds in the 503 answered when max_engine_requests are running"})
+    request_timeout_s: float = field(default=300.0, metadata={"help": "deadline of one engine request (whole files; streams too); past it the work is cancelled and the client gets a 503"})
+    auth_failures_per_minute: int = field(default=10, metadata={"help": "wrong API keys (or page logins) one client address may send per minute before it is answered 429 with Retry-After"})
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINE_CHOICES:
@@ -161,11 +167,29 @@ class Settings:
                 raise ValueError(f"cors_origins entries must be http(s)://host[:port] origins or *, not {origin!r}")
         if not 0 < self.max_prompt_seconds < float("inf"):  # also refuses NaN
             raise ValueError(f"max_prompt_seconds must be a positive number of seconds, not {self.max_prompt_seconds!r}")
+        for name in ("max_engine_requests", "busy_retry_after_s", "auth_failures_per_minute"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        if not 0 < self.request_timeout_s < float("inf"):
+            raise ValueError(f"request_timeout_s must be a positive number of seconds, not {self.request_timeout_s!r}")
+        for host in self.allowed_host_list:
+            # One colon is host:port (an IPv6 address has at least two).
+            if "/" in host or host.count(":") == 1 or host.startswith("["):
+                raise ValueError(f"allowed_hosts entries are host names or addresses without scheme or port, not {host!r}")
 
     @property
     def cors_origin_list(self) -> tuple[str, ...]:
         """``cors_origins`` split at commas, without trailing slashes."""
         return tuple(o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip())
+
+    @property
+    def allowed_host_list(self) -> tuple[str, ...]:
+        """``allowed_hosts`` split at commas, lower-cased; empty: the loopback names and the bind address."""
+        hosts = tuple(h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip())
+        if hosts:
+            return hosts
+        bound = () if self.host in ("0.0.0.0", "::", "") else (self.host.lower(),)
+        return tuple(dict.fromkeys(("localhost", "127.0.0.1", "::1", *bound)))
 
     @property
     def tokenizer_dir(self) -> Path:

@@ -26,7 +26,8 @@ models exist. ``docs/cache.md`` is the long-form contract; in short:
       switches to memory-only caching with one WARNING and retries the disk after a minute; a lock
       busy for 10 s skips the disk write. The cache never raises for I/O trouble; malformed kinds,
       digests or payloads raise :class:`core.errors.CacheError` (a caller bug).
-    * ``stats(flush=False)`` (the /metrics scrape) takes no lock and writes nothing. Lookups made
+    * ``snapshot()`` (= ``stats(flush=False)``; every read path: /metrics, the API's and the page's cache
+      stats) takes no lock and writes nothing. Lookups made
       inside ``uncounted()`` (e.g. a voice export) change no hit/miss/saved-seconds counter.
       ``add()`` never replaces an existing entry (imports use it); ``discard()`` removes one.
 """
@@ -387,6 +388,13 @@ class PromptCache:
                 "max_bytes": self.max_bytes, "memory_entries": mem, "memory_capacity": self.memory_entries,
                 "since": self._counts.persisted["since"], "degraded": bool(self._degraded),
                 "degraded_reason": self._degraded, "root": str(self.root), "per_kind": per_kind}
+
+    def snapshot(self) -> dict:
+        """:meth:`stats` for read paths (the API's and the page's cache stats, /metrics): takes no lock,
+        waits on no other process and writes nothing. Other processes' counters are as they last
+        flushed them to ``stats.json``; entry counts are this process's view of the index (it catches
+        up at this process's next write)."""
+        return self.stats(flush=False)
 
     def clear(self) -> None:
         """Remove every entry (all processes see it) and reset the statistics."""

@@ -45,7 +45,7 @@ def test_named_endpoints(client):
 
 @pytest.mark.slow
 def test_clone_edit_and_cache_round_trip(client, studio):
-    client.predict(api_name="/cache_clear")
+    client.predict("clear", api_name="/cache_clear")
     audio, timings, summary, history, table, base = _clone(client)
     assert audio["url"] and audio["orig_name"].endswith(".wav")
     assert "| prompt_analysis |" in timings and "| hit |" not in timings  # first use of this prompt: computed
@@ -64,7 +64,7 @@ def test_clone_edit_and_cache_round_trip(client, studio):
     assert "#3 speed: slower" in base
     assert len(history["choices"]) == 3 and history["value"] == 2
 
-    cleared = client.predict(api_name="/cache_clear")
+    cleared = client.predict("clear", api_name="/cache_clear")
     assert cleared["entries"] == 0 and cleared["hits"] == 0
 
 
@@ -237,7 +237,7 @@ def test_tiny_model_engine_round_trip(tmp_path):
                               data={"transcript": EXAMPLE_TEXT}).json()
             bundle = http.get(f"/v1/audio/voices/{voice['id']}/export")
             assert set(bundle.headers["x-bundle-entries"].split(",")) == {"tokens", "prompt_features"}
-            assert client.predict(api_name="/cache_clear")["entries"] == 0
+            assert client.predict("clear", api_name="/cache_clear")["entries"] == 0
             imported = http.post("/v1/audio/voices/import", files={"file": ("v.zip", bundle.content)}).json()
             # A bundle signed with this server's key refills the cleared cache: nothing recomputed.
             assert imported["imported"] == ["prompt_features", "tokens"] and imported["recomputed"] == []

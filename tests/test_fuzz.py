@@ -34,7 +34,7 @@ def api(tmp_path_factory):
     settings_ = load_settings(["--cache-dir", str(root / "cache"), "--max-upload-bytes", "300000",
                                "--max-prompt-seconds", "5", "--bundle-key", "fuzzing-bundle-key-123"], env={})
     app = create_app(PreviewEngine(settings_, PromptCache.from_settings(settings_)), settings_, root / "out")
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with TestClient(app, raise_server_exceptions=False, base_url="http://localhost") as client:
         voice = client.post("/v1/audio/voices", files={"file": ("s.wav", speech_wav(seconds=1.0), "audio/wav")},
                             data={"transcript": "a short hum"})
         assert voice.status_code == 201, voice.text

@@ -21,9 +21,12 @@ Does not own: any engine (``tts_engine/step_audio.py``, ``preview/``), nor choos
 from __future__ import annotations
 
 import abc
+import contextvars
 import logging
+import math
 import secrets
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Generator, Iterator, Mapping
 
@@ -40,6 +43,25 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[float, str], None]
 
 MAX_EDIT_ITERATIONS = 5   # upstream's --n-edit-iter; whispering typically needs 2 or more
+
+
+# The LLM's audio tokens per second of speech: vq02 at 50/3 Hz plus vq06 at 25 Hz (= 41.7).
+AUDIO_TOKENS_PER_SECOND = 42
+# A generous bound on how long a text takes to say: 0.5 s per character is twice slow Mandarin
+# (about 4 characters a second) and seven times English; the 5 s cover short texts and pauses.
+SECONDS_PER_CHAR = 0.5
+BASE_SECONDS = 5.0
+
+
+def answer_cap(setting: int, text: str = "", clip_seconds: float = 0.0) -> int:
+    """The most LLM tokens one answer may take: ``setting`` (``llm_max_new_tokens``) when it is set,
+    else proportional to what is said -- ``text`` (a clone's chunk, a paralinguistic edit's new text)
+    plus, for an edit, twice the clip (a slower edit stretches it). A model that never says "end"
+    then stops after seconds of audio instead of the context's 8192 tokens (about 195 s)."""
+    if setting > 0:
+        return setting
+    seconds = BASE_SECONDS + SECONDS_PER_CHAR * len(text) + 2.0 * clip_seconds
+    return int(math.ceil(seconds * AUDIO_TOKENS_PER_SECOND))
 
 
 def no_progress(fraction: float, description: str) -> None:
@@ -164,6 +186,28 @@ class CancelToken:
         """Raise ``StreamCancelled`` when cancelled (engines call it between steps)."""
         if self._event.is_set():
             raise StreamCancelled("the stream was cancelled")
+
+
+# The cancellation of the request being served, for the whole-result calls (clone, edit, ...): the
+# web layer binds it around an engine call, and an engine checks it between steps (a disconnected
+# client or a passed deadline stops the LLM rows it holds). Streams carry their own token instead.
+_request_cancel: contextvars.ContextVar[CancelToken | None] = contextvars.ContextVar("engine_request_cancel",
+                                                                                    default=None)
+
+
+@contextmanager
+def cancellable(token: CancelToken | None) -> Iterator[None]:
+    """Run the block's engine calls under ``token`` (None: not cancellable)."""
+    reset = _request_cancel.set(token)
+    try:
+        yield
+    finally:
+        _request_cancel.reset(reset)
+
+
+def request_cancel_token() -> CancelToken | None:
+    """The token bound by :func:`cancellable` for this thread's engine call, if any."""
+    return _request_cancel.get()
 
 
 # produce(token) -> a generator of Audio chunks whose return value is the whole Result
@@ -294,7 +338,10 @@ class Engine(abc.ABC):
         base_seed = new_seed(seed)
         results: list[Result] = []
         current: AudioSource = audio
+        token = request_cancel_token()
         for i in range(iterations):
+            if token is not None:
+                token.check()   # a pass never starts for a client that went away
             def step(fraction: float, description: str, i: int = i) -> None:
                 progress((i + fraction) / iterations,
                          f"pass {i + 1}/{iterations}: {description}" if iterations > 1 else description)

@@ -29,7 +29,7 @@ from core.transcript import Transcript
 from decoder.model import AudioDecoder
 from decoder.streaming import StreamingDecoder
 from funasr_cache.store import audio_digest
-from llm.backend import GenerationRequest, LLMBackend
+from llm.backend import GenerationCancelled, GenerationRequest, LLMBackend
 from llm.longform import crossfade_join, split_text
 from llm.native import NativeBackend, answer_rules
 from llm.prompts import clone_prompt_ids, clone_speaker_id, edit_instruction, edit_prompt_ids
@@ -38,7 +38,7 @@ from llm.step1 import Step1Config
 from llm.vllm_backend import create_vllm_backend
 from tokenizer.asr import Transcriber
 from tokenizer.step_audio import StepAudioTokenizer
-from tts_engine.contract import CloneOptions, EditCapability, Engine, EngineInfo, ProgressFn, PromptReport, Result, ResultStream, new_seed, no_progress, validate_edit, validate_text
+from tts_engine.contract import CloneOptions, EditCapability, Engine, EngineInfo, ProgressFn, PromptReport, Result, ResultStream, answer_cap, new_seed, no_progress, request_cancel_token, validate_edit, validate_text
 from tts_engine.prompt_bundle import PromptBundler, features_namespace
 from tts_engine.streaming import stream_answers
 
@@ -135,8 +135,8 @@ class StepAudioEngine(Engine):
     def clone(self, prompt_audio: AudioSource, prompt_text: str, target_text: str, *, seed: int | None = None,
               options: CloneOptions = CloneOptions(), progress: ProgressFn = no_progress) -> Result:
         seed, timer = new_seed(seed), Timer()
-        prompts, bundle = self._clone_prompts(prompt_audio, prompt_text, target_text, timer, progress)
-        return self._generate("clone", prompts, bundle, seed, options, progress, timer, target_text)
+        prompts, bundle, caps = self._clone_prompts(prompt_audio, prompt_text, target_text, timer, progress)
+        return self._generate("clone", prompts, bundle, seed, options, progress, timer, target_text, caps)
 
     def clone_stream(self, prompt_audio: AudioSource, prompt_text: str, target_text: str, *,
                      seed: int | None = None, options: CloneOptions = CloneOptions()) -> ResultStream:
@@ -144,14 +144,15 @@ class StepAudioEngine(Engine):
 
         def produce(token):
             timer = Timer()
-            prompts, bundle = self._clone_prompts(prompt_audio, prompt_text, target_text, timer, no_progress)
-            return (yield from self._stream("clone", prompts, bundle, seed, options, timer, target_text, token))
+            prompts, bundle, caps = self._clone_prompts(prompt_audio, prompt_text, target_text, timer, no_progress)
+            return (yield from self._stream("clone", prompts, bundle, seed, options, timer, target_text, token, caps))
 
         return ResultStream(produce, seed, self.decoder.sample_rate)
 
     def _clone_prompts(self, prompt_audio: AudioSource, prompt_text: str, target_text: str, timer,
                        progress: ProgressFn):
-        """Validate a clone request, fetch its prompt bundle; (LLM prompts, one per text chunk; bundle)."""
+        """Validate a clone request, fetch its prompt bundle; (LLM prompts, one per text chunk; bundle;
+        each prompt's answer cap)."""
         limit = self.settings.max_text_chars
         prompt_text = validate_text(prompt_text, "the prompt text (what the prompt clip says)", limit)
         target_text = validate_text(target_text, "the target text", limit)
@@ -163,14 +164,16 @@ class StepAudioEngine(Engine):
             speaker = clone_speaker_id(prompt_text, audio.as_loaded())   # the raw [C, N] array, as upstream
             prompts = [clone_prompt_ids(self.llm_backend.encode, speaker, prompt_text, bundle.tokens.audio_string, chunk)
                        for chunk in chunks]
-        return prompts, bundle
+        caps = [answer_cap(self.settings.llm_max_new_tokens, chunk) for chunk in chunks]
+        return prompts, bundle, [self._within_context(cap, ids) for cap, ids in zip(caps, prompts)]
 
     def edit(self, audio: AudioSource, audio_text: str, edit_type: str, edit_info: str | None = None,
              text: str | None = None, *, seed: int | None = None, options: CloneOptions = CloneOptions(),
              progress: ProgressFn = no_progress) -> Result:
         seed, timer = new_seed(seed), Timer()
-        prompts, bundle, spoken = self._edit_prompts(audio, audio_text, edit_type, edit_info, text, timer, progress)
-        return self._generate(f"edit:{edit_type}", prompts, bundle, seed, options, progress, timer, spoken)
+        prompts, bundle, spoken, caps = self._edit_prompts(audio, audio_text, edit_type, edit_info, text, timer,
+                                                           progress)
+        return self._generate(f"edit:{edit_type}", prompts, bundle, seed, options, progress, timer, spoken, caps)
 
     def edit_stream(self, audio: AudioSource, audio_text: str, edit_type: str, edit_info: str | None = None,
                     text: str | None = None, *, seed: int | None = None,
@@ -179,16 +182,16 @@ class StepAudioEngine(Engine):
 
         def produce(token):
             timer = Timer()
-            prompts, bundle, spoken = self._edit_prompts(audio, audio_text, edit_type, edit_info, text, timer,
-                                                         no_progress)
+            prompts, bundle, spoken, caps = self._edit_prompts(audio, audio_text, edit_type, edit_info, text, timer,
+                                                               no_progress)
             return (yield from self._stream(f"edit:{edit_type}", prompts, bundle, seed, options, timer, spoken,
-                                            token))
+                                            token, caps))
 
         return ResultStream(produce, seed, self.decoder.sample_rate)
 
     def _edit_prompts(self, audio: AudioSource, audio_text: str, edit_type: str, edit_info: str | None,
                       text: str | None, timer, progress: ProgressFn):
-        """Validate an edit request, fetch its bundle; (LLM prompts, bundle, the text the result says)."""
+        """Validate an edit request, fetch its bundle; (LLM prompts, bundle, the text the result says, caps)."""
         edit_info = validate_edit(edit_type, edit_info, self._capabilities)
         limit = self.settings.max_text_chars
         if edit_type in _TYPES_NEEDING_AUDIO_TEXT:
@@ -205,7 +208,16 @@ class StepAudioEngine(Engine):
             instruction = edit_instruction(edit_type, edit_info, audio_text, text)
             prompts = [edit_prompt_ids(self.llm_backend.encode, instruction, bundle.tokens.audio_string)]
         spoken = text if edit_type == "paralinguistic" else (audio_text or "")
-        return prompts, bundle, spoken
+        cap = answer_cap(self.settings.llm_max_new_tokens, text or "", clip.duration)
+        return prompts, bundle, spoken, [self._within_context(cap, prompts[0])]
+
+    def _within_context(self, cap: int, prompt: list[int]) -> int:
+        """``cap`` lowered to the room the prompt leaves in the model's context (a vLLM server refuses a
+        request whose prompt plus max_tokens exceeds it); a prompt with no room keeps ``cap`` and is
+        refused by the backend with its own message."""
+        sampling = getattr(self.llm_backend, "sampling", None)   # every backend here has one; a stub may not
+        room = sampling.budget(len(prompt)) if sampling is not None else cap
+        return min(cap, room) if room >= 1 else cap
 
     # -------------------------------------------------------------- steps
 
@@ -217,32 +229,43 @@ class StepAudioEngine(Engine):
         return audio, digest
 
     def _stream(self, kind: str, prompts: list[list[int]], bundle, seed: int, options: CloneOptions, timer,
-                text: str, token):
+                text: str, token, caps: list[int]):
         """The streaming form of :meth:`_generate` (``tts_engine/streaming.py``); yields Audio, returns the Result.
         The backend refuses a prompt that leaves no room for an answer (InputError) at the first chunk."""
         return (yield from stream_answers(backend=self.llm_backend, streamer=self.streamer, prompts=prompts,
                                           bundle=bundle, seed=seed, options=options, timer=timer, text=text,
-                                          token=token, fade_ms=CROSSFADE_MS,
+                                          token=token, fade_ms=CROSSFADE_MS, caps=caps,
                                           on_done=lambda result: _log_request(kind, result.timings, bundle.digest)))
 
     def _generate(self, kind: str, prompts: list[list[int]], bundle, seed: int, options: CloneOptions,
-                  progress: ProgressFn, timer, text: str) -> Result:
-        """Generate one answer per prompt (chunks batch together), decode each, join; the Result."""
+                  progress: ProgressFn, timer, text: str, caps: list[int]) -> Result:
+        """Generate one answer per prompt (chunks batch together), decode each, join; the Result.
+
+        Raises:
+            StreamCancelled: the request's cancel token (``request_cancel_token``) was cancelled.
+        """
         n = len(prompts)
         chunk_seeds = [(seed + i) % 2**31 for i in range(n)]
         # Every chunk is submitted at once: they decode side by side while earlier ones are decoded to audio.
         streams, pieces, all_ids, outputs, generated, waited_ms = [], [], [], [], 0, 0.0
         for stage in ("llm_queue", "llm_prefill", "llm_decode"):   # log them in pipeline order
             timer.record(stage, 0.0)
+        token = request_cancel_token()
         try:
-            for ids, s in zip(prompts, chunk_seeds):
-                streams.append(self.llm_backend.submit(GenerationRequest(tuple(ids), s)))
+            for ids, s, cap in zip(prompts, chunk_seeds, caps):
+                streams.append(self.llm_backend.submit(GenerationRequest(tuple(ids), s, max_new_tokens=cap)))
+            if token is not None:   # a client that went away (or a passed deadline) frees its LLM rows at once
+                token.on_cancel(lambda: [s.cancel() for s in streams])
             for i, (stream, chunk_seed) in enumerate(zip(streams, chunk_seeds)):
                 wait_start = time.perf_counter()
                 try:
                     out = stream.result()
                 except StudioError:
                     raise
+                except GenerationCancelled:
+                    if token is not None:
+                        token.check()
+                    raise ModelError("the LLM request was cancelled by the server") from None
                 except Exception as exc:  # noqa: BLE001 -- torch failures (e.g. out of memory)
                     log.error("LLM generation failed: %s", exc)
                     raise ModelError(f"the LLM failed: {exc}") from None
@@ -250,6 +273,8 @@ class StepAudioEngine(Engine):
                 outputs.append(out)
                 generated += len(out.answer)
                 ids = audio_answer(out.answer, self.llm_backend.eos_ids)
+                if token is not None:
+                    token.check()
                 with timer.stage("token2wav"):
                     wav = self.decoder.token2wav(from_llm_ids(ids), bundle.tokens.mixed, bundle.features,
                                                  seed=chunk_seed, n_steps=options.flow_steps)

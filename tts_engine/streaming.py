@@ -124,7 +124,8 @@ _EMPTY = np.zeros(0, dtype=np.float32)
 
 def stream_answers(*, backend: LLMBackend, streamer, prompts: list[list[int]], bundle, seed: int,
                    options: CloneOptions, timer: Timer, text: str, token: CancelToken, fade_ms: float,
-                   on_done: Callable[[Result], None] = lambda result: None) -> Generator[Audio, None, Result]:
+                   on_done: Callable[[Result], None] = lambda result: None,
+                   caps: Sequence[int | None] = ()) -> Generator[Audio, None, Result]:
     """Generate an answer per prompt (all submitted at once, so they batch), decode each as its ids
     arrive, join the text chunks' audio; yields ``Audio`` chunks, returns the whole ``Result``.
 
@@ -144,8 +145,9 @@ def stream_answers(*, backend: LLMBackend, streamer, prompts: list[list[int]], b
         timer.record(stage, 0.0)
     streams: list[GenerationStream] = []
     try:
-        for ids, chunk_seed in zip(prompts, chunk_seeds):
-            streams.append(backend.submit(GenerationRequest(tuple(ids), chunk_seed)))
+        for i, (ids, chunk_seed) in enumerate(zip(prompts, chunk_seeds)):   # caps: each answer's token cap
+            cap = caps[i] if i < len(caps) else None
+            streams.append(backend.submit(GenerationRequest(tuple(ids), chunk_seed, max_new_tokens=cap)))
     except BaseException:
         for s in streams:
             s.cancel()

@@ -21,6 +21,7 @@ which (values are percent-encoded UTF-8, so a header stays ASCII).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Literal
 from urllib.parse import quote
@@ -39,8 +40,8 @@ from core.instructions import chain_header, parse_instructions
 from core.settings import Settings
 from tts_engine.contract import CloneOptions, Engine, validate_edit, validate_iterations, validate_text
 from web import api_voices
-from web.deps import APIError, get_engine, get_metrics, get_settings, get_voices, jsonable, read_upload, require_api_key, result_headers, run_engine
-from web.metrics import CONTENT_TYPE, Metrics
+from web.deps import APIError, get_engine, get_metrics, get_settings, get_voices, jsonable, link_cancel, read_upload, require_api_key, result_headers, run_engine
+from web.metrics import CONTENT_TYPE
 from web.streaming import check_stream_format, start_stream, stream_response
 from web.voices import VoiceStore, check_voice_id
 
@@ -116,8 +117,8 @@ def create_speech(body: SpeechRequest, request: Request, engine: Engine = Depend
     prompt = voices.audio(voice.id)
     options = CloneOptions(flow_steps=body.flow_steps)
     if body.stream_format:
-        stream, first = start_stream(request, "speech_stream", lambda: engine.clone_stream(
-            prompt, voice.transcript, text, seed=body.seed, options=options))
+        stream, first = start_stream(request, "speech_stream", lambda: link_cancel(request, engine.clone_stream(
+            prompt, voice.transcript, text, seed=body.seed, options=options)))
         return stream_response(request, "speech_stream", engine, stream, first, fmt, sse=body.stream_format == "sse",
                                input_tokens=len(text))
     result = run_engine(request, "speech", lambda: engine.clone(prompt, voice.transcript, text, seed=body.seed,
@@ -228,44 +229,76 @@ def describe_engine(engine: Engine = Depends(get_engine)) -> dict:
 
 @router.get("/cache/stats", summary="Prompt cache statistics")
 def cache_stats(engine: Engine = Depends(get_engine)) -> JSONResponse:
-    return JSONResponse(jsonable(engine.cache.stats()))
+    # A read: no folder lock, no write of stats.json (the counters are flushed by writes and at exit).
+    return JSONResponse(jsonable(engine.cache.snapshot()))
 
 
 @router.post("/cache/clear", summary="Empty the prompt cache (stored voices stay; entries are recomputed)")
 def cache_clear(engine: Engine = Depends(get_engine)) -> JSONResponse:
     engine.cache.clear()
     log.info("prompt cache cleared through the API")
-    return JSONResponse({"cleared": True, "stats": jsonable(engine.cache.stats())})
+    return JSONResponse({"cleared": True, "stats": jsonable(engine.cache.snapshot())})
 
 
 # ----------------------------------------------------------------------------- operations (no key)
+# These are ``async``: they never wait for a worker thread of AnyIO's pool, which engine routes may
+# all hold. What can block (the readiness probe's CUDA check, a scrape) runs in the app's own small
+# executor with a time limit, so a busy engine cannot make a health check time out.
+
+OPS_TIMEOUT_S = 3.0   # under the image's 4 s healthcheck timeout
+
 
 @ops_router.get("/healthz", summary="The process is up")
-def healthz() -> dict:
+async def healthz() -> dict:
     return {"status": "ok"}
 
 
 @ops_router.get("/readyz", summary="The configured engine is loaded (and, on CUDA, can allocate)")
-def readyz(engine: Engine = Depends(get_engine), settings: Settings = Depends(get_settings)) -> JSONResponse:
+async def readyz(request: Request) -> JSONResponse:
+    engine, settings = get_engine(request), get_settings(request)
     try:
-        ready, reason = engine.ready()
-        serving = "preview" if engine.describe().preview else "step-audio"
-        if ready and settings.engine not in ("auto", serving):
-            # e.g. a fallback to the CPU preview where Step-Audio-EditX was asked for: not ready.
-            ready, reason = False, f"the {serving} engine is serving, but engine={settings.engine} is configured"
-        if ready:
-            device_ok, why = _device_check(engine.describe().device)
-            if not device_ok:
-                ready, reason = False, why
+        ready, reason = await _off_loop(request, _readiness, engine, settings)
+    except TimeoutError:
+        ready, reason = False, f"the readiness check took longer than {OPS_TIMEOUT_S:g} s"
     except Exception as exc:  # a readiness probe answers, it never raises
         log.exception("readiness check failed")
         ready, reason = False, f"readiness check failed: {type(exc).__name__}"
     return JSONResponse({"ready": bool(ready), "reason": reason}, status_code=200 if ready else 503)
 
 
+def _readiness(engine: Engine, settings: Settings) -> tuple[bool, str]:
+    ready, reason = engine.ready()
+    serving = "preview" if engine.describe().preview else "step-audio"
+    if ready and settings.engine not in ("auto", serving):
+        # e.g. a fallback to the CPU preview where Step-Audio-EditX was asked for: not ready.
+        ready, reason = False, f"the {serving} engine is serving, but engine={settings.engine} is configured"
+    if ready:
+        device_ok, why = _device_check(engine.describe().device)
+        if not device_ok:
+            ready, reason = False, why
+    return ready, reason
+
+
 @ops_router.get("/metrics", summary="Prometheus metrics")
-def metrics(metrics: Metrics = Depends(get_metrics)) -> Response:
-    return Response(metrics.render(), media_type=CONTENT_TYPE)
+async def metrics(request: Request) -> Response:
+    try:
+        text = await _off_loop(request, get_metrics(request).render)
+    except TimeoutError:
+        raise APIError(503, f"the metrics scrape took longer than {OPS_TIMEOUT_S:g} s", "server_error",
+                       "scrape_timeout") from None
+    return Response(text, media_type=CONTENT_TYPE)
+
+
+async def _off_loop(request: Request, fn, *args):
+    """``fn(*args)`` in the app's operations executor (two threads of its own), within OPS_TIMEOUT_S.
+
+    Raises:
+        TimeoutError: it did not finish in time (it goes on in the background; the executor is small,
+            so piled-up probes wait there instead of taking the engine's threads).
+    """
+    executor = request.app.state.ops_executor
+    future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+    return await asyncio.wait_for(asyncio.shield(future), OPS_TIMEOUT_S)
 
 
 def _device_check(device: str) -> tuple[bool, str]:

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import BackendUnavailable, CacheError, InputError, ModelError, StudioError
 from core.settings import Settings
-from tts_engine.contract import Engine, Result
+from tts_engine.contract import Engine, Result, StreamCancelled, cancellable
 from web.metrics import Metrics
 from web.voices import VoiceNotFound, VoiceStore
 
@@ -156,7 +156,7 @@ def run_engine_call(metrics: Metrics, endpoint: str, rid: str, call: Callable[[]
     with metrics.track(endpoint):
         try:
             result = call()
-        except StudioError:
+        except (StudioError, StreamCancelled):
             raise
         except Exception:
             log.exception("request %s (%s) failed", rid, endpoint)
@@ -178,11 +178,37 @@ def run_engine_call(metrics: Metrics, endpoint: str, rid: str, call: Callable[[]
 
 
 def run_engine(request: Request, endpoint: str, call: Callable[[], T]) -> T:
-    """:func:`run_engine_call` for an HTTP route: unexpected errors become a 500 naming the request id."""
+    """:func:`run_engine_call` for an HTTP route: unexpected errors become a 500 naming the request id.
+    The call runs under the request's cancel token (``web.admission``): a client that went away or a
+    passed deadline stops the engine's work (then: 503 ``deadline_exceeded``, or 499 that nobody reads)."""
+    state = request.scope.get("state", {})
     try:
-        return run_engine_call(get_metrics(request), endpoint, request_id(request), call)
+        with cancellable(state.get("cancel")):
+            return run_engine_call(get_metrics(request), endpoint, request_id(request), call)
     except InternalError as exc:
         raise APIError(500, str(exc), "server_error", "internal_error") from None
+    except StreamCancelled:
+        raise cancelled_error(request) from None
+
+
+def cancelled_error(request) -> APIError:
+    """The answer to a request whose engine work was cancelled (by its deadline or its client leaving)."""
+    state = request.scope.get("state", {})
+    if state.get("deadline_passed"):
+        settings = get_settings(request)
+        return APIError(503, f"the request took longer than its deadline of {settings.request_timeout_s:g} s "
+                             "(setting request_timeout_s) and was cancelled; try a shorter text or retry later",
+                        "server_error", "deadline_exceeded", headers={"Retry-After": str(settings.busy_retry_after_s)})
+    return APIError(499, "the client closed the request; its work was cancelled", "invalid_request_error",
+                    "client_closed")
+
+
+def link_cancel(request, stream):
+    """``stream`` (a ``ResultStream``), cancelled with the request's token (client gone, deadline)."""
+    token = request.scope.get("state", {}).get("cancel")
+    if token is not None:
+        token.on_cancel(stream.cancel)
+    return stream
 
 
 def result_headers(result: Result, engine: Engine) -> dict[str, str]:
@@ -233,11 +259,12 @@ class StudioMiddleware:
                 "type": "server_error", "code": "internal_error", "request_id": rid}}, rid)
 
 
-async def _send_json(send, status: int, payload: dict, rid: str, close: bool = False) -> None:
-    """A whole JSON response through a raw ASGI ``send``."""
+async def _send_json(send, status: int, payload: dict, rid: str, close: bool = False,
+                     extra: list[tuple[bytes, bytes]] = ()) -> None:
+    """A whole JSON response through a raw ASGI ``send`` (``extra``: more headers)."""
     body = json.dumps(payload).encode()
     headers = [(b"content-type", b"application/json"), (b"x-request-id", rid.encode()),
-               (b"content-length", str(len(body)).encode())]
+               (b"content-length", str(len(body)).encode()), *extra]
     if close:  # the unread body must not be taken for the next request
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -8,14 +8,18 @@ Does not own: building the engine or settings, logging setup, running uvicorn (`
 
 With an ``api_key``, the page and its named API (``/clone``, ``/edit``, ``/cache_clear``, uploads,
 files) ask for a login whose password is the key (any user name; ``gradio_client`` passes
-``auth=(name, key)``), unless ``ui_requires_key`` is switched off. State-changing ``/v1`` routes
-refuse other sites' browsers (``web.guards.OriginGuard``); CORS is added only for ``cors_origins``.
+``auth=(name, key)``), unless ``ui_requires_key`` is switched off; ``/v1`` and the API docs need the
+key before their body is read (``web.guards.KeyGuard``). Every request must name an allowed host
+(``HostGuard``, against DNS rebinding); state-changing requests anywhere (Gradio's included) refuse
+other sites' browsers (``OriginGuard``); CORS is added only for ``cors_origins``; engine routes are
+admitted by ``web.admission``. docs/security.md has the threat model.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -27,7 +31,8 @@ from core.settings import Settings
 from tts_engine.contract import Engine
 from web import api, api_stream_ws, api_voices
 from web.deps import StudioMiddleware, install_error_handlers
-from web.guards import BodyLimit, OriginGuard
+from web.admission import Admission, AdmissionGuard
+from web.guards import BodyLimit, FailureLimiter, HostGuard, KeyGuard, OriginGuard
 from web.metrics import Metrics
 from web.ui import EXAMPLES_DIR, build_demo
 from web.voices import VoiceStore
@@ -52,6 +57,7 @@ def create_app(engine: Engine, settings: Settings, output_dir: Path | None = Non
         try:
             yield
         finally:
+            app.state.ops_executor.shutdown(wait=False, cancel_futures=True)
             engine.close()
 
     app = FastAPI(title="Step-Audio-EditX studio API", version="1", lifespan=lifespan,
@@ -60,20 +66,29 @@ def create_app(engine: Engine, settings: Settings, output_dir: Path | None = Non
     app.state.settings = settings
     app.state.voices = VoiceStore(Path(settings.cache_dir) / "voices")
     # A scrape reads the counters without the cache's file lock and writes nothing.
-    app.state.metrics = Metrics(lambda: engine.cache.stats(flush=False), getattr(engine, "llm_backend", None))
+    app.state.metrics = Metrics(engine.cache.snapshot, getattr(engine, "llm_backend", None))
+    # Health probes and scrapes run here, never in AnyIO's worker threads that engine routes hold.
+    app.state.ops_executor = ThreadPoolExecutor(2, thread_name_prefix="studio-ops")
     install_error_handlers(app)
     app.include_router(api.ops_router)
     app.include_router(api_voices.router)
     app.include_router(api_stream_ws.router)   # WS /v1/audio/speech/stream: checks its own key and Origin
     app.include_router(api.router)
-    # add_middleware wraps: the last added runs first (request id, then body limit, then origins).
-    app.add_middleware(OriginGuard, allowed_origins=settings.cors_origin_list)
+    app.state.admission = Admission(settings.max_engine_requests, settings.busy_retry_after_s)
+    # add_middleware wraps: the last added runs first. In request order: request id, Host, Origin
+    # (and CORS), the key (before any body byte is read), the body limit, then admission of engine work.
+    app.add_middleware(AdmissionGuard, admission=app.state.admission, deadline_s=settings.request_timeout_s)
+    app.add_middleware(BodyLimit, max_body_bytes=settings.max_upload_bytes)
+    app.add_middleware(KeyGuard, api_key=settings.api_key,
+                       limiter=FailureLimiter(settings.auth_failures_per_minute))
     if settings.cors_origin_list:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origin_list), allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["X-Request-Id", "X-Timings", "X-Seed",
                                                                 "X-Cache-Hits", "X-Engine"])
-    app.add_middleware(BodyLimit, max_body_bytes=settings.max_upload_bytes)
+    app.add_middleware(OriginGuard, allowed_origins=settings.cors_origin_list)
+    app.add_middleware(HostGuard, allowed_hosts=settings.allowed_host_list)
     app.add_middleware(StudioMiddleware)
+    warn_if_exposed(settings)
 
     demo = build_demo(engine, settings, app.state.metrics, output_dir)
     auth = _key_login(settings.api_key) if settings.ui_requires_key and settings.api_key else None
@@ -84,6 +99,24 @@ def create_app(engine: Engine, settings: Settings, output_dir: Path | None = Non
                         show_error=True, ssr_mode=False, theme=gr.themes.Soft(),
                         allowed_paths=[str(EXAMPLES_DIR)])
     return app
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def warn_if_exposed(settings: Settings) -> bool:
+    """Log a loud warning (and return True) when the studio listens beyond loopback with no API key.
+
+    A warning, not a refusal: the image binds 0.0.0.0 inside its own network namespace, where only
+    the published port reaches it, and a private LAN studio without a key is a legitimate choice.
+    """
+    if settings.api_key or settings.host in LOOPBACK or settings.host.startswith("127."):
+        return False
+    log.warning("!!! the studio listens on %s with NO API key: anyone who can reach this address can clone "
+                "voices, read stored voices and clear the cache. Set STUDIO_API_KEY (docs/security.md) or "
+                "bind to 127.0.0.1. Hosts answered: %s (setting allowed_hosts) !!!", settings.host,
+                ", ".join(settings.allowed_host_list))
+    return True
 
 
 def _key_login(key: str):

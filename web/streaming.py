@@ -30,7 +30,7 @@ from starlette.responses import StreamingResponse
 from core.audio_io import Audio, media_type
 from core.errors import InputError, StudioError
 from tts_engine.contract import Engine, ResultStream, StreamCancelled
-from web.deps import APIError, get_metrics, request_id
+from web.deps import APIError, cancelled_error, get_metrics, request_id
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,9 @@ def start_stream(request: Request, endpoint: str, make) -> tuple[ResultStream, A
         first = next(stream)
     except StopIteration:
         raise APIError(500, "the engine produced no audio", "server_error", "internal_error") from None
+    except StreamCancelled:   # the client left or the deadline passed before the first chunk
+        get_metrics(request).requests.labels(endpoint, "cancelled").inc()
+        raise cancelled_error(request) from None
     except StudioError as exc:
         get_metrics(request).requests.labels(endpoint, type(exc).__name__).inc()
         raise

@@ -31,7 +31,7 @@ from core.edit_options import LANGUAGE_TAGS, PARALINGUISTIC_TAGS
 from core.settings import Settings
 from tts_engine.contract import MAX_EDIT_ITERATIONS, EditCapability, Engine
 from web.metrics import Metrics
-from web.ui_handlers import UI_FORMATS, Handlers, base_note, guarded, history_table, new_state
+from web.ui_handlers import CLEAR_CONFIRMATION, UI_FORMATS, Handlers, base_note, guarded, history_table, new_state
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +213,8 @@ def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = Non
             with gr.Row(visible=False) as confirm_row:
                 gr.Markdown("Remove every cached prompt entry? Stored voices stay; entries are recomputed on use.")
                 confirm = gr.Button("Yes, clear the cache", variant="stop", size="sm", elem_id="cache_confirm")
+                # The named API's explicit confirmation; the page's button sends it.
+                confirm_word = gr.Textbox(CLEAR_CONFIRMATION, visible=False, label="confirm")
                 cancel = gr.Button("Cancel", size="sm", elem_id="cache_cancel")
 
         # --------------------------------------------------------------- events
@@ -247,7 +249,7 @@ def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = Non
 
         clear.click(lambda: gr.update(visible=True), outputs=confirm_row, **quick)
         cancel.click(lambda: gr.update(visible=False), outputs=confirm_row, **quick)
-        confirm.click(guarded(h.cache_clear), outputs=cache_json, api_name="cache_clear",
+        confirm.click(guarded(h.cache_clear), inputs=confirm_word, outputs=cache_json, api_name="cache_clear",
                       queue=False).then(lambda: gr.update(visible=False), outputs=confirm_row, **quick)
         cache_json.change(cache_line, cache_json, cache_summary, **quick)
         demo.load(h.cache_stats, outputs=cache_json, **quick)

@@ -51,8 +51,20 @@ UI_FORMATS = ("wav", "flac", "mp3", "opus")   # what a browser can play (raw pcm
 _EXTENSIONS = {"wav": "wav", "flac": "flac", "mp3": "mp3", "opus": "ogg"}
 OUTPUT_MAX_AGE_S = 24 * 3600
 _LOSSLESS_SUFFIX = ".f32.wav"
+CLEAR_CONFIRMATION = "clear"   # the value the named cache_clear API needs
 # The id of the page event being handled (set by ``guarded``, read where the engine is called).
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("studio_page_request_id", default="")
+
+
+def _has_key(request: gr.Request | None, key: str) -> bool:
+    """Whether the page event comes from a session logged in with the key (Gradio's login checks the
+    key as password) or carries it as a Bearer token."""
+    if request is None:
+        return False
+    if getattr(request, "username", None):
+        return True
+    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), key.encode())
 
 
 def new_state() -> dict:
@@ -113,7 +125,7 @@ class Handlers:
                  output_dir: Path | None = None) -> None:
         self.engine = engine
         self.settings = settings
-        self.metrics = metrics or Metrics(engine.cache.stats)
+        self.metrics = metrics or Metrics(engine.cache.snapshot)
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="studio-out-"))
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -243,11 +255,20 @@ class Handlers:
     # ------------------------------------------------------------------ cache
 
     def cache_stats(self) -> dict:
-        return jsonable(self.engine.cache.stats())
+        return jsonable(self.engine.cache.snapshot())   # a read: no lock, no write (funasr_cache.store)
 
-    def cache_clear(self) -> dict:
+    def cache_clear(self, confirm: str | None = None, request: gr.Request | None = None) -> dict:
+        """Empty the prompt cache (every replica sharing the folder sees it). The named API call must
+        say ``confirm="clear"`` (the page's confirm button does), and with an API key set, must come
+        from a logged-in page (the key as password) or carry ``Authorization: Bearer <key>``."""
+        if (confirm or "").strip().lower() != CLEAR_CONFIRMATION:
+            raise gr.Error(f'Clearing the prompt cache needs confirm="{CLEAR_CONFIRMATION}" (it empties it for '
+                           "every replica; stored voices stay).", title="Not confirmed")
+        if self.settings.api_key and not _has_key(request, self.settings.api_key):
+            raise gr.Error("Clearing the prompt cache needs the API key: log in with it, or send "
+                           "'Authorization: Bearer <key>'.", title="Not allowed")
         self.engine.cache.clear()
-        log.info("prompt cache cleared from the UI")
+        log.info("prompt cache cleared from the UI (request %s)", page_request_id(request))
         return self.cache_stats()
 
     # ------------------------------------------------------------------ helpers
