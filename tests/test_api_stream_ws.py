@@ -298,6 +298,34 @@ def test_session_limits(studio, voice, tweak):
         read_all(first)
 
 
+def test_a_session_holds_one_slot_of_the_engine_admission(studio, voice):
+    admission = studio.app.state.admission
+    before = admission.running
+    with connect(ws_url(studio), additional_headers=AUTH) as ws:
+        ws.send(open_message(voice))
+        assert json.loads(ws.recv(timeout=30))["type"] == "session.started"
+        assert admission.running == before + 1
+        ws.send(json.dumps({"type": "cancel"}))
+        read_all(ws)
+    for _ in range(200):                      # the slot is released once the session's task has ended
+        if admission.running == before:
+            break
+        time.sleep(0.05)
+    assert admission.running == before
+    taken = 0
+    while admission.try_acquire():           # the HTTP routes hold every slot now
+        taken += 1
+    try:
+        with connect(ws_url(studio), additional_headers=AUTH) as ws:
+            busy = read_all(ws)
+        assert (busy.close_code, error_of(busy)) == (1013, "too_many_sessions")
+        assert "max_engine_requests" in busy.close_reason or "max_engine_requests" in json.dumps(busy.events)
+    finally:
+        for _ in range(taken):
+            admission.release()
+    assert admission.running == before
+
+
 def test_the_maximum_wait_cuts_a_sentence_that_does_not_end(studio, voice, tweak):
     tweak(studio, ws_segment_max_wait_ms=300)
     with connect(ws_url(studio), additional_headers=AUTH) as ws:

@@ -131,19 +131,29 @@ async def _refuse(websocket: WebSocket, status: int, code: str, message: str) ->
         await websocket.close(code=CLOSE_POLICY)
 
 
-def admit_session(websocket: WebSocket, settings: Settings) -> bool:
-    """The session admission hook (one call site): True when a session may start. A minimal count of
-    open sessions against ``ws_max_sessions``; a server-wide admission control can replace it here.
-    The count lives in ``app.state`` and is touched only on the event loop, so it needs no lock."""
+def admit_session(websocket: WebSocket, settings: Settings) -> str:
+    """The session admission (one call site): "" when a session may start, else why not.
+
+    A session counts against ``ws_max_sessions`` and holds one slot of the server-wide engine admission
+    (``web.admission``, setting ``max_engine_requests``) while it is open, so text streams and HTTP engine
+    requests share one bound. The count lives in ``app.state`` and is touched only on the event loop."""
     state = websocket.app.state
     if getattr(state, "ws_sessions", 0) >= settings.ws_max_sessions:
-        return False
+        return (f"{settings.ws_max_sessions} text-streaming sessions are open (setting ws_max_sessions); "
+                "try again later")
+    admission = getattr(state, "admission", None)
+    if admission is not None and not admission.try_acquire():
+        return (f"the studio is busy: {admission.limit} engine requests are running (setting "
+                f"max_engine_requests); retry in {admission.retry_after_s} s")
     state.ws_sessions = getattr(state, "ws_sessions", 0) + 1
-    return True
+    return ""
 
 
 def _release_session(websocket: WebSocket) -> None:
-    websocket.app.state.ws_sessions -= 1
+    state = websocket.app.state
+    state.ws_sessions -= 1
+    if getattr(state, "admission", None) is not None:
+        state.admission.release()
 
 
 @router.get("/stream-demo", include_in_schema=False)
@@ -169,10 +179,9 @@ async def speech_stream(websocket: WebSocket) -> None:
         return
     offered = websocket.scope.get("subprotocols") or ()
     await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
-    if not admit_session(websocket, settings):
-        await websocket.send_json({"type": "error", "error": {
-            "code": "too_many_sessions", "message": f"{settings.ws_max_sessions} text-streaming sessions are open "
-                                                   "(setting ws_max_sessions); try again later"}})
+    refused = admit_session(websocket, settings)
+    if refused:
+        await websocket.send_json({"type": "error", "error": {"code": "too_many_sessions", "message": refused}})
         await websocket.close(CLOSE_BUSY, "too many sessions")
         return
     released = False
