@@ -233,3 +233,18 @@ def settings_table() -> list[tuple[str, str, str, str]]:
         default = f.default if f.default is not dataclasses.MISSING else "min(4, cores)"
         rows.append(("--" + f.name.replace("_", "-"), ENV_PREFIX + f.name.upper(), str(default), f.metadata.get("help", "")))
     return rows
+
+
+# Settings that hold secrets: given as flags they show in `ps` and /proc/<pid>/cmdline to every user.
+SECRET_SETTINGS = ("api_key", "bundle_key", "llm_api_key")
+
+
+def secret_flags(argv: Sequence[str]) -> list[str]:
+    """The secret settings' flags present in ``argv`` (``--api-key x`` or ``--api-key=x``)."""
+    flags = {"--" + name.replace("_", "-") for name in SECRET_SETTINGS}
+    return sorted({arg.split("=", 1)[0] for arg in argv if arg.split("=", 1)[0] in flags})
+
+
+def flag_env_name(flag: str) -> str:
+    """``--api-key`` -> ``STUDIO_API_KEY``."""
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
