@@ -100,6 +100,10 @@ class Settings:
     llm_quantization: str = field(default="none", metadata={"help": "native backend only: none | int8 (weight-only, CPU and CUDA) | int4 (weight-only, CUDA with bfloat16 only); quantizes the Step1 decoder layers with torchao after loading (vLLM ignores it: it has its own --quantization)"})
     # --- streaming
     stream_prompt_cache_mb: int = field(default=1024, metadata={"help": "memory (MB) for the streaming decoder's per-voice prompt state (about 1.3 MB per prompt mel frame in float32; 0: recompute per request)"})
+    # --- Gradio's upload folder (GRADIO_TEMP_DIR; web/uploads.py)
+    upload_folder_max_bytes: int = field(default=1024**3, metadata={"help": "most bytes kept in Gradio's upload folder (GRADIO_TEMP_DIR): after each page upload the oldest files are deleted down to it (at least max_upload_bytes)"})
+    upload_folder_max_files: int = field(default=1000, metadata={"help": "most files kept in Gradio's upload folder (oldest deleted first)"})
+    upload_folder_max_age_s: int = field(default=3600, metadata={"help": "seconds an uploaded or generated file of the page is kept (deleted at the next upload and by Gradio's periodic clean-up)"})
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINE_CHOICES:
@@ -148,6 +152,12 @@ class Settings:
                 raise ValueError(f"cors_origins entries must be http(s)://host[:port] origins or *, not {origin!r}")
         if not 0 < self.max_prompt_seconds < float("inf"):  # also refuses NaN
             raise ValueError(f"max_prompt_seconds must be a positive number of seconds, not {self.max_prompt_seconds!r}")
+        for name in ("upload_folder_max_bytes", "upload_folder_max_files", "upload_folder_max_age_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        if self.upload_folder_max_bytes < self.max_upload_bytes:
+            raise ValueError(f"upload_folder_max_bytes ({self.upload_folder_max_bytes}) must be at least "
+                             f"max_upload_bytes ({self.max_upload_bytes}): the folder must hold one upload")
 
     @property
     def cors_origin_list(self) -> tuple[str, ...]:

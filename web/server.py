@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
@@ -30,6 +31,7 @@ from web.deps import StudioMiddleware, install_error_handlers
 from web.guards import BodyLimit, OriginGuard
 from web.metrics import Metrics
 from web.ui import EXAMPLES_DIR, build_demo
+from web.uploads import UploadQuota, keep_example_copies, kept_files
 from web.voices import VoiceStore
 
 log = logging.getLogger(__name__)
@@ -71,10 +73,14 @@ def create_app(engine: Engine, settings: Settings, output_dir: Path | None = Non
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origin_list), allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["X-Request-Id", "X-Timings", "X-Seed",
                                                                 "X-Cache-Hits", "X-Engine"])
+    app.add_middleware(UploadQuota, folder=get_upload_folder(), max_bytes=settings.upload_folder_max_bytes,
+                       max_files=settings.upload_folder_max_files, max_age_s=settings.upload_folder_max_age_s,
+                       protected=lambda: kept_files(demo))
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_upload_bytes)
     app.add_middleware(StudioMiddleware)
 
     demo = build_demo(engine, settings, app.state.metrics, output_dir)
+    keep_example_copies(demo)
     auth = _key_login(settings.api_key) if settings.ui_requires_key and settings.api_key else None
     if settings.api_key and not settings.ui_requires_key:
         log.warning("the API needs a key but the page and its named API are open (--no-ui-requires-key)")
