@@ -1,14 +1,19 @@
 """Deployment files, the configuration reference and the model download script.
 
 Covers: the Dockerfile (hadolint-clean; its ENV and CMD build valid Settings through the app's own
-parser; its HEALTHCHECK probes /healthz; the build context keeps the code and drops weights),
+parser; its HEALTHCHECK probes /healthz on the port the app's own flags and environment give; no
+``# syntax=`` line; the code importable by every script; numba's cache on a volume; the build context,
+matched the way Docker matches, keeps the code and drops weights, secrets and wheel folders), .env out
+of git, the app's exit status 78 when its models are missing,
 docker-compose.yml (compose-spec schema; an environment entry for every setting, defaulting to the
-app's defaults; GPU reservation, volumes, the scale profile, the vllm profile and its plugin), and -- slow -- both together: two real
+app's defaults; GPU reservation, volumes, a bounded restart policy, the scale profile, the vllm profile,
+its plugin, its key from the environment and its shm size), and -- slow -- both together: two real
 app processes started with the image's CMD, ENV and compose's environment on one cache folder, probed
 with the image's HEALTHCHECK, sharing a stored voice and its cached prompt work. Also
 requirements-gpu.txt against requirements.txt, docs/configuration.md being current, and
 scripts/download_models.py's checks on fake model folders (no network).
-No Docker engine is needed or used.
+No Docker engine is needed or used, except by the tests marked `docker` (deselected by default): the
+engine's own .dockerignore handling, and scripts/check_image.sh (build and smoke test of the image).
 """
 
 from __future__ import annotations
@@ -625,3 +630,52 @@ def test_pins_manifest_and_upstream_hashes_catch_changed_files(tmp_path, capsys,
         f"upstream's {onnx_sha[:16]}...",
     }
     assert dl.main(["--check-only", "--offline", "--model-root", str(tmp_path)]) == 1
+
+
+# ------------------------------------------------------------------------------------------ Docker engine
+# Deselected by default (pytest.ini: -m "not docker"); run with `pytest -m docker tests/test_deploy.py` on a
+# machine with a Docker engine. STUDIO_CHECK_IMAGE_ARGS passes options to scripts/check_image.sh
+# (e.g. "--offline-base" where no registry is reachable, "--no-build" to test an image built before).
+
+def _require_docker() -> None:
+    if shutil.which("docker") is None or subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        pytest.skip("no Docker engine")
+
+
+@pytest.mark.docker
+def test_the_docker_engine_leaves_secrets_and_wheel_folders_out_of_the_build_context(tmp_path):
+    _require_docker()
+    context = tmp_path / "context"
+    keep = ["app.py", "core/settings.py", "examples/en_low.flac"]
+    drop = [".env", "deploy/.env", ".env.production", ".whl/torch.whl", "vendor/.gl/blob", "models/config.json"]
+    for name in keep + drop:
+        (context / name).parent.mkdir(parents=True, exist_ok=True)
+        (context / name).write_text("x")
+    shutil.copy(ROOT / ".dockerignore", context / ".dockerignore")
+    (context / "Dockerfile.check").write_text("FROM scratch\nCOPY . /ctx/\n")   # no base image to pull
+    tag = f"studio-dockerignore-check:{os.getpid()}"
+    build = subprocess.run(["docker", "build", "-q", "-f", str(context / "Dockerfile.check"), "-t", tag, str(context)],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    container = subprocess.run(["docker", "create", tag, "none"], capture_output=True, text=True).stdout.strip()
+    try:
+        listing = subprocess.run(f"docker export {container} | tar -t", shell=True, capture_output=True, text=True)
+        copied = {line.rstrip("/") for line in listing.stdout.split()}
+    finally:
+        subprocess.run(["docker", "rm", "-f", container], capture_output=True)
+        subprocess.run(["docker", "rmi", "-f", tag], capture_output=True)
+    assert {f"ctx/{name}" for name in keep} <= copied
+    assert not {f"ctx/{name}" for name in drop} & copied, copied
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(5400)
+def test_check_image_script_builds_and_smoke_tests_the_image():
+    _require_docker()
+    args = os.environ.get("STUDIO_CHECK_IMAGE_ARGS", "").split()
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "check_image.sh"), *args], capture_output=True, text=True,
+                         timeout=5400)
+    assert run.returncode == 0 and "all checks passed" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
+    for check in ("no models: exit status 78", "runs as uid 1000", "healthcheck healthy", "same volume serves voice",
+                  "compose download --check-only ran"):
+        assert check in run.stdout, check
