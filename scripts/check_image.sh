@@ -13,7 +13,8 @@
 #      the HEALTHCHECK turns healthy although the app listens on a --port flag (STUDIO_PORT says another);
 #      numba's kernels land in the cache volume; no .env, .git or key file is in /app;
 #   3. a new container on the same cache volume still serves the voice;
-#   4. `docker compose --profile tools run --rm download --check-only` runs the download script in the image.
+#   4. `docker compose --profile tools run --rm download --check-only` runs the download script in the image
+#      (compose's download service uses the image step-audio-studio:latest, whatever --tag says).
 # Containers use the host's network (this works where the daemon runs without iptables/NAT, as here).
 # --offline-base needs root and debootstrap; its base trusts this machine's CA bundle for pip (a TLS proxy
 # in front of PyPI), which matters only for this local test image. Compose v2 (`docker compose`) is used
@@ -39,6 +40,7 @@ while [ $# -gt 0 ]; do
 done
 
 RUN_ID="studio-check-$$"
+COMPOSE=()
 WORK="$(mktemp -d)"
 STARTED=$(date +%s)
 say() { printf '[%4ss] %s\n' "$(( $(date +%s) - STARTED ))" "$*"; }
@@ -46,7 +48,9 @@ pass() { say "PASS $*"; }
 fail() { say "FAIL $*"; exit 1; }
 cleanup() {
     if [ "$KEEP" = 0 ]; then
-        docker ps -aq --filter "name=$RUN_ID" | xargs -r docker rm -f >/dev/null 2>&1 || true
+        # -v: also the anonymous volumes of the image's VOLUMEs; the compose project is this run's own.
+        docker ps -aq --filter "name=$RUN_ID" | xargs -r docker rm -f -v >/dev/null 2>&1 || true
+        if [ ${#COMPOSE[@]} -gt 0 ]; then "${COMPOSE[@]}" down --volumes --remove-orphans >/dev/null 2>&1 || true; fi
         docker volume ls -q --filter "name=$RUN_ID" | xargs -r docker volume rm >/dev/null 2>&1 || true
     fi
     rm -rf "$WORK"
@@ -55,15 +59,18 @@ trap cleanup EXIT
 
 command -v docker >/dev/null || fail "no docker command"
 docker info >/dev/null 2>&1 || fail "no Docker engine answers (start dockerd)"
+# A compose project of this run's own (-p), so its volumes and networks never touch a real deployment's.
 if docker compose version >/dev/null 2>&1; then
-    COMPOSE=(docker compose)
+    COMPOSE=(docker compose -p "$RUN_ID" -f "$ROOT/docker-compose.yml")
+    compose_version="v2 $(docker compose version --short)"
 elif command -v docker-compose >/dev/null; then
     sed '/^name:/d' "$ROOT/docker-compose.yml" > "$WORK/docker-compose.yml"
-    COMPOSE=(docker-compose -p step-audio-studio -f "$WORK/docker-compose.yml" --project-directory "$ROOT")
+    COMPOSE=(docker-compose -p "$RUN_ID" -f "$WORK/docker-compose.yml" --project-directory "$ROOT")
+    compose_version="v1 $(docker-compose version --short)"
 else
     fail "neither 'docker compose' nor 'docker-compose' is installed"
 fi
-say "load average at start: $(cut -d' ' -f1-3 /proc/loadavg); engine $(docker version -f '{{.Server.Version}}'); compose: ${COMPOSE[*]:0:2}"
+say "load average at start: $(cut -d' ' -f1-3 /proc/loadavg); Docker engine $(docker version -f '{{.Server.Version}}'); compose $compose_version"
 
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 json_field() { python3 -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
@@ -157,7 +164,7 @@ pass "numba cache on the volume: $numba_files files in /app/cache/numba"
 secrets=$(docker exec "$RUN_ID-a" sh -c 'find /app -maxdepth 3 \( -name ".env" -o -name ".env.*" -o -name ".git" -o -name "*.pem" -o -name "*.key" \) -print')
 [ -z "$secrets" ] || fail "secret-looking files in the image: $secrets"
 pass "no .env, .git or key files under /app"
-docker rm -f "$RUN_ID-a" >/dev/null
+docker rm -f -v "$RUN_ID-a" >/dev/null
 
 # ---------------------------------------------------------------------------------------------- 3. new container, same volume
 port=$(free_port)
@@ -173,7 +180,7 @@ curl -sf -o "$WORK/b.wav" -H 'Content-Type: application/json' "http://127.0.0.1:
     -d "{\"input\": \"The voice survived the container.\", \"voice\": \"$voice_id\", \"response_format\": \"wav\"}" \
     || fail "speech in the new container"
 pass "new container on the same volume serves voice $voice_id; its first new prompt took $voice2_s s (numba cache warm)"
-docker rm -f "$RUN_ID-b" >/dev/null
+docker rm -f -v "$RUN_ID-b" >/dev/null
 
 # ---------------------------------------------------------------------------------------------- 4. compose download
 mkdir -p "$WORK/models"
@@ -188,7 +195,7 @@ if grep -q -e Traceback -e ModuleNotFoundError "$WORK/download.log" || [ "$code"
     fail "compose download --check-only (exit $code)"
 fi
 pass "compose download --check-only ran in the image: exit 1, '$(grep -m1 'missing' "$WORK/download.log" | sed 's/^ *//')'"
-"${COMPOSE[@]}" down --remove-orphans >/dev/null 2>&1 || true
+"${COMPOSE[@]}" down --volumes --remove-orphans >/dev/null 2>&1 || true
 
 say "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 say "all checks passed"
