@@ -6,8 +6,8 @@ a summary; a rerun skipping existing files and ``--overwrite`` hitting the same 
 of a folder with sidecar transcripts, iterations and ``--keep-passes``; a broken input failing alone
 (exit 1) and bad arguments refused before any work (exit 2). Crash safety: a run killed mid-write
 (file-size limit: SIGXFSZ) or by kill -9 just before the rename leaves no truncated output under the
-final name, and the rerun writes the job (byte-identical, same seed) and removes the leftover; a second
-run on a locked output folder is refused.
+final name, and the rerun writes the job whole (as long as its RIFF header says) and removes the
+leftover; a second run on a locked output folder is refused.
 """
 
 import re
@@ -127,28 +127,18 @@ sys.exit(cli.batch.main(sys.argv[3:]))
 """
 
 
-@pytest.fixture(scope="module")
-def whole_clone(common):
-    """One clone written normally (it also warms the prompt cache, so later runs write little else)."""
-    root, flags = common
-    out = root / "whole"
-    code, err = _run("clone", "--voice", EXAMPLES / "en_low.flac", "--voice-text", "The quiet harbour.",
-                     "--text", "A sentence long enough to give a file of a few hundred kilobytes.",
-                     "--out", out, "--seed", 5, "--no-progress", *flags)
-    assert code == 0, err
-    (written,) = out.iterdir()
-    assert written.stat().st_size > 150_000
-    return written.name, written.stat().st_size
+def _whole_wav(path) -> bool:
+    """Whether ``path`` is as long as its RIFF header says (a truncated write is shorter)."""
+    data = path.read_bytes()
+    return data[:4] == b"RIFF" and int.from_bytes(data[4:8], "little") + 8 == len(data) > 10_000
 
 
 @pytest.mark.parametrize("crash", ["killed mid-write", "killed before the rename"])
-def test_a_killed_run_leaves_no_truncated_output_and_a_rerun_completes_it(common, whole_clone, tmp_path, crash):
-    root, flags = common
-    name, size = whole_clone
-    out = tmp_path / "out"
+def test_a_killed_run_leaves_no_truncated_output_and_a_rerun_completes_it(common, tmp_path, crash):
+    _, flags = common
+    name, out = "en_low_001.wav", tmp_path / "out"
     args = ["clone", "--voice", EXAMPLES / "en_low.flac", "--voice-text", "The quiet harbour.", "--text",
-            "A sentence long enough to give a file of a few hundred kilobytes.", "--out", out, "--seed", 5,
-            "--no-progress", *flags]
+            "A short line.", "--out", out, "--seed", 5, "--no-progress", *flags]
     run = subprocess.run([sys.executable, "-c", _CRASHING_CLI, crash, out, *map(str, args)], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == -(signal.SIGXFSZ if crash == "killed mid-write" else signal.SIGKILL), run.stderr
@@ -158,9 +148,7 @@ def test_a_killed_run_leaves_no_truncated_output_and_a_rerun_completes_it(common
 
     code, err = _run(*args)   # the rerun does not skip the job, and cleans the leftover
     assert code == 0 and "exist already" not in err and "removed 1 partial file(s)" in err, err
-    # Whole: the size of the uninterrupted run's file (same seed and text; the samples may differ in the
-    # last bit between a cold and a warm prompt cache).
-    assert [p.name for p in out.iterdir()] == [name] and (out / name).stat().st_size == size
+    assert [p.name for p in out.iterdir()] == [name] and _whole_wav(out / name)
 
 
 def test_a_second_run_on_the_same_output_folder_is_refused(common, tmp_path):

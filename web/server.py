@@ -20,9 +20,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import gradio as gr
-from gradio.utils import get_upload_folder
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from gradio.utils import get_upload_folder
 
 from core.settings import Settings
 from tts_engine.contract import Engine
