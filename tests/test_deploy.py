@@ -19,7 +19,6 @@ engine's own .dockerignore handling, and scripts/check_image.sh (build and smoke
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import hashlib
 import importlib.util
 import json
@@ -120,11 +119,7 @@ def test_image_runs_as_non_root_with_cache_and_model_volumes():
 
 
 def test_build_context_keeps_what_the_app_needs_and_drops_weights_and_cache():
-    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
-    def ignored(name: str) -> bool:
-        return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
-
+    ignored = _dockerignored   # Docker's own matching rules (below)
     needed = {p.name for p in ROOT.iterdir()
               if p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists())}
     needed |= {"examples", "scripts", "requirements-gpu.txt"}
