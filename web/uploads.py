@@ -10,9 +10,10 @@ of one request (``web.guards.BodyLimit``), Gradio's own scheduled age clean-up (
 ``web.ui``, which this complements: Gradio's alone keeps files a whole age with no quota).
 
 Oldest-first eviction means a flood of uploads can push out a file another user uploaded moments
-earlier (that user's next step then fails with a clear "file not found" and they upload again); the
-alternative, refusing uploads while the folder is full, would let the same flood lock every user out
-for the whole age limit. Files Gradio keeps on purpose (``protected``: examples) are never deleted.
+earlier (that user's next step then fails and they upload again); the alternative, refusing uploads
+while the folder is full, would let the same flood lock every user out for the whole age limit. Files
+Gradio keeps on purpose (``protected``: examples) are never deleted. Results the page writes there
+between uploads are bounded by the age limit only (Gradio's clean-up) until the next upload's sweep.
 """
 
 from __future__ import annotations
