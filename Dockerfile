@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # Step-Audio-EditX voice-cloning studio: GPU image.
 #
 #   docker build -t step-audio-studio .
@@ -9,7 +8,9 @@
 # so the larger runtime/cudnn flavours would only duplicate them. The image's NVIDIA_REQUIRE_CUDA makes
 # the NVIDIA container toolkit refuse a host driver older than CUDA 13.0 needs (R580+).
 # Ubuntu 22.04 because its python3.11 is the interpreter the project is tested on (24.04 ships 3.12).
-# What was verified without a Docker engine: docs/operations.md, "Container image".
+# No "# syntax=" line: BuildKit would fetch a frontend image for it, which fails offline, and the
+# built-in frontend understands everything below. scripts/check_image.sh builds and smoke-tests it
+# (docs/operations.md, "Container image", says what was verified).
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-base-ubuntu22.04
 
 # ---------------------------------------------------------------- build stage: the virtualenv
@@ -49,10 +50,14 @@ RUN mkdir -p /app/cache /app/models \
     && chown 1000:1000 /app/cache /app/models
 VOLUME ["/app/cache", "/app/models"]
 
+# PYTHONPATH: the project's packages import from any script, not only app.py (compose's download
+# service runs scripts/download_models.py, which imports core). NUMBA_CACHE_DIR on the cache volume:
+# librosa's kernels compile once per volume, not once per new container (~13 s on a first prompt).
 ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    NUMBA_CACHE_DIR=/tmp/numba \
+    NUMBA_CACHE_DIR=/app/cache/numba \
     GRADIO_ANALYTICS_ENABLED=False \
     HF_HUB_OFFLINE=1 \
     STUDIO_HOST=0.0.0.0 \
@@ -63,12 +68,14 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 1000:1000
 EXPOSE 7860
 
-# Liveness only (GET /healthz); load balancers should route on GET /readyz. No curl in the image:
-# urlopen raises on a refused connection or an HTTP error status, which makes python exit non-zero.
+# Liveness only (GET /healthz); load balancers should route on GET /readyz. The probe reads the
+# running app's own flags and environment, so `--port` / `--host` on the command line are honoured.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('STUDIO_PORT', '7860') + '/healthz', timeout=4)"]
+    CMD ["python", "scripts/healthcheck.py"]
 
 # STUDIO_ENGINE=step-audio (above): an incomplete /app/models stops the container with the missing
-# files named, instead of serving the CPU preview; /readyz is 503 whenever the engine serving is not
-# the configured one. Set STUDIO_ENGINE=preview (or auto) to run the image without the models.
+# files named and exit status 78 (EX_CONFIG), instead of serving the CPU preview; /readyz is 503
+# whenever the engine serving is not the configured one. compose restarts on failure a bounded number
+# of times (restart: on-failure:N), so a missing model folder does not loop forever. Set
+# STUDIO_ENGINE=preview (or auto) to run the image without the models.
 CMD ["python", "app.py"]

@@ -13,6 +13,11 @@ import sys
 
 log = logging.getLogger("app")
 
+# sysexits.h EX_CONFIG: the engine cannot start with this configuration (e.g. model files missing).
+# Restarting will not help; compose's bounded `restart: on-failure:N` stops trying, and an operator or
+# script can tell it apart from a crash.
+EXIT_CONFIG = 78
+
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -22,7 +27,7 @@ def configure_logging(level: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the studio until interrupted; returns the process exit code."""
-    from core.settings import load_settings
+    from core.settings import flag_env_name, load_settings, secret_flags
 
     try:
         settings = load_settings(sys.argv[1:] if argv is None else argv)
@@ -30,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"app.py: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    for flag in secret_flags(sys.argv[1:] if argv is None else argv):
+        log.warning("%s on the command line is visible to every user of this machine (ps, /proc); set %s "
+                    "in the environment instead", flag, flag_env_name(flag))
     # Gradio phones home for analytics unless told not to; the studio never does.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -45,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = create_engine(settings)
     except StudioError as exc:
         log.error("cannot start: %s", exc)
-        return 1
+        return EXIT_CONFIG
     app = create_app(engine, settings)
     # Gradio keeps heartbeat streams open; do not wait for them forever on Ctrl+C / SIGTERM.
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=5)

@@ -14,12 +14,21 @@ Examples::
 
 A clip's transcript is ``--voice-text`` / ``--audio-text``, else a ``<clip>.txt`` file beside it,
 else the engine's ASR. One failed job is logged and skipped; the others still run.
+
+Outputs are written to a hidden ``.<name>.<random>.part`` file in the output folder, fsynced, then
+renamed over the final name (and the folder fsynced), so a final name only ever holds a whole file and
+a rerun that skips existing outputs never skips a truncated one. A run holds an exclusive lock on the
+output folder (a second run on the same folder is refused), so ``.part`` files found there at start are
+leftovers of a killed run and are removed.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
+import os
+import re
 import secrets
 import sys
 import time
@@ -31,6 +40,7 @@ log = logging.getLogger("cli")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 _EXTENSIONS = {"wav": "wav", "flac": "flac", "mp3": "mp3", "opus": "ogg", "pcm": "pcm"}
 MAX_JOBS = 100_000   # a typo such as a whole disk as input should fail fast, not queue forever
+PARTIAL = re.compile(r"\..+\.[0-9a-f]{16}\.part")   # what write_atomically leaves if killed mid-write
 
 
 @dataclass(frozen=True)
@@ -212,12 +222,65 @@ class Runner:
     def _write(self, path: Path, audio) -> None:
         from core.audio_io import encode_audio
 
-        path.write_bytes(encode_audio(audio, self.args.format))
+        write_atomically(path, encode_audio(audio, self.args.format))
         self.audio_seconds += audio.duration
 
     @staticmethod
     def _log(kind: str, timings) -> None:
         log.info(timings.log_line(f"cli_{kind}", secrets.token_hex(6)))
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Publish ``data`` at ``path`` whole or not at all, durably (survives kill -9 and power loss)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())   # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)   # the rename itself survives a crash
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def lock_output_folder(folder: Path) -> int:
+    """An open descriptor of ``folder`` holding an exclusive lock on it until it is closed (the kernel
+    also releases it when the process dies, kill -9 included).
+
+    Raises:
+        OSError: another run holds it (``BlockingIOError``) or the folder cannot be opened.
+    """
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def remove_leftovers(folder: Path) -> int:
+    """Delete ``.part`` files a killed run left in ``folder`` (call with the folder locked); returns how many."""
+    removed = 0
+    for path in folder.iterdir():
+        if PARTIAL.fullmatch(path.name) and path.is_file():
+            try:
+                path.unlink()
+                removed += 1
+            except OSError as exc:   # not ours to remove (permissions): harmless, it is hidden and never read
+                log.warning("cannot remove the partial file %s: %s", path, exc)
+    return removed
 
 
 def _configure_logging(level: str) -> None:
@@ -257,9 +320,27 @@ def main(argv: list[str] | None = None) -> int:
             validate_iterations(args.iterations)
             jobs = _edit_jobs(args)
         args.out.mkdir(parents=True, exist_ok=True)
+        lock = lock_output_folder(args.out)
+    except BlockingIOError:
+        print(f"python -m cli {args.command}: another run is writing to {args.out}; wait for it or use another "
+              "--out folder", file=sys.stderr)
+        return 2
     except (ValueError, StudioError, OSError) as exc:
         print(f"python -m cli {args.command}: {exc}", file=sys.stderr)
         return 2
+    try:
+        return _run(args, settings, steps, jobs)
+    finally:
+        os.close(lock)
+
+
+def _run(args, settings, steps, jobs: list[Job]) -> int:
+    """Run ``jobs`` with the output folder locked; returns the exit status."""
+    from core.errors import StudioError
+
+    leftovers = remove_leftovers(args.out)
+    if leftovers:
+        log.info("removed %d partial file(s) left by an interrupted run", leftovers)
     if not args.overwrite:
         skipped = [job for job in jobs if job.out.exists()]
         if skipped:

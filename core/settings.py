@@ -113,6 +113,10 @@ class Settings:
     busy_retry_after_s: int = field(default=2, metadata={"help": "Retry-After seconds in the 503 answered when max_engine_requests are running"})
     request_timeout_s: float = field(default=300.0, metadata={"help": "deadline of one engine request (whole files; streams too); past it the work is cancelled and the client gets a 503"})
     auth_failures_per_minute: int = field(default=10, metadata={"help": "wrong API keys (or page logins) one client address may send per minute before it is answered 429 with Retry-After"})
+    # --- Gradio's upload folder (GRADIO_TEMP_DIR; web/uploads.py)
+    upload_folder_max_bytes: int = field(default=1024**3, metadata={"help": "most bytes kept in Gradio's upload folder (GRADIO_TEMP_DIR): after each page upload the oldest files are deleted down to it (at least max_upload_bytes)"})
+    upload_folder_max_files: int = field(default=1000, metadata={"help": "most files kept in Gradio's upload folder (oldest deleted first)"})
+    upload_folder_max_age_s: int = field(default=3600, metadata={"help": "seconds an uploaded or generated file of the page is kept (deleted at the next upload and by Gradio's periodic clean-up)"})
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINE_CHOICES:
@@ -176,6 +180,12 @@ class Settings:
             # One colon is host:port (an IPv6 address has at least two).
             if "/" in host or host.count(":") == 1 or host.startswith("["):
                 raise ValueError(f"allowed_hosts entries are host names or addresses without scheme or port, not {host!r}")
+        for name in ("upload_folder_max_bytes", "upload_folder_max_files", "upload_folder_max_age_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        if self.upload_folder_max_bytes < self.max_upload_bytes:
+            raise ValueError(f"upload_folder_max_bytes ({self.upload_folder_max_bytes}) must be at least "
+                             f"max_upload_bytes ({self.max_upload_bytes}): the folder must hold one upload")
 
     @property
     def cors_origin_list(self) -> tuple[str, ...]:
@@ -270,3 +280,18 @@ def settings_table() -> list[tuple[str, str, str, str]]:
         default = f.default if f.default is not dataclasses.MISSING else "min(4, cores)"
         rows.append(("--" + f.name.replace("_", "-"), ENV_PREFIX + f.name.upper(), str(default), f.metadata.get("help", "")))
     return rows
+
+
+# Settings that hold secrets: given as flags they show in `ps` and /proc/<pid>/cmdline to every user.
+SECRET_SETTINGS = ("api_key", "bundle_key", "llm_api_key")
+
+
+def secret_flags(argv: Sequence[str]) -> list[str]:
+    """The secret settings' flags present in ``argv`` (``--api-key x`` or ``--api-key=x``)."""
+    flags = {"--" + name.replace("_", "-") for name in SECRET_SETTINGS}
+    return sorted({arg.split("=", 1)[0] for arg in argv if arg.split("=", 1)[0] in flags})
+
+
+def flag_env_name(flag: str) -> str:
+    """``--api-key`` -> ``STUDIO_API_KEY``."""
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()

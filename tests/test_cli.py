@@ -4,11 +4,15 @@ Covers: clones of texts from arguments and a text file with an instruction chain
 without transcript transcribed by the tiny Paraformer, a progress bar, one timing line per result and
 a summary; a rerun skipping existing files and ``--overwrite`` hitting the same prompt cache; edits
 of a folder with sidecar transcripts, iterations and ``--keep-passes``; a broken input failing alone
-(exit 1) and bad arguments refused before any work (exit 2).
+(exit 1) and bad arguments refused before any work (exit 2). Crash safety: a run killed mid-write
+(file-size limit: SIGXFSZ) or by kill -9 just before the rename leaves no truncated output under the
+final name, and the rerun writes the job whole (as long as its RIFF header says) and removes the
+leftover; a second run on a locked output folder is refused.
 """
 
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -95,3 +99,69 @@ def test_bad_arguments_are_refused_before_any_work(common, tmp_path, args, messa
     code, err = _run(*args, "--out", tmp_path / "out", *flags)
     assert code == 2 and message in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# ------------------------------------------------------------------------------------------ crash safety
+
+# Runs the CLI with a crash injected at one step of writing an output into the folder argv[2].
+_CRASHING_CLI = """
+import os, resource, signal, sys
+from pathlib import Path
+import cli.batch, core.audio_io
+crash, out = sys.argv[1], Path(sys.argv[2]).resolve()
+real_encode, real_replace = core.audio_io.encode_audio, os.replace
+def encode(*args, **kwargs):   # the file-size limit makes the write that follows die half-way (SIGXFSZ)
+    data = real_encode(*args, **kwargs)
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)   # Python ignores it (the write would raise instead)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(data) // 2, len(data) // 2))
+    return data
+def replace(src, dst, *args, **kwargs):   # kill -9 between the durable write and the publishing rename
+    if Path(dst).resolve().parent == out:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst, *args, **kwargs)
+if crash == "killed mid-write":
+    core.audio_io.encode_audio = encode
+else:
+    os.replace = replace
+sys.exit(cli.batch.main(sys.argv[3:]))
+"""
+
+
+def _whole_wav(path) -> bool:
+    """Whether ``path`` is as long as its RIFF header says (a truncated write is shorter)."""
+    data = path.read_bytes()
+    return data[:4] == b"RIFF" and int.from_bytes(data[4:8], "little") + 8 == len(data) > 10_000
+
+
+@pytest.mark.parametrize("crash", ["killed mid-write", "killed before the rename"])
+def test_a_killed_run_leaves_no_truncated_output_and_a_rerun_completes_it(common, tmp_path, crash):
+    _, flags = common
+    name, out = "en_low_001.wav", tmp_path / "out"
+    args = ["clone", "--voice", EXAMPLES / "en_low.flac", "--voice-text", "The quiet harbour.", "--text",
+            "A short line.", "--out", out, "--seed", 5, "--no-progress", *flags]
+    run = subprocess.run([sys.executable, "-c", _CRASHING_CLI, crash, out, *map(str, args)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == -(signal.SIGXFSZ if crash == "killed mid-write" else signal.SIGKILL), run.stderr
+    assert not (out / name).exists()   # the final name never held a partial file
+    (leftover,) = out.iterdir()
+    assert leftover.name.startswith(f".{name}.") and leftover.name.endswith(".part")
+
+    code, err = _run(*args)   # the rerun does not skip the job, and cleans the leftover
+    assert code == 0 and "exist already" not in err and "removed 1 partial file(s)" in err, err
+    assert [p.name for p in out.iterdir()] == [name] and _whole_wav(out / name)
+
+
+def test_a_second_run_on_the_same_output_folder_is_refused(common, tmp_path):
+    import fcntl
+    import os
+
+    _, flags = common
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # another run holds the folder
+        code, err = _run("clone", "--voice", EXAMPLES / "en_low.flac", "--text", "Hi.", "--out", out, *flags)
+    finally:
+        os.close(fd)
+    assert code == 2 and "another run is writing to" in err and not any(out.iterdir())

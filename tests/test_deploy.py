@@ -1,20 +1,24 @@
 """Deployment files, the configuration reference and the model download script.
 
 Covers: the Dockerfile (hadolint-clean; its ENV and CMD build valid Settings through the app's own
-parser; its HEALTHCHECK probes /healthz; the build context keeps the code and drops weights),
+parser; its HEALTHCHECK probes /healthz on the port the app's own flags and environment give; no
+``# syntax=`` line; the code importable by every script; numba's cache on a volume; the build context,
+matched the way Docker matches, keeps the code and drops weights, secrets and wheel folders), .env out
+of git, the app's exit status 78 when its models are missing,
 docker-compose.yml (compose-spec schema; an environment entry for every setting, defaulting to the
-app's defaults; GPU reservation, volumes, the scale profile, the vllm profile and its plugin), and -- slow -- both together: two real
+app's defaults; GPU reservation, volumes, a bounded restart policy, the scale profile, the vllm profile,
+its plugin, its key from the environment and its shm size), and -- slow -- both together: two real
 app processes started with the image's CMD, ENV and compose's environment on one cache folder, probed
 with the image's HEALTHCHECK, sharing a stored voice and its cached prompt work. Also
 requirements-gpu.txt against requirements.txt, docs/configuration.md being current, and
 scripts/download_models.py's checks on fake model folders (no network).
-No Docker engine is needed or used.
+No Docker engine is needed or used, except by the tests marked `docker` (deselected by default): the
+engine's own .dockerignore handling, and scripts/check_image.sh (build and smoke test of the image).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import hashlib
 import importlib.util
 import json
@@ -115,11 +119,7 @@ def test_image_runs_as_non_root_with_cache_and_model_volumes():
 
 
 def test_build_context_keeps_what_the_app_needs_and_drops_weights_and_cache():
-    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
-    def ignored(name: str) -> bool:
-        return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
-
+    ignored = _dockerignored   # Docker's own matching rules (below)
     needed = {p.name for p in ROOT.iterdir()
               if p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists())}
     needed |= {"examples", "scripts", "requirements-gpu.txt"}
@@ -136,9 +136,40 @@ def _healthcheck_argv() -> list[str]:
 
 def test_healthcheck_probes_healthz_on_the_configured_port_and_compose_uses_the_same():
     argv = _healthcheck_argv()
-    assert argv[:2] == ["python", "-c"] and "/healthz" in argv[2] and "STUDIO_PORT" in argv[2]
+    assert argv == ["python", "scripts/healthcheck.py"]   # relative to the image's WORKDIR
+    assert _instruction(_final_stage(), "WORKDIR").value == ("/app",)
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     assert compose["services"]["studio"]["healthcheck"]["test"] == ["CMD", *argv]
+
+
+def test_healthcheck_reads_the_apps_own_flags_and_environment():
+    hc = _load_script("healthcheck")
+    assert hc._app_argv(["python", "app.py", "--port", "9000"]) == ["--port", "9000"]
+    assert hc._app_argv(["/opt/venv/bin/python3", "-u", "/app/app.py"]) == []
+    assert hc._app_argv(["/sbin/docker-init", "--", "python", "app.py"]) is None   # compose's init: true
+    assert hc._app_argv(["python", "scripts/download_models.py", "app.py"]) is None
+    # A --port flag wins over STUDIO_PORT (the old probe read only the variable); wildcard binds map to loopback.
+    assert hc.healthz_url(["--port", "9000"], {"STUDIO_PORT": "7860", "STUDIO_HOST": "0.0.0.0"}) == \
+        "http://127.0.0.1:9000/healthz"
+    assert hc.healthz_url([], {"STUDIO_PORT": "7861"}) == "http://127.0.0.1:7861/healthz"
+    assert hc.healthz_url(["--host", "::", "--port=7000"], {}) == "http://[::1]:7000/healthz"
+    assert hc.healthz_url(["--host", "10.1.2.3"], {}) == "http://10.1.2.3:7860/healthz"
+    assert hc.main(["--pid", str(2**22 + 7)]) == 1   # no such process: unhealthy, not a traceback
+
+
+def test_image_drops_the_syntax_line_makes_the_project_importable_and_keeps_numba_on_a_volume():
+    text = (ROOT / "Dockerfile").read_text()
+    # A "# syntax=" line makes BuildKit pull a frontend image from a registry: offline builds fail.
+    assert not re.search(r"^#\s*syntax\s*=", text, re.MULTILINE | re.IGNORECASE)
+    stage = _final_stage()
+    env = _dockerfile_env(stage)
+    workdir = _instruction(stage, "WORKDIR").value[0]
+    copy = next(c for c in stage if c.cmd == "COPY" and c.value[0] == ".")
+    assert copy.value[1] == workdir
+    # Scripts other than app.py (compose's download service) import core, so the code must be on the path.
+    assert workdir in env["PYTHONPATH"].split(":")
+    volumes = _instruction(stage, "VOLUME").value
+    assert any(env["NUMBA_CACHE_DIR"].startswith(v + "/") for v in volumes), env["NUMBA_CACHE_DIR"]
 
 
 def _free_port() -> int:
@@ -159,7 +190,7 @@ def _app_env(tmp_path: Path, port: int, studio_vars: dict[str, str]) -> dict[str
 def _wait_until(probe: list[str], env: dict, server: subprocess.Popen, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and server.poll() is None:
-        if subprocess.run(probe, env=env, capture_output=True).returncode == 0:
+        if subprocess.run(probe, cwd=ROOT, env=env, capture_output=True).returncode == 0:
             return
         time.sleep(1)
     output = server.stdout.read() if server.poll() is not None else "(still running)"
@@ -192,13 +223,18 @@ def test_image_cmd_and_healthcheck_run_two_replicas_sharing_one_cache(tmp_path):
     studio_vars.update(_resolve_defaults(services["studio"]["environment"]))
     studio_vars["STUDIO_ENGINE"] = "preview"  # the image's step-audio needs the real models; this runs on CPU
     cmd = [sys.executable, *_instruction(stage, "CMD").value[1:]]
-    probe = [sys.executable, *_healthcheck_argv()[1:]]
     ports = [_free_port(), _free_port()]
     envs = [_app_env(tmp_path, port, studio_vars) for port in ports]
-    servers = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for env in envs]
+    # Replica B listens on a --port flag while its STUDIO_PORT names a port nobody serves: the
+    # healthcheck must follow the flag (`docker run image python app.py --port N`).
+    envs[1]["STUDIO_PORT"] = str(_free_port())
+    cmds = [cmd, [*cmd, "--port", str(ports[1])]]
+    servers = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for c, env in zip(cmds, envs)]
+    # The image's probe, pointed at one process (two studios run side by side here).
+    probes = [[sys.executable, *_healthcheck_argv()[1:], "--pid", str(server.pid)] for server in servers]
     try:
-        for env, server in zip(envs, servers):
+        for probe, env, server in zip(probes, envs, servers):
             _wait_until(probe, env, server)
         a, b = (f"http://127.0.0.1:{port}" for port in ports)
         clip = (ROOT / "tests" / "fixtures" / "prompt_22k.wav").read_bytes()
@@ -215,7 +251,74 @@ def test_image_cmd_and_healthcheck_run_two_replicas_sharing_one_cache(tmp_path):
     finally:
         for server in servers:
             _stop(server)
-    assert subprocess.run(probe, env=envs[0], capture_output=True).returncode != 0
+    assert subprocess.run(probes[0], cwd=ROOT, env=envs[0], capture_output=True).returncode != 0
+
+
+def _dockerignore_regex(pattern: str) -> re.Pattern:
+    """One .dockerignore line as Docker reads it: cleaned, ``**`` any depth, ``*``/``?`` within a name."""
+    pattern = os.path.normpath(pattern.strip()).lstrip("/")
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out)
+
+
+def _dockerignored(path: str) -> bool:
+    """Whether Docker leaves ``path`` out of the build context: it or a folder above it matches a line."""
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert not any(line.startswith("!") for line in lines)   # no exceptions: the check below stays simple
+    regexes = [_dockerignore_regex(line) for line in lines]
+    parts = path.split("/")
+    return any(r.fullmatch("/".join(parts[:n])) for r in regexes for n in range(1, len(parts) + 1))
+
+
+def test_dockerignore_drops_secrets_and_wheel_folders_at_any_depth():
+    for path in (".env", ".env.production", "deploy/.env", "keys/server.pem", "keys/bundle.key",
+                 ".whl/torch-2.13.0.whl", "vendor/.whl/x.whl", ".gl/cache/blob", "sub/dir/.gl/y", "dist/a.whl",
+                 ".hypothesis/examples/x", ".ruff_cache/x", "core/__pycache__/settings.cpython-311.pyc",
+                 "models/Step-Audio-EditX/config.json", "cache/voices/v1/audio.wav", ".git/HEAD"):
+        assert _dockerignored(path), path
+    for path in ("app.py", "core/settings.py", "scripts/healthcheck.py", "scripts/download_models.py",
+                 "examples/en_low.flac", "requirements-gpu.txt", "web/uploads.py", "llm/vllm_plugin.py"):
+        assert not _dockerignored(path), path
+
+
+def test_gitignore_keeps_env_files_out_of_the_repository():
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = [".env", ".env.local", "deploy/.env"]
+    run = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.split() == paths, run.stdout + run.stderr
+
+
+def test_secret_flags_are_named_so_the_app_can_warn_about_ps():
+    from core.settings import flag_env_name, secret_flags
+
+    argv = ["--port", "7860", "--api-key=abc", "--bundle-key", "0123456789abcdef", "--llm-api-key", "k"]
+    assert secret_flags(argv) == ["--api-key", "--bundle-key", "--llm-api-key"]
+    assert secret_flags(["--port", "1", "--cors-origins", "x"]) == []
+    assert flag_env_name("--api-key") == "STUDIO_API_KEY"
+
+
+@pytest.mark.slow
+def test_the_app_without_models_exits_78_with_the_missing_files_named_and_warns_about_a_key_flag(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    run = subprocess.run([sys.executable, "app.py", "--engine", "step-audio", "--model-root", str(tmp_path),
+                          "--cache-dir", str(tmp_path / "cache"), "--port", str(_free_port()), "--api-key", "secret-1"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 78, run.stderr[-2000:]
+    assert "cannot start" in run.stderr and "missing" in run.stderr
+    assert "--api-key on the command line is visible" in run.stderr and "STUDIO_API_KEY" in run.stderr
 
 
 # ------------------------------------------------------------------------------------------ compose
@@ -262,7 +365,7 @@ def test_compose_gpu_volumes_and_scale_profile():
         assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
         assert any(v.endswith(":/app/models:ro") for v in service["volumes"])
         assert "studio-cache:/app/cache" in service["volumes"]  # one cache, shared by the replicas
-        assert service["restart"] == "unless-stopped"
+        assert service["restart"] == "on-failure:5"   # bounded: a start that cannot succeed does not loop
     assert "profiles" not in studio and replica["profiles"] == ["scale"]
     assert "studio-cache" in compose["volumes"]
     host_ports = [p.rsplit(":", 1)[0] for p in studio["ports"] + replica["ports"]]
@@ -275,6 +378,13 @@ def test_compose_vllm_profile_serves_the_llm_with_our_plugin_and_points_a_studio
     services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     vllm, studio = services["vllm"], services["studio-vllm"]
     assert vllm["profiles"] == studio["profiles"] == ["vllm"]
+    # The key reaches vLLM through its own VLLM_API_KEY variable (an --api-key argument shows in `ps`), from
+    # the same STUDIO_LLM_API_KEY the studio sends as its Bearer token; a sized /dev/shm, not the host's IPC.
+    assert vllm["environment"]["VLLM_API_KEY"] == "${STUDIO_LLM_API_KEY:-}"
+    assert studio["environment"]["STUDIO_LLM_API_KEY"] == "${STUDIO_LLM_API_KEY:-}"
+    assert "--api-key" not in vllm["command"]
+    assert "ipc" not in vllm and re.fullmatch(r"\$\{VLLM_SHM_SIZE:-\d+gb\}", vllm["shm_size"])
+    assert vllm["restart"] == "on-failure:5"
     assert vllm["image"].startswith("vllm/vllm-openai:v0.33.")
     device = vllm["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
@@ -515,3 +625,52 @@ def test_pins_manifest_and_upstream_hashes_catch_changed_files(tmp_path, capsys,
         f"upstream's {onnx_sha[:16]}...",
     }
     assert dl.main(["--check-only", "--offline", "--model-root", str(tmp_path)]) == 1
+
+
+# ------------------------------------------------------------------------------------------ Docker engine
+# Deselected by default (pytest.ini: -m "not docker"); run with `pytest -m docker tests/test_deploy.py` on a
+# machine with a Docker engine. STUDIO_CHECK_IMAGE_ARGS passes options to scripts/check_image.sh
+# (e.g. "--offline-base" where no registry is reachable, "--no-build" to test an image built before).
+
+def _require_docker() -> None:
+    if shutil.which("docker") is None or subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        pytest.skip("no Docker engine")
+
+
+@pytest.mark.docker
+def test_the_docker_engine_leaves_secrets_and_wheel_folders_out_of_the_build_context(tmp_path):
+    _require_docker()
+    context = tmp_path / "context"
+    keep = ["app.py", "core/settings.py", "examples/en_low.flac"]
+    drop = [".env", "deploy/.env", ".env.production", ".whl/torch.whl", "vendor/.gl/blob", "models/config.json"]
+    for name in keep + drop:
+        (context / name).parent.mkdir(parents=True, exist_ok=True)
+        (context / name).write_text("x")
+    shutil.copy(ROOT / ".dockerignore", context / ".dockerignore")
+    (context / "Dockerfile.check").write_text("FROM scratch\nCOPY . /ctx/\n")   # no base image to pull
+    tag = f"studio-dockerignore-check:{os.getpid()}"
+    build = subprocess.run(["docker", "build", "-q", "-f", str(context / "Dockerfile.check"), "-t", tag, str(context)],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    container = subprocess.run(["docker", "create", tag, "none"], capture_output=True, text=True).stdout.strip()
+    try:
+        listing = subprocess.run(f"docker export {container} | tar -t", shell=True, capture_output=True, text=True)
+        copied = {line.rstrip("/") for line in listing.stdout.split()}
+    finally:
+        subprocess.run(["docker", "rm", "-f", container], capture_output=True)
+        subprocess.run(["docker", "rmi", "-f", tag], capture_output=True)
+    assert {f"ctx/{name}" for name in keep} <= copied
+    assert not {f"ctx/{name}" for name in drop} & copied, copied
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(5400)
+def test_check_image_script_builds_and_smoke_tests_the_image():
+    _require_docker()
+    args = os.environ.get("STUDIO_CHECK_IMAGE_ARGS", "").split()
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "check_image.sh"), *args], capture_output=True, text=True,
+                         timeout=5400)
+    assert run.returncode == 0 and "all checks passed" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
+    for check in ("no models: exit status 78", "runs as uid 1000", "healthcheck healthy", "same volume serves voice",
+                  "compose download --check-only ran"):
+        assert check in run.stdout, check

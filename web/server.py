@@ -26,6 +26,7 @@ from pathlib import Path
 import gradio as gr
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from gradio.utils import get_upload_folder
 
 from core.settings import Settings
 from tts_engine.contract import Engine
@@ -35,6 +36,7 @@ from web.admission import Admission, AdmissionGuard
 from web.guards import BodyLimit, FailureLimiter, HostGuard, KeyGuard, OriginGuard
 from web.metrics import Metrics
 from web.ui import EXAMPLES_DIR, build_demo
+from web.uploads import UploadQuota, keep_example_copies, kept_files
 from web.voices import VoiceStore
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,11 @@ def create_app(engine: Engine, settings: Settings, output_dir: Path | None = Non
     app.include_router(api.router)
     app.state.admission = Admission(settings.max_engine_requests, settings.busy_retry_after_s)
     # add_middleware wraps: the last added runs first. In request order: request id, Host, Origin
-    # (and CORS), the key (before any body byte is read), the body limit, then admission of engine work.
+    # (and CORS), the key (before any body byte is read), the body limit, admission of engine work, then the
+    # upload folder's quota (after the upload was accepted).
+    app.add_middleware(UploadQuota, folder=get_upload_folder(), max_bytes=settings.upload_folder_max_bytes,
+                       max_files=settings.upload_folder_max_files, max_age_s=settings.upload_folder_max_age_s,
+                       protected=lambda: kept_files(demo))
     app.add_middleware(AdmissionGuard, admission=app.state.admission, deadline_s=settings.request_timeout_s)
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_upload_bytes)
     app.add_middleware(KeyGuard, api_key=settings.api_key,
@@ -91,6 +97,7 @@ def create_app(engine: Engine, settings: Settings, output_dir: Path | None = Non
     warn_if_exposed(settings)
 
     demo = build_demo(engine, settings, app.state.metrics, output_dir)
+    keep_example_copies(demo)
     auth = _key_login(settings.api_key) if settings.ui_requires_key and settings.api_key else None
     if settings.api_key and not settings.ui_requires_key:
         log.warning("the API needs a key but the page and its named API are open (--no-ui-requires-key)")

@@ -134,7 +134,9 @@ def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = Non
     engine_events = dict(concurrency_limit=settings.concurrency_limit, concurrency_id=ENGINE_CONCURRENCY_ID)
     quick = dict(queue=False, api_visibility="private")
 
-    with gr.Blocks(title="Step-Audio-EditX studio", delete_cache=(3600, 24 * 3600)) as demo:
+    # Gradio's own clean-up of the page's files by age (web.uploads adds the quota, at upload time).
+    age = settings.upload_folder_max_age_s
+    with gr.Blocks(title="Step-Audio-EditX studio", delete_cache=(max(60, min(3600, age // 4)), age)) as demo:
         state = gr.State(new_state())
         gr.Markdown(banner(engine), elem_id="engine_banner")
 
