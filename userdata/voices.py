@@ -234,15 +234,18 @@ class VoiceStore:
 
     def _delete(self, voice_id: str) -> int:
         with self.db.write() as conn:
+            # FOR UPDATE (PostgreSQL): a concurrent delete of the same voice waits here, then finds
+            # no row; SQLite's BEGIN IMMEDIATE already made it wait.
             row = conn.execute(select(voices.c.audio_sha256, voices.c.speaker_sha256)
-                               .where(voices.c.id == voice_id)).first()
+                               .where(voices.c.id == voice_id).with_for_update()).first()
             if row is None:
                 raise VoiceNotFound(f"no voice with id {voice_id!r}")
             refs = [row.audio_sha256, row.speaker_sha256]
             refs += [r for (r,) in conn.execute(select(voice_prompts.c.arrays_sha256)
                                                 .where(voice_prompts.c.voice_id == voice_id))]
             conn.execute(delete(voice_prompts).where(voice_prompts.c.voice_id == voice_id))
-            conn.execute(delete(voices).where(voices.c.id == voice_id))
+            if conn.execute(delete(voices).where(voices.c.id == voice_id)).rowcount != 1:
+                raise VoiceNotFound(f"no voice with id {voice_id!r}")   # another host deleted it first
             return blobs.release(conn, refs)
 
     def add_prompts(self, voice_id: str, prompts: tuple[StoredPrompt, ...]) -> int:

@@ -17,9 +17,10 @@ still imports its voice (audio and transcript are what any upload could send), b
 :func:`read_bundle` returns no entries, so they are recomputed.
 
 Memory: every member's declared size is checked before it is read (voice.json and speaker.npy 1 MiB,
-audio.wav ``max_audio_bytes``, each array 64 MiB; all 256 MiB), the audio header (channels, rate,
-length) is read from the zip stream before the audio is, and arrays are read only from a bundle
-whose signature verified, each checked against its ``.npy`` header first.
+audio.wav ``max_audio_bytes``, each array 64 MiB; all 256 MiB) and no more than that is ever read
+from it; the audio header (channels, rate, length) is checked before its samples are decoded; arrays
+are read only from a bundle whose signature verified, each checked against its ``.npy`` header first;
+hashes are computed on streams.
 
 Bundle layout (zip, ``format`` 3; formats 1 and 2, whose ``audio.wav`` held every channel, still
 import)::
@@ -48,9 +49,8 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
-import soundfile as sf
 
-from core.audio_io import MAX_CHANNELS, MAX_SAMPLE_RATE, Audio, load_audio
+from core.audio_io import Audio, load_audio
 from core.errors import InputError
 from funasr_cache.store import audio_digest
 from tts_engine.contract import PromptEntry
@@ -170,22 +170,6 @@ def _read_member(zf: zipfile.ZipFile, name: str, limit: int) -> bytes:
     return data
 
 
-def _check_audio_header(zf: zipfile.ZipFile, max_seconds: float | None) -> None:
-    """Read only audio.wav's header from the zip stream and refuse what may not be decoded."""
-    try:
-        with zf.open("audio.wav") as stream, sf.SoundFile(stream) as f:
-            frames, rate, channels = f.frames, f.samplerate, f.channels
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        reason = getattr(exc, "error_string", None) or str(exc)
-        raise InputError(f"the voice bundle's audio is not decodable ({reason.rstrip('.')})") from None
-    if not 0 < channels <= MAX_CHANNELS or not 0 < rate <= MAX_SAMPLE_RATE:
-        raise InputError(f"the voice bundle's audio has {channels} channels at {rate} Hz; at most {MAX_CHANNELS} "
-                         f"channels and {MAX_SAMPLE_RATE} Hz are accepted")
-    if max_seconds is not None and frames / rate > max_seconds:
-        raise InputError(f"the voice bundle's audio is {frames / rate:.1f} s long; the limit is {max_seconds:g} s "
-                         "(setting max_prompt_seconds)")
-
-
 def _parse_bundle(zf: zipfile.ZipFile, max_seconds: float | None, key: str, max_audio_bytes: int) -> Bundle:
     """The checks of :func:`read_bundle` on an opened zip."""
     members = zf.infolist()
@@ -206,7 +190,8 @@ def _parse_bundle(zf: zipfile.ZipFile, max_seconds: float | None, key: str, max_
     if not isinstance(meta, dict) or meta.get("format") not in _READABLE_FORMATS:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise InputError(f"unsupported voice bundle format {found!r}; this server reads format {BUNDLE_FORMAT}")
-    _check_audio_header(zf, max_seconds)
+    # Sizes as declared are checked before a byte is read; load_audio then checks the audio's header
+    # (channels, rate, length) before it decodes the samples.
     audio_bytes = _read_member(zf, "audio.wav", max_audio_bytes)
     speaker = _read_member(zf, "speaker.npy", MAX_META_BYTES) if "speaker.npy" in names else None
     what = "the voice bundle's audio"
