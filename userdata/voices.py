@@ -360,6 +360,24 @@ class VoiceStore:
         return dict(prompt.payload), dict(prompt.arrays) or None, prompt.cost_s
 
 
+    def check(self) -> list[str]:
+        """Problems found (empty when consistent): blobs no row uses, voices whose audio does not
+        read back to their digest. Reads everything; for tests and operators, not for requests."""
+        problems = []
+        with self.db.read() as conn:
+            problems += [f"blob {digest[:12]} is not used by any row" for digest in blobs.unreferenced(conn)]
+            ids = [voice_id for (voice_id,) in conn.execute(select(voices.c.id))]
+        for voice_id in ids:
+            try:
+                audio, voice = self.audio(voice_id), self.get(voice_id)
+            except VoiceNotFound as exc:
+                problems.append(str(exc))
+                continue
+            if audio_digest(audio.samples, audio.sample_rate) != voice.digest:
+                problems.append(f"voice {voice_id}'s audio does not match its digest")
+        return problems
+
+
 def _voice(row) -> Voice:
     return Voice(id=row.id, name=row.name, transcript=row.transcript, digest=row.digest,
                  sample_rate=int(row.sample_rate), duration_s=float(row.duration_s),
