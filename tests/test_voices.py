@@ -41,6 +41,15 @@ def store(database_url):
     db.close()
 
 
+@pytest.fixture
+def sqlite_store(tmp_path):
+    """For the bundle tests: the format does not depend on the database."""
+    db = Database(f"sqlite:///{tmp_path / 'bundles.db'}")
+    db.migrate()
+    yield VoiceStore(db)
+    db.close()
+
+
 def _audio(seed=0, rate=22050):
     rng = np.random.default_rng(seed)
     return Audio((0.3 * rng.standard_normal(rate)).astype(np.float32), rate)
@@ -229,13 +238,13 @@ def old_digest(audio: Audio) -> str:
 # ---------------------------------------------------------------------------------------------- bundles
 
 
-def test_bundle_round_trip_keeps_entries_and_drops_foreign_ones(store):
+def test_bundle_round_trip_keeps_entries_and_drops_foreign_ones(sqlite_store):
     audio = _audio(1)
-    voice = store.create(audio, "a transcript", "v")
+    voice = sqlite_store.create(audio, "a transcript", "v")
     tokens = np.arange(12, dtype=np.int64).reshape(3, 4)
     good = BundleEntry("tokens", "tok@abc/v1", voice.digest, {"n": 12}, {"codes": tokens}, 0.7)
     other = BundleEntry("tokens", "tok@abc/v1", "0" * 64, {"n": 1}, {}, 0.1)  # for some other clip
-    bundle = read_bundle(export_bundle(store, voice.id, [good, other], "Test engine", KEY), key=KEY)
+    bundle = read_bundle(export_bundle(sqlite_store, voice.id, [good, other], "Test engine", KEY), key=KEY)
     assert bundle.signed and bundle.trust == ""
     assert bundle.transcript == "a transcript" and bundle.engine == "Test engine"
     assert np.array_equal(bundle.audio.samples, audio.samples)
@@ -246,11 +255,11 @@ def test_bundle_round_trip_keeps_entries_and_drops_foreign_ones(store):
     assert entry.arrays["codes"].dtype == np.int64 and np.array_equal(entry.arrays["codes"], tokens)
 
 
-def test_a_multichannel_voice_bundle_keeps_its_speaker_id(store):
+def test_a_multichannel_voice_bundle_keeps_its_speaker_id(sqlite_store):
     channels = (0.2 * np.random.default_rng(8).standard_normal((4, 24000))).astype(np.float32)
     upload = load_audio(_wav(channels, 24000, "FLOAT"))
-    voice = store.create(upload, "four", "q")
-    members = _members(export_bundle(store, voice.id, [], "e", KEY))
+    voice = sqlite_store.create(upload, "four", "q")
+    members = _members(export_bundle(sqlite_store, voice.id, [], "e", KEY))
     assert set(members) == {"voice.json", "audio.wav", "speaker.npy"}
     bundle = read_bundle(_zip(members), key=KEY)
     assert bundle.signed and audio_digest(bundle.audio.samples, 24000) == voice.digest
@@ -274,14 +283,14 @@ def _zip(members: dict[str, bytes]) -> bytes:
     return out.getvalue()
 
 
-def test_only_a_bundle_signed_with_this_key_and_unchanged_gives_entries(store):
-    voice = store.create(_audio(7), "signed words", "s")
+def test_only_a_bundle_signed_with_this_key_and_unchanged_gives_entries(sqlite_store):
+    voice = sqlite_store.create(_audio(7), "signed words", "s")
     codes = np.arange(6, dtype=np.int64)
     entry = BundleEntry("tokens", "tok@abc/v1", voice.digest, {"n": 6}, {"codes": codes}, 0.5)
-    signed = export_bundle(store, voice.id, [entry], "e", KEY)
+    signed = export_bundle(sqlite_store, voice.id, [entry], "e", KEY)
     assert len(read_bundle(signed, key=KEY).entries) == 1
 
-    unsigned = read_bundle(export_bundle(store, voice.id, [entry], "e"), key=KEY)
+    unsigned = read_bundle(export_bundle(sqlite_store, voice.id, [entry], "e"), key=KEY)
     assert (unsigned.entries, unsigned.signed, unsigned.trust) == ((), False, "the bundle is not signed")
     no_key = read_bundle(signed)  # a server without bundle_key trusts no entry
     assert no_key.entries == () and "no bundle_key" in no_key.trust
@@ -309,9 +318,9 @@ def test_only_a_bundle_signed_with_this_key_and_unchanged_gives_entries(store):
     assert resigned.signed and resigned.entries[0].cost_s == 1e6
 
 
-def test_bad_bundles_are_refused(store):
-    voice = store.create(_audio(2), "t", "v")
-    valid = export_bundle(store, voice.id, [], "e")
+def test_bad_bundles_are_refused(sqlite_store):
+    voice = sqlite_store.create(_audio(2), "t", "v")
+    valid = export_bundle(sqlite_store, voice.id, [], "e")
     members = {n: zipfile.ZipFile(io.BytesIO(valid)).read(n) for n in ("voice.json", "audio.wav")}
 
     with pytest.raises(InputError, match="not a zip"):
@@ -338,10 +347,10 @@ def test_bad_bundles_are_refused(store):
     assert bundle.entries == ()
 
 
-def test_a_small_bundle_declaring_huge_audio_is_refused_before_reading_it(store):
+def test_a_small_bundle_declaring_huge_audio_is_refused_before_reading_it(sqlite_store):
     # Issue 21 item 6: a 249 KiB bundle added 250 MiB of RSS (its audio.wav was read whole first).
-    voice = store.create(_audio(2), "t", "v")
-    members = _members(export_bundle(store, voice.id, [], "e"))
+    voice = sqlite_store.create(_audio(2), "t", "v")
+    members = _members(export_bundle(sqlite_store, voice.id, [], "e"))
     header = io.BytesIO()
     sf.write(header, np.zeros(16, np.float32), 16000, format="WAV", subtype="FLOAT")
     bomb = _zip({**members, "audio.wav": header.getvalue() + b"\0" * (250 * 1024**2)})
@@ -360,9 +369,9 @@ def test_a_small_bundle_declaring_huge_audio_is_refused_before_reading_it(store)
         read_bundle(_zip({**members, "audio.wav": long_header.getvalue()}), max_seconds=30)
 
 
-def test_damaged_or_odd_bundles_are_refused_with_a_reason(store):
-    voice = store.create(_audio(3), "t", "v")
-    valid = export_bundle(store, voice.id, [], "e")
+def test_damaged_or_odd_bundles_are_refused_with_a_reason(sqlite_store):
+    voice = sqlite_store.create(_audio(3), "t", "v")
+    valid = export_bundle(sqlite_store, voice.id, [], "e")
     members = {n: zipfile.ZipFile(io.BytesIO(valid)).read(n) for n in ("voice.json", "audio.wav")}
     meta = json.loads(members["voice.json"])
 
@@ -379,7 +388,7 @@ def test_damaged_or_odd_bundles_are_refused_with_a_reason(store):
         read_bundle(_zip({**members, "audio.wav": nan_wav.getvalue()}))
     # A truncated .npy in a signed bundle drops its entry; the voice still reads.
     entry = BundleEntry("tokens", "n@1/v1", voice.digest, {}, {"codes": np.arange(100, dtype=np.int64)})
-    signed = _members(export_bundle(store, voice.id, [entry], "e", KEY))
+    signed = _members(export_bundle(sqlite_store, voice.id, [entry], "e", KEY))
     assert len(read_bundle(_zip(signed), key=KEY).entries) == 1
     bundle = read_bundle(_zip({**signed, "entries/0/codes.npy": signed["entries/0/codes.npy"][:90]}), key=KEY)
     assert bundle.entries == () and bundle.transcript == "t"
