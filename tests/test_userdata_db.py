@@ -114,3 +114,22 @@ def test_backup_restores_a_consistent_copy(tmp_path):
     with pytest.raises(StudioError, match="pg_dump"):
         Database("postgresql://nobody@127.0.0.1:1/x").backup(tmp_path / "x")
     assert backup_sqlite(copy, tmp_path / "again.db").exists()
+
+
+def test_compose_and_image_keep_user_data_in_its_own_volume_and_offer_postgres():
+    import yaml
+
+    from testkit.paths import ROOT
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name in ("studio", "studio-2", "studio-vllm"):
+        assert "studio-data:/app/data" in compose["services"][name]["volumes"]
+    postgres = compose["services"]["postgres"]
+    assert postgres["profiles"] == ["postgres"] and postgres["image"].startswith("postgres:")
+    assert postgres["environment"]["POSTGRES_PASSWORD"] == "${POSTGRES_PASSWORD:-}"   # from the environment
+    assert "studio-postgres:/var/lib/postgresql/data" in postgres["volumes"]
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    assert {"studio-data", "studio-postgres"} <= set(compose["volumes"])
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert '"/app/data"]' in dockerfile and "STUDIO_DATA_DIR=/app/data" in dockerfile
+    assert "data" in (ROOT / ".dockerignore").read_text().splitlines()   # a local database never enters the image
