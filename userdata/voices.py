@@ -391,6 +391,19 @@ class VoiceStore:
         return problems
 
 
+    def offer(self, kind: str, namespace: str, digest: str, payload: Mapping, arrays: Mapping, cost_s: float) -> int:
+        """Keep a computed prompt entry with every stored voice of this clip that lacks it (e.g.
+        after a model change, the new namespace's entries), so other hosts fill it from here.
+        One indexed read when no voice has the clip. Returns how many voices took it."""
+        with self.db.read(snapshot=False) as conn:
+            ids = [voice_id for (voice_id,) in conn.execute(select(voices.c.id).where(voices.c.digest == digest))]
+        prompt = StoredPrompt(kind, namespace, digest, dict(payload), dict(arrays), float(cost_s))
+        taken = sum(self.add_prompts(voice_id, (prompt,)) for voice_id in ids)
+        if taken:
+            log.info("kept a new %s entry (%s) with %d stored voice(s) of clip %s", kind, namespace, taken, digest[:12])
+        return taken
+
+
 def _voice(row) -> Voice:
     return Voice(id=row.id, name=row.name, transcript=row.transcript, digest=row.digest,
                  sample_rate=int(row.sample_rate), duration_s=float(row.duration_s),
