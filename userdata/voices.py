@@ -325,6 +325,21 @@ class VoiceStore:
             rows = conn.execute(select(voices).order_by(voices.c.created_at, voices.c.id)).all()
         return [_voice(row) for row in rows]
 
+    def check_quota(self) -> None:
+        """Refuse early (before any engine work) when no further voice fits; ``create`` checks again,
+        exactly, inside its transaction.
+
+        Raises:
+            VoiceQuotaExceeded, StoreUnavailable.
+        """
+        count, used = self.usage()
+        if count >= self.max_count:
+            raise VoiceQuotaExceeded(f"the studio already stores {count} voices, its limit (setting voice_max_count); "
+                                     "delete one first")
+        if used >= self.max_bytes:
+            raise VoiceQuotaExceeded(f"stored voices use {used:,} of {self.max_bytes:,} bytes (setting voice_max_bytes); "
+                                     "delete one first")
+
     def usage(self) -> tuple[int, int]:
         """(voices stored, bytes they use) -- what the quotas count."""
         with self.db.read() as conn:
