@@ -44,11 +44,12 @@ RUN apt-get update \
 COPY --from=build /opt/venv /opt/venv
 
 WORKDIR /app
-# The code is owned by root and read-only to the studio user; only the cache volume is writable.
+# The code is owned by root and read-only to the studio user; only the cache and data volumes are
+# writable. What users make (voices: the SQLite database of userdata/) lives in /app/data, never in the cache.
 COPY . /app
-RUN mkdir -p /app/cache /app/models \
-    && chown 1000:1000 /app/cache /app/models
-VOLUME ["/app/cache", "/app/models"]
+RUN mkdir -p /app/cache /app/models /app/data \
+    && chown 1000:1000 /app/cache /app/models /app/data
+VOLUME ["/app/cache", "/app/models", "/app/data"]
 
 # PYTHONPATH: the project's packages import from any script, not only app.py (compose's download
 # service runs scripts/download_models.py, which imports core). NUMBA_CACHE_DIR on the cache volume:
@@ -64,6 +65,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     STUDIO_PORT=7860 \
     STUDIO_CACHE_DIR=/app/cache \
     STUDIO_MODEL_ROOT=/app/models \
+    STUDIO_DATA_DIR=/app/data \
     STUDIO_ENGINE=step-audio
 USER 1000:1000
 EXPOSE 7860

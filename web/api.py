@@ -39,8 +39,9 @@ from core.errors import InputError
 from core.instructions import chain_header, parse_instructions
 from core.settings import Settings
 from tts_engine.contract import CloneOptions, Engine, validate_edit, validate_iterations, validate_text
+from userdata.db import Database
 from web import api_voices
-from web.deps import APIError, get_engine, get_metrics, get_settings, get_voices, jsonable, link_cancel, read_upload, require_api_key, result_headers, run_engine
+from web.deps import APIError, get_db, get_engine, get_metrics, get_settings, get_voices, jsonable, link_cancel, read_upload, require_api_key, result_headers, run_engine
 from web.metrics import CONTENT_TYPE
 from web.streaming import check_stream_format, start_stream, stream_response
 from web.voices import VoiceStore, check_voice_id
@@ -257,7 +258,7 @@ async def healthz() -> dict:
 async def readyz(request: Request) -> JSONResponse:
     engine, settings = get_engine(request), get_settings(request)
     try:
-        ready, reason = await _off_loop(request, _readiness, engine, settings)
+        ready, reason = await _off_loop(request, _readiness, engine, settings, get_db(request))
     except TimeoutError:
         ready, reason = False, f"the readiness check took longer than {OPS_TIMEOUT_S:g} s"
     except Exception as exc:  # a readiness probe answers, it never raises
@@ -266,7 +267,7 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"ready": bool(ready), "reason": reason}, status_code=200 if ready else 503)
 
 
-def _readiness(engine: Engine, settings: Settings) -> tuple[bool, str]:
+def _readiness(engine: Engine, settings: Settings, db: Database) -> tuple[bool, str]:
     ready, reason = engine.ready()
     serving = "preview" if engine.describe().preview else "step-audio"
     if ready and settings.engine not in ("auto", serving):
@@ -276,6 +277,8 @@ def _readiness(engine: Engine, settings: Settings) -> tuple[bool, str]:
         device_ok, why = _device_check(engine.describe().device)
         if not device_ok:
             ready, reason = False, why
+    if ready:   # the voices' database (userdata.db): unreachable -> not ready, and says why
+        ready, reason = db.ping()
     return ready, reason
 
 

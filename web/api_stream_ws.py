@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.audio_io import Audio, encode_audio, load_audio
 from core.edit_options import tag_warning
-from core.errors import InputError, ModelError, StudioError
+from core.errors import InputError, StudioError
 from core.instructions import EditStep, parse_instructions
 from core.settings import Settings
 from tts_engine.contract import CloneOptions, Engine, ResultStream, StreamCancelled, new_seed, validate_edit
