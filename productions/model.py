@@ -1,6 +1,6 @@
 """The value types of a production, as they cross module boundaries (frozen dataclasses).
 
-Owns: ``Production``, ``Segment``, ``Take``, ``Caption`` and their JSON forms.
+Owns: ``Production``, ``Segment``, ``Take``, ``Caption`` and their JSON forms, and ``ProductionNotFound``.
 Does not own: storing them (``userdata.productions``), making them (``productions.service``).
 
 A segment is *pending* while it has no chosen take: changing its text, voice or instructions drops the
@@ -12,6 +12,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Mapping
+
+from core.errors import InputError
+
+class ProductionNotFound(InputError):
+    """No production (or segment, or take of it) has this id (404 at the HTTP edge)."""
+
 
 SOURCE_KINDS = ("text", "script", "srt")
 SEGMENT_STATES = ("pending", "generating", "ready", "failed")

@@ -13,7 +13,6 @@ Does not own: generating takes or rendering (``productions.service``), the conne
 from __future__ import annotations
 
 import json
-import secrets
 import time
 from typing import Iterable, Mapping
 
@@ -21,7 +20,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import Connection
 
 from core.errors import InputError
-from productions.model import Production, Segment, Take
+from productions.model import Production, ProductionNotFound, Segment, Take
 from userdata import blobs
 from userdata.schema import productions as t_productions
 from userdata.schema import segments as t_segments
@@ -29,15 +28,6 @@ from userdata.schema import takes as t_takes
 
 EDITABLE = ("text", "voice_id", "instructions", "pause_ms", "speaker")
 _REGENERATING = ("text", "voice_id", "instructions")   # a change of these needs a new take
-
-
-class ProductionNotFound(InputError):
-    """No production (or segment, or take of it) has this id (404 at the HTTP edge)."""
-
-
-def new_id(prefix: str) -> str:
-    """An id such as ``prod-3f2a9c01d2e4a7b1`` (never from caller input)."""
-    return f"{prefix}-{secrets.token_hex(8)}"
 
 
 def _take(row) -> Take:
