@@ -73,6 +73,12 @@ class Settings:
     cache_max_bytes: int = field(default=2 * 1024**3, metadata={"help": "cache capacity in bytes (disk)"})
     cache_memory_entries: int = field(default=256, metadata={"help": "hot entries kept in RAM"})
 
+    # --- user data (voices; the database of userdata/)
+    data_dir: Path = field(default=Path("data"), metadata={"help": "folder for what users make (the default SQLite database); unlike the cache, never safe to delete"})
+    database_url: str = field(default="", metadata={"help": "SQLAlchemy URL of the user-data database: empty = sqlite:///<data_dir>/studio.db; postgresql://user@host/db for several hosts (password via STUDIO_DATABASE_URL, not argv)"})
+    voice_max_count: int = field(default=1000, metadata={"help": "most stored voices (all users together); creating more is refused"})
+    voice_max_bytes: int = field(default=1024**3, metadata={"help": "most bytes of stored voice audio and prompt entries together"})
+
     # --- request limits
     max_text_chars: int = field(default=1000, metadata={"help": "longest target text"})
     max_prompt_seconds: float = field(default=30.0, metadata={"help": "longest prompt clip"})
@@ -125,6 +131,9 @@ class Settings:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
         for name in ("queue_size", "max_upload_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        for name in ("voice_max_count", "voice_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
         # 0 means "off" or "none" for these; a negative value is always a typo.

@@ -54,7 +54,8 @@ def start_studio(root: Path, engine_factory: Callable | None = None, *flags: str
     if engine_factory is None:
         from preview.engine import PreviewEngine as engine_factory
     port = free_port()
-    settings = load_settings(["--cache-dir", str(root / "cache"), "--port", str(port), *flags], env={})
+    settings = load_settings(["--cache-dir", str(root / "cache"), "--data-dir", str(root / "data"), "--port", str(port),
+                               *flags], env={})
     engine = engine_factory(settings, PromptCache.from_settings(settings))
     app = create_app(engine, settings, output_dir=root / "outputs")
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, timeout_graceful_shutdown=1,
@@ -127,7 +128,7 @@ def start_studio_process(root: Path, *flags: str, timeout_s: float = 120) -> Stu
                GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=str(ROOT))
     log_path = root / "server.log"
     cmd = [sys.executable, str(ROOT / "app.py"), "--engine", "preview", "--host", "127.0.0.1", "--port", str(port),
-           "--cache-dir", str(root / "cache"), *flags]
+           "--cache-dir", str(root / "cache"), "--data-dir", str(root / "data"), *flags]
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     studio = StudioProcess(f"http://127.0.0.1:{port}", proc, tmpdir, log_path)

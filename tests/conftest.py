@@ -138,3 +138,33 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A throwaway PostgreSQL cluster for the whole session (skipped when PostgreSQL is not installed);
+    tests make their own database in it with ``fresh_pg_database``."""
+    from testkit.postgres import pg_binaries, start_postgres
+
+    if pg_binaries() is None:
+        pytest.skip("PostgreSQL is not installed (scripts/install.sh --test installs it)")
+    server = start_postgres()
+    yield server
+    server.close()
+
+
+def fresh_pg_database(server) -> str:
+    """A new empty database in the ``postgres`` fixture's cluster; returns its URL."""
+    import secrets
+
+    name = "t_" + secrets.token_hex(6)
+    server.psql(f"CREATE DATABASE {name} OWNER studio")
+    return server.url.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """An empty user-data database URL: an SQLite file, and (when installed) a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'studio.db'}"
+    return fresh_pg_database(request.getfixturevalue("postgres"))

@@ -16,13 +16,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Each package and the project packages it must never import (the layers above it).
 ABOVE = {
-    "core": {"funasr_cache", "tokenizer", "llm", "decoder", "tts_engine", "preview", "web", "cli"},
-    "funasr_cache": {"tokenizer", "llm", "decoder", "tts_engine", "preview", "web", "cli"},
-    "tokenizer": {"llm", "decoder", "tts_engine", "preview", "web", "cli"},
-    "llm": {"tts_engine", "preview", "web", "cli"},
-    "decoder": {"tts_engine", "preview", "web", "cli"},
-    "tts_engine": {"web", "cli"},
-    "preview": {"web", "cli"},
+    "core": {"funasr_cache", "tokenizer", "llm", "decoder", "tts_engine", "preview", "web", "cli", "userdata"},
+    "funasr_cache": {"tokenizer", "llm", "decoder", "tts_engine", "preview", "web", "cli", "userdata"},
+    "tokenizer": {"llm", "decoder", "tts_engine", "preview", "web", "cli", "userdata"},
+    "llm": {"tts_engine", "preview", "web", "cli", "userdata"},
+    "decoder": {"tts_engine", "preview", "web", "cli", "userdata"},
+    "tts_engine": {"web", "cli", "userdata"},
+    "preview": {"web", "cli", "userdata"},
+    # What users make: used by web/ only; it knows no engine or model.
+    "userdata": {"tokenizer", "llm", "decoder", "tts_engine", "preview", "web", "cli"},
 }
 
 
