@@ -47,6 +47,27 @@ def create_service(engine, settings, db, voices, metrics) -> ProductionService:
                              renders_dir=Path(settings.cache_dir) / "renders", call=call)
 
 
+def attach(app, engine, settings) -> None:
+    """Give ``app`` its production service (``app.state.productions``), on the app's user-data database
+    (``app.state.db``) or, while the app has none, one opened (and upgraded) here from the settings."""
+    from userdata.db import open_database
+
+    db = getattr(app.state, "db", None)
+    if db is None:
+        db = app.state.productions_db = open_database(settings)
+    app.state.productions = create_service(engine, settings, db, app.state.voices, app.state.metrics)
+
+
+def detach(app) -> None:
+    """At shutdown: stop taking generation work, close the database opened by :func:`attach`."""
+    service = getattr(app.state, "productions", None)
+    if service is not None:
+        service.close()
+    db = getattr(app.state, "productions_db", None)
+    if db is not None:
+        db.close()
+
+
 def install_handlers(app) -> None:
     """404 for unknown productions, segments and takes; 409 for requests the production's state refuses."""
 

@@ -25,7 +25,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from core.settings import Settings
 from tts_engine.contract import Engine
-from web import api, api_voices
+from web import api, api_productions, api_voices
 from web.deps import StudioMiddleware, install_error_handlers
 from web.guards import BodyLimit, OriginGuard
 from web.metrics import Metrics
@@ -52,6 +52,7 @@ def create_app(engine: Engine, settings: Settings, output_dir: Path | None = Non
         try:
             yield
         finally:
+            api_productions.detach(app)
             engine.close()
 
     app = FastAPI(title="Step-Audio-EditX studio API", version="1", lifespan=lifespan,
@@ -61,9 +62,12 @@ def create_app(engine: Engine, settings: Settings, output_dir: Path | None = Non
     app.state.voices = VoiceStore(Path(settings.cache_dir) / "voices")
     # A scrape reads the counters without the cache's file lock and writes nothing.
     app.state.metrics = Metrics(lambda: engine.cache.stats(flush=False), getattr(engine, "llm_backend", None))
+    api_productions.attach(app, engine, settings)   # productions live in the user-data database
     install_error_handlers(app)
+    api_productions.install_handlers(app)
     app.include_router(api.ops_router)
     app.include_router(api_voices.router)
+    app.include_router(api_productions.router)   # before api.router, whose catch-all answers unknown /v1 paths
     app.include_router(api.router)
     # add_middleware wraps: the last added runs first (request id, then body limit, then origins).
     app.add_middleware(OriginGuard, allowed_origins=settings.cors_origin_list)
