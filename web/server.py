@@ -78,7 +78,7 @@ def create_app(engine: Engine, settings: Settings, output_dir: Path | None = Non
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_upload_bytes)
     app.add_middleware(StudioMiddleware)
 
-    demo = build_demo(engine, settings, app.state.metrics, output_dir)
+    demo = build_demo(engine, settings, app.state.metrics, output_dir, productions=app.state.productions)
     auth = _key_login(settings.api_key) if settings.ui_requires_key and settings.api_key else None
     if settings.api_key and not settings.ui_requires_key:
         log.warning("the API needs a key but the page and its named API are open (--no-ui-requires-key)")
