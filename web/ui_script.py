@@ -250,25 +250,35 @@ def build_script_tab(service, voices, settings, output_dir: Path, events: dict, 
 
     watch_outputs = [production_id, segments, progress, productions, seg_pick]
     seg_outputs = [seg_text, take_pick, take_audio]
-    upload.upload(guarded(h.load_file), [upload, script], [script, source], **quick)
-    cast_btn.click(guarded(h.cast), [script, source], [speakers, *cast], **quick)
-    source.change(guarded(h.cast), [script, source], [speakers, *cast], **quick)
-    # When a job ends, the picked segment's takes are shown again (the picker's value may not have changed).
-    generate.click(guarded(h.create_and_generate), [title, script, source, fit, speakers, *cast], watch_outputs,
-                   api_visibility="private", **events).then(
-        guarded(h.show_segment), [production_id, seg_pick], seg_outputs, **quick)
-    pending_btn.click(guarded(h.generate_pending), production_id, watch_outputs, api_visibility="private",
-                      **events).then(guarded(h.show_segment), [production_id, seg_pick], seg_outputs, **quick)
-    regen_btn.click(guarded(h.regenerate), [production_id, seg_pick], watch_outputs, api_visibility="private",
-                    **events).then(guarded(h.show_segment), [production_id, seg_pick], seg_outputs, **quick)
-    productions.change(guarded(h.open_production), productions, [production_id, segments, seg_pick], **quick)
-    seg_pick.change(guarded(h.show_segment), [production_id, seg_pick], seg_outputs, **quick)
-    take_pick.change(guarded(h.play_take), [production_id, seg_pick, take_pick], take_audio, **quick)
-    save_btn.click(guarded(h.save_text), [production_id, seg_pick, seg_text], segments, **quick)
-    choose_btn.click(guarded(h.choose), [production_id, seg_pick, take_pick], [segments, take_pick, take_audio], **quick)
+    # Every event is private and named "script_*" explicitly, so none takes a name of the other tabs.
+    queued = {**events, "api_visibility": "private"}
+
+    def named(name: str, kind: dict) -> dict:
+        return {**kind, "api_name": f"script_{name}"}
+
+    def then_show(event, name: str) -> None:
+        # When a job ends, the picked segment's takes are shown again (the picker's value may not have changed).
+        event.then(guarded(h.show_segment), [production_id, seg_pick], seg_outputs, **named(name, quick))
+
+    upload.upload(guarded(h.load_file), [upload, script], [script, source], **named("load_file", quick))
+    cast_btn.click(guarded(h.cast), [script, source], [speakers, *cast], **named("cast", quick))
+    source.change(guarded(h.cast), [script, source], [speakers, *cast], **named("cast_source", quick))
+    then_show(generate.click(guarded(h.create_and_generate), [title, script, source, fit, speakers, *cast],
+                             watch_outputs, **named("generate", queued)), "generate_show")
+    then_show(pending_btn.click(guarded(h.generate_pending), production_id, watch_outputs,
+                                **named("generate_pending", queued)), "pending_show")
+    then_show(regen_btn.click(guarded(h.regenerate), [production_id, seg_pick], watch_outputs,
+                              **named("regenerate", queued)), "regenerate_show")
+    productions.change(guarded(h.open_production), productions, [production_id, segments, seg_pick],
+                       **named("open", quick))
+    seg_pick.change(guarded(h.show_segment), [production_id, seg_pick], seg_outputs, **named("segment", quick))
+    take_pick.change(guarded(h.play_take), [production_id, seg_pick, take_pick], take_audio, **named("take", quick))
+    save_btn.click(guarded(h.save_text), [production_id, seg_pick, seg_text], segments, **named("save_text", quick))
+    choose_btn.click(guarded(h.choose), [production_id, seg_pick, take_pick], [segments, take_pick, take_audio],
+                     **named("choose", quick))
     edit_btn.click(guarded(h.edit), [production_id, seg_pick, take_pick, edit_type, edit_info],
-                   [segments, take_pick, take_audio], api_visibility="private", **events)
-    edit_type.change(lambda t: gr.update(choices=list(EDIT_TYPES.get(t, ())),
-                                         value=(EDIT_TYPES.get(t) or (None,))[0]), edit_type, edit_info, **quick)
+                   [segments, take_pick, take_audio], **named("edit_take", queued))
+    edit_type.change(lambda t: gr.update(choices=list(EDIT_TYPES.get(t, ())), value=(EDIT_TYPES.get(t) or (None,))[0]),
+                     edit_type, edit_info, **named("edit_type", quick))
     render_btn.click(guarded(h.render), [production_id, fmt], [render_audio, render_files, render_summary],
-                     api_visibility="private", **events)
+                     **named("render", queued))
