@@ -114,6 +114,7 @@ class Settings:
     production_paragraph_pause_ms: int = field(default=800, metadata={"help": "silence after a paragraph or a speaker's turn (ms)"})
     production_crossfade_ms: float = field(default=20.0, metadata={"help": "cross-fade where two segments meet without a pause (ms)"})
     production_loudness_lufs: float = field(default=-16.0, metadata={"help": "integrated loudness (EBU R128 / ITU-R BS.1770 measure, LUFS) a render is normalised to; -16 suits podcasts and the web, -23 is EBU R128 broadcast"})
+    max_edit_seconds: float = field(default=300.0, metadata={"help": "longest clip /v1/audio/edits accepts; one longer than max_prompt_seconds (what one model call takes) is split at pauses and edited piece by piece"})
     production_workers: int = field(default=0, metadata={"help": "segments of a production generated at once (0: llm_max_rows, so they share the LLM's continuous batch)"})
 
     def __post_init__(self) -> None:
@@ -172,6 +173,9 @@ class Settings:
                 raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)!r}")
         if not 0 <= self.production_crossfade_ms <= 1000:
             raise ValueError(f"production_crossfade_ms must be between 0 and 1000, not {self.production_crossfade_ms!r}")
+        if not self.max_prompt_seconds <= self.max_edit_seconds < float("inf"):
+            raise ValueError(f"max_edit_seconds must be at least max_prompt_seconds ({self.max_prompt_seconds:g}), "
+                             f"not {self.max_edit_seconds!r}")
         if not -70 <= self.production_loudness_lufs <= 0:   # also refuses NaN
             raise ValueError(f"production_loudness_lufs must be between -70 and 0 LUFS, not {self.production_loudness_lufs!r}")
         if not 0 < self.max_prompt_seconds < float("inf"):  # also refuses NaN

@@ -7,13 +7,15 @@ segments never generated again; a changed segment pending again; editing a take 
 an SRT production placed at its cues, fit-to-cue saying when a take cannot fit; bad input (empty
 script, speaker missing from the cast, unknown voice, broken and overlapping SRT, over the size
 limit, render while pending, unknown ids) with clear 4xx answers; a voice deleted while its
-production exists; progress as server-sent events.
+production exists; progress as server-sent events; ``/v1/audio/edits`` of a clip longer than one model
+call, edited in pieces cut at pauses, each with its share of the transcript, the split in the headers.
 """
 
 from __future__ import annotations
 
 import io
 import json
+from urllib.parse import unquote
 
 import httpx
 import numpy as np
@@ -22,7 +24,8 @@ import soundfile as sf
 
 from testkit.studio_server import speech_wav
 
-STUDIO_FLAGS = ("--production-max-chars", "3000", "--production-loudness-lufs", "-20")
+# One model call takes 8 s of audio here, so a 20 s clip is a "long edit".
+STUDIO_FLAGS = ("--production-max-chars", "3000", "--production-loudness-lufs", "-20", "--max-prompt-seconds", "8")
 SCRIPT = """Alice: Good morning. The harbour is quiet today.
 Bob: Is it? I heard the boats leave early.
 
@@ -268,3 +271,28 @@ def test_progress_streams_as_server_sent_events(http, cast):
             elif line.startswith("data: ") and events[-1] == "progress":
                 last = json.loads(line[6:])
     assert events[-1] == "done" and last["done"] and last["counts"]["ready"] == 3
+
+
+def test_a_long_clip_is_edited_in_pieces_and_says_how(http):
+    parts = []
+    for i in range(3):
+        speech, rate = _decode(speech_wav(seconds=6.0, seed=i))
+        parts += [speech, np.zeros(int(0.6 * rate), np.float32)]
+    clip = np.concatenate(parts)
+    buffer = io.BytesIO()
+    sf.write(buffer, clip, rate, format="WAV", subtype="FLOAT")
+    words = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen"
+    r = http.post("/v1/audio/edits", files={"file": ("long.wav", buffer.getvalue(), "audio/wav")},
+                  data={"edit_type": "denoise", "audio_text": words, "response_format": "wav"})
+    assert r.status_code == 200, r.text
+    pieces = int(r.headers["x-edit-pieces"])
+    spans = [tuple(map(float, s.split("-"))) for s in r.headers["x-edit-split"].split(",")]
+    assert pieces == len(spans) >= 3 and spans[0][0] == 0 and abs(spans[-1][1] - len(clip) / rate) < 1e-3
+    assert all(b - a <= 8.0 for a, b in spans) and all(x[1] == y[0] for x, y in zip(spans, spans[1:]))
+    texts = [unquote(t) for t in r.headers["x-edit-texts"].split("|")]
+    assert " ".join(texts) == words and r.headers["x-edit-text-source"] == "transcript"
+    edited, out_rate = _decode(r.content)
+    assert abs(len(edited) / out_rate - len(clip) / rate) < 0.2   # denoise keeps the length (minus cross-fades)
+    r = http.post("/v1/audio/edits", files={"file": ("long.wav", buffer.getvalue(), "audio/wav")},
+                  data={"edit_type": "speed", "edit_info": "faster", "audio_text": words, "text": "[Laughter] x"})
+    assert r.status_code == 400 and "cannot be split" in r.json()["error"]["message"]

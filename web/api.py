@@ -42,6 +42,7 @@ from web import api_voices
 from web.deps import APIError, get_engine, get_metrics, get_settings, get_voices, jsonable, read_upload, require_api_key, result_headers, run_engine
 from web.metrics import CONTENT_TYPE, Metrics
 from web.streaming import check_stream_format, start_stream, stream_response
+from web.long_edits import long_edit_response
 from web.voices import VoiceStore, check_voice_id
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,10 @@ def create_edit(request: Request,
     if (file is None) == (voice is None):
         raise InputError("give exactly one of 'file' (an audio upload) or 'voice' (a stored voice id)")
     if file is not None:
-        audio = load_audio(read_upload(file, settings, "audio file"), max_seconds=settings.max_prompt_seconds)
+        audio = load_audio(read_upload(file, settings, "audio file"), max_seconds=settings.max_edit_seconds)
+        if audio.duration > settings.max_prompt_seconds:   # longer than one model call: in pieces (web.long_edits)
+            return long_edit_response(request, engine, settings, audio, audio_text, edit_type, edit_info, text,
+                                      iterations, seed, CloneOptions(flow_steps=flow_steps), fmt)
         if not (audio_text and audio_text.strip()):
             validate_edit(edit_type, edit_info or None, engine.capabilities())  # before transcribing
             audio_text = _transcribe(request, engine, audio, "the audio to edit")
