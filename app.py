@@ -46,7 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     except StudioError as exc:
         log.error("cannot start: %s", exc)
         return 1
-    app = create_app(engine, settings)
+    try:
+        app = create_app(engine, settings)
+    except StudioError as exc:   # e.g. a user-data database newer than this code
+        log.error("cannot start: %s", exc)
+        engine.close()
+        return 1
     # Gradio keeps heartbeat streams open; do not wait for them forever on Ctrl+C / SIGTERM.
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=5)
     return 0

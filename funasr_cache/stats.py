@@ -1,7 +1,8 @@
 """Statistics of the prompt cache: this process's counters and the shared ``stats.json``.
 
 Owns: :class:`Counters`, the counts a process made and has not yet merged into ``stats.json``
-(hits, misses, puts, evictions, corrupt, coalesced, seconds saved, per kind); the ``stats.json``
+(hits, misses, puts, evictions, corrupt, coalesced, seconds saved, fills from a prompt source,
+per kind); the ``stats.json``
 format and its merge (each process adds its own counts under the folder lock, so none overwrites
 another's; a ``clear()`` starts a new epoch and counts from the old one are dropped); summing
 counters and index sizes into the figures :meth:`funasr_cache.PromptCache.stats` returns.
@@ -23,7 +24,8 @@ from typing import Callable, Iterable
 
 from funasr_cache.files import FORMAT, EntryMeta, Key, atomic_write, dump_json
 
-COUNTERS = ("hits", "misses", "puts", "evictions", "corrupt", "coalesced", "seconds_saved")
+# store_fills: local misses filled from a PromptSource (the voice database) instead of computed.
+COUNTERS = ("hits", "misses", "puts", "evictions", "corrupt", "coalesced", "seconds_saved", "store_fills")
 
 
 def fresh_stats() -> dict:

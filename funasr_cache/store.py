@@ -29,6 +29,10 @@ models exist. ``docs/cache.md`` is the long-form contract; in short:
     * ``stats(flush=False)`` (the /metrics scrape) takes no lock and writes nothing. Lookups made
       inside ``uncounted()`` (e.g. a voice export) change no hit/miss/saved-seconds counter.
       ``add()`` never replaces an existing entry (imports use it); ``discard()`` removes one.
+    * A :class:`PromptSource` (``set_source``; the studio passes its voice database) is asked on a
+      miss before computing: what it returns is stored here with its original ``cost_s`` and
+      counted as ``store_fills`` (the lookup itself still counts as a miss). A source that fails
+      is logged and treated as having nothing.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, Protocol
 
 import numpy as np
 from filelock import FileLock, Timeout
@@ -203,6 +207,14 @@ class _Exists(Exception):
     """``add()`` found an entry already committed under the key."""
 
 
+class PromptSource(Protocol):
+    """Somewhere else a clip's prompt entries may already exist (the studio's voice database);
+    this package only calls it. ``fetch`` returns ``(payload, arrays or None, cost_s)`` or None."""
+
+    def fetch(self, kind: str, namespace: str, digest: str) -> "tuple[Mapping, Mapping[str, np.ndarray] | None, float] | None":
+        ...
+
+
 class PromptCache:
     """Disk + RAM cache of prompt work; see the module docstring for the contract.
 
@@ -231,6 +243,7 @@ class PromptCache:
         self._warned: set = set()
         self._degraded, self._retry_at = "", 0.0
         self._quiet = threading.local()  # .active: lookups in this thread are not counted
+        self._source: PromptSource | None = None
         self._open()
         atexit.register(_flush_at_exit, weakref.ref(self))
 
@@ -326,10 +339,21 @@ class PromptCache:
         self._remember(entry, on_disk)
         return entry
 
+    def set_source(self, source: PromptSource | None) -> None:
+        """Fill misses from ``source`` before computing (None: compute only)."""
+        self._source = source
+
     def get_or_compute(self, kind: str, namespace: str, digest: str, compute: Compute) -> tuple[CacheEntry, bool]:
-        """``(entry, hit)``. On a miss ``compute()`` -> ``(payload, arrays or None)`` runs once per
-        key in this process (concurrent callers wait and share it, with hit=False); its wall time
-        is stored as ``cost_s``.
+        """``(entry, hit)``; :meth:`lookup` without saying where a miss was filled from."""
+        entry, origin = self.lookup(kind, namespace, digest, compute)
+        return entry, origin == "hit"
+
+    def lookup(self, kind: str, namespace: str, digest: str, compute: Compute) -> tuple[CacheEntry, str]:
+        """``(entry, origin)``: origin is ``"hit"`` (found here), ``"store"`` (filled from the
+        :class:`PromptSource`), ``"computed"`` or ``"shared"`` (a concurrent caller's fill or
+        computation). On a miss the source is asked first; then ``compute()`` -> ``(payload,
+        arrays or None)`` runs once per key in this process (concurrent callers wait and share it);
+        its wall time is stored as ``cost_s``.
 
         Raises:
             CacheError: malformed key, or ``compute`` returned something other than a pair.
@@ -337,7 +361,7 @@ class PromptCache:
         """
         entry = self.get(kind, namespace, digest)
         if entry is not None:
-            return entry, True
+            return entry, "hit"
         mkey = (kind, namespace, digest)
         with self._mlock:
             flight = self._flights.get(mkey)
@@ -349,17 +373,20 @@ class PromptCache:
             self._counts.add(kind, "coalesced")
             if flight.error is not None:
                 raise flight.error
-            return flight.entry, False
+            return flight.entry, "shared"
         try:
+            origin = "shared"
             flight.entry = self._lookup(kind, namespace, digest, self._folder(kind, namespace, digest))
             if flight.entry is None:  # nobody finished it between our miss and our leadership
+                flight.entry, origin = self._from_source(kind, namespace, digest), "store"
+            if flight.entry is None:
                 start = time.perf_counter()
                 result = compute()
                 cost = time.perf_counter() - start
                 if not (isinstance(result, (tuple, list)) and len(result) == 2):
                     raise CacheError(f"compute() for kind {kind!r} must return (payload, arrays), got {type(result).__name__}")
-                flight.entry = self.put(kind, namespace, digest, result[0], cost, result[1])
-            return flight.entry, False
+                flight.entry, origin = self.put(kind, namespace, digest, result[0], cost, result[1]), "computed"
+            return flight.entry, origin
         except BaseException as exc:
             flight.error = exc
             raise
@@ -367,6 +394,25 @@ class PromptCache:
             with self._mlock:
                 self._flights.pop(mkey, None)
             flight.done.set()
+
+    def _from_source(self, kind: str, namespace: str, digest: str) -> CacheEntry | None:
+        """The entry from the prompt source, stored here; None when there is none (or it failed)."""
+        source = self._source
+        if source is None:
+            return None
+        try:
+            found = source.fetch(kind, namespace, digest)
+            if found is None:
+                return None
+            payload, arrays, cost_s = found
+            entry = self.put(kind, namespace, digest, payload, float(cost_s), arrays)
+        except Exception as exc:  # noqa: BLE001 - a source that fails is a source with nothing
+            log.warning("prompt source could not fill %s/%s %s (%s: %s); computing it", kind, namespace,
+                        digest[:12], type(exc).__name__, exc)
+            return None
+        self._counts.add(kind, "store_fills")
+        log.debug("filled %s %s from the prompt source", kind, digest[:12])
+        return entry
 
     def stats(self, flush: bool = True) -> dict:
         """JSON-able counters since the last ``clear()`` (all processes), plus current sizes.

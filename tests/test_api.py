@@ -335,10 +335,12 @@ def test_cache_stats_and_clear(http, studio, voice):
     assert stats["hits"] >= before + 1 and stats["entries"] >= 1
     cleared = http.post("/v1/cache/clear").json()
     assert cleared["cleared"] is True and cleared["stats"]["entries"] == 0
-    # Stored voices survive a clear; the next use recomputes the profile.
+    # Stored voices survive a clear; the next use fills the profile from the voice database (it is
+    # stored with the voice) instead of recomputing it.
     r = http.post("/v1/audio/speech", json={"input": "Again.", "voice": voice["id"], "response_format": "wav"})
     assert r.status_code == 200
-    assert "prompt_analysis" not in json.loads(r.headers["x-timings"])["cached"]
+    assert "prompt_store" in json.loads(r.headers["x-timings"])["cached"]
+    assert http.get("/v1/cache/stats").json()["store_fills"] >= 1
 
 
 def test_engine_and_models(http):

@@ -9,7 +9,9 @@ Does not own: what a kind computes (models), cache mechanics (``funasr_cache``).
 
 Stages added to the caller's timer: ``cache_lookup`` (lookup, waiting for a concurrent request's
 computation of the same clip, and the store; compute time excluded), the kind's own stages when
-it computes, and its ``hit_stages`` at 0 ms marked cached when served from the cache.
+it computes, and its ``hit_stages`` at 0 ms marked cached when served from the cache. A miss
+filled from the cache's prompt source (a stored voice's entries in the database) also records
+``prompt_store`` (the time of that fill, marked as a hit) and counts ``prompt_store_fills``.
 """
 
 from __future__ import annotations
@@ -68,7 +70,9 @@ def fetch_prompt(cache: PromptCache, kind: PromptKind[T], audio: Audio, digest: 
         return kind.to_entry(computed[0])
 
     start = time.perf_counter()
-    entry, hit = cache.get_or_compute(kind.name, kind.namespace, digest, compute)
+    entry, origin = cache.lookup(kind.name, kind.namespace, digest, compute)
+    hit = origin in ("hit", "store")   # no model ran for this request
+    fill_ms = (time.perf_counter() - start) * 1000.0 if origin == "store" else 0.0
     if computed:
         value = computed[0]
     else:
@@ -82,9 +86,12 @@ def fetch_prompt(cache: PromptCache, kind: PromptKind[T], audio: Audio, digest: 
             compute_s = time.perf_counter() - compute_start
             payload, arrays = kind.to_entry(value)
             cache.put(kind.name, kind.namespace, digest, payload, compute_s, arrays)
-    timer.record("cache_lookup", (time.perf_counter() - start - compute_s) * 1000.0)
+    timer.record("cache_lookup", (time.perf_counter() - start - compute_s) * 1000.0 - fill_ms)
+    if origin == "store":
+        timer.record("prompt_store", fill_ms, cached=True)
+        timer.count("prompt_store_fills", 1)
     if hit:
         for stage in kind.hit_stages:
             timer.record(stage, 0.0, cached=True)
-    log.debug("prompt %s %s %s", kind.name, "hit" if hit else ("computed" if computed else "shared"), digest[:12])
+    log.debug("prompt %s %s %s", kind.name, origin if hit or computed else "shared", digest[:12])
     return value, hit

@@ -2,7 +2,7 @@
 
 Owns: storing bytes under their SHA-256 once however many rows use them (:func:`put`), reading them
 back checked against their hash (:func:`get`), and deleting the blobs no row references any more
-(:func:`release`). Every function takes the caller's open transaction, so a blob and the row that
+(:func:`release`), and finding blobs nothing references (:func:`unreferenced`, for checks). Every function takes the caller's open transaction, so a blob and the row that
 references it commit together.
 Does not own: which rows reference blobs (``userdata.schema.BLOB_REFERENCES`` lists them), the
 transaction (``userdata.db``).
@@ -68,3 +68,9 @@ def release(conn: Connection, digests: Iterable[str | None]) -> int:
     unused = [not_(exists().where(getattr(table.c, column) == blobs.c.sha256)) for table, column in BLOB_REFERENCES]
     result = conn.execute(delete(blobs).where(and_(blobs.c.sha256.in_(wanted), *unused)))
     return int(result.rowcount or 0)
+
+
+def unreferenced(conn: Connection) -> list[str]:
+    """Blobs no row references (should be none: every delete releases its blobs in its transaction)."""
+    unused = [not_(exists().where(getattr(table.c, column) == blobs.c.sha256)) for table, column in BLOB_REFERENCES]
+    return [digest for (digest,) in conn.execute(select(blobs.c.sha256).where(and_(*unused)))]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -87,6 +88,8 @@ class Database:
 
     def __init__(self, url: str, pool_size: int = 8) -> None:
         self.url = url
+        self.schema_ready = False          # set by migrate(); read()/write() migrate first until then
+        self._schema_lock = threading.Lock()
         parsed = _driver_url(url)
         self.dialect = parsed.get_backend_name()
         if self.dialect == "sqlite":
@@ -115,6 +118,7 @@ class Database:
         Raises:
             StoreUnavailable: the database cannot be reached.
         """
+        self._require_schema()
         with self._translated(), self.engine.connect() as conn, conn.begin():
             yield conn
 
@@ -126,10 +130,18 @@ class Database:
         Raises:
             StoreUnavailable: the database cannot be reached (or stayed locked past the busy timeout).
         """
+        self._require_schema()
         with self._translated(), self.engine.connect() as conn:
             conn = conn.execution_options(studio_write=True)
             with conn.begin():
                 yield conn
+
+    def _require_schema(self) -> None:
+        """Upgrade the schema on first use when the database was unreachable at start."""
+        if not self.schema_ready:
+            with self._schema_lock:
+                if not self.schema_ready:
+                    self.migrate()
 
     @contextmanager
     def _translated(self) -> Iterator[None]:
@@ -156,6 +168,8 @@ class Database:
             with self.read() as conn:
                 conn.execute(text("SELECT 1"))
             return True, "ok"
+        except SchemaTooNew as exc:
+            return False, str(exc)
         except StudioError as exc:
             return False, str(exc)
         except Exception as exc:  # a probe answers, it never raises
@@ -171,7 +185,9 @@ class Database:
         from userdata.migrations import upgrade
 
         with self._translated():
-            return upgrade(self)
+            revision = upgrade(self)
+        self.schema_ready = True
+        return revision
 
     def backup(self, destination: Path | str) -> Path:
         """A consistent copy of an SQLite database file while it is in use (SQLite's online backup).
@@ -232,16 +248,28 @@ def _sqlite_events(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("studio_write") else "BEGIN")
 
 
-def open_database(settings, migrate: bool = True) -> Database:
-    """The database the settings name, with its schema upgraded (unless ``migrate`` is False).
+def open_database(settings, wait_for_server: bool = True) -> Database:
+    """The database the settings name, with its schema upgraded.
+
+    A database server that cannot be reached at start (``wait_for_server``) is not fatal: the
+    studio starts, requests that need the database answer 503 and ``/readyz`` says why, and the
+    schema is upgraded on the first request after the server is back.
 
     Raises:
-        SchemaTooNew, StoreUnavailable, StudioError: see :class:`Database` and :meth:`Database.migrate`.
+        SchemaTooNew: the database is newer than this code (the studio must not start).
+        StoreUnavailable: unreachable, and ``wait_for_server`` is False.
+        StudioError: an unsupported or damaged database.
     """
     if not settings.database_url:
         Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     db = Database(database_url(settings))
-    if migrate:
+    try:
         revision = db.migrate()
-        log.info("user-data database %s at schema revision %s", redact(db.url), revision)
+    except StoreUnavailable:
+        if not wait_for_server:
+            raise
+        log.warning("user-data database %s is unreachable at start; voices answer 503 until it is back",
+                    redact(db.url))
+        return db
+    log.info("user-data database %s at schema revision %s", redact(db.url), revision)
     return db

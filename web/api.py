@@ -38,8 +38,9 @@ from core.errors import InputError
 from core.instructions import chain_header, parse_instructions
 from core.settings import Settings
 from tts_engine.contract import CloneOptions, Engine, validate_edit, validate_iterations, validate_text
+from userdata.db import Database
 from web import api_voices
-from web.deps import APIError, get_engine, get_metrics, get_settings, get_voices, jsonable, read_upload, require_api_key, result_headers, run_engine
+from web.deps import APIError, get_db, get_engine, get_metrics, get_settings, get_voices, jsonable, read_upload, require_api_key, result_headers, run_engine
 from web.metrics import CONTENT_TYPE, Metrics
 from web.streaming import check_stream_format, start_stream, stream_response
 from web.long_edits import long_edit_response
@@ -250,7 +251,8 @@ def healthz() -> dict:
 
 
 @ops_router.get("/readyz", summary="The configured engine is loaded (and, on CUDA, can allocate)")
-def readyz(engine: Engine = Depends(get_engine), settings: Settings = Depends(get_settings)) -> JSONResponse:
+def readyz(engine: Engine = Depends(get_engine), settings: Settings = Depends(get_settings),
+           db: Database = Depends(get_db)) -> JSONResponse:
     try:
         ready, reason = engine.ready()
         serving = "preview" if engine.describe().preview else "step-audio"
@@ -261,6 +263,8 @@ def readyz(engine: Engine = Depends(get_engine), settings: Settings = Depends(ge
             device_ok, why = _device_check(engine.describe().device)
             if not device_ok:
                 ready, reason = False, why
+        if ready:   # the voices' database (userdata.db): unreachable -> not ready, and says why
+            ready, reason = db.ping()
     except Exception as exc:  # a readiness probe answers, it never raises
         log.exception("readiness check failed")
         ready, reason = False, f"readiness check failed: {type(exc).__name__}"

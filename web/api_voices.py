@@ -1,12 +1,14 @@
 """HTTP routes for stored voices: create, list, get, delete, export and import.
 
 Owns: ``/v1/audio/voices`` and its pydantic models (a voice stored without a transcript gets the
-engine's transcription): export asks the engine for the voice's
-prompt-cache entries (``Engine.export_prompt``) and packs them into a bundle signed with
-``settings.bundle_key``; import unpacks a bundle and hands the engine its entries only when the
-signature verified (``Engine.import_prompt`` stores those that match it; the rest are recomputed).
-Does not own: the bundle format and its signature (``web.voices``), which entries exist or how they
-are stored (the engine and its cache).
+engine's transcription): create and import store the voice together with the prompt-cache entries
+the engine made for its clip (so another host clones from it without encoding the clip again);
+export asks the engine for the voice's prompt-cache entries (``Engine.export_prompt``) and packs
+them into a bundle signed with ``settings.bundle_key``; import unpacks a bundle and hands the engine
+its entries only when the signature verified (``Engine.import_prompt`` stores those that match it;
+the rest are recomputed).
+Does not own: the bundle format and its signature (``web.voices``), storing voices and the quotas
+(``userdata.voices``), which entries exist or how they are cached (the engine and its cache).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from core.audio_io import load_audio
 from core.settings import Settings
 from tts_engine.contract import Engine, PromptReport, validate_text
 from web.deps import get_engine, get_settings, get_voices, read_upload, require_api_key, run_engine
-from web.voices import Voice, VoiceStore, check_voice_id
+from web.voice_prompts import cached_prompts
+from web.voices import Voice, VoiceStore, check_voice_id, export_bundle, read_bundle
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,8 @@ def create_voice(request: Request, file: UploadFile = File(..., description="the
     transcript = validate_text(transcript, "transcript", settings.max_text_chars)
     # Prepare first: a clip the engine cannot use never becomes a voice.
     report = run_engine(request, "voice_prepare", lambda: engine.prepare_prompt(audio))
-    voice = voices.create(audio, transcript, name, report.namespaces)
+    voice = voices.create(audio, transcript, name, report.namespaces,
+                          prompts=cached_prompts(engine, report.digest, report.namespaces))
     return {**_voice_model(voice), "prepared": _prepared(report), "transcribed": transcribed}
 
 
@@ -110,7 +114,7 @@ def export_voice(voice_id: str, request: Request, engine: Engine = Depends(get_e
     audio = voices.audio(voice.id)
     # Entries that were evicted or cleared are computed again; reading them is no cache hit.
     entries = run_engine(request, "voice_export", lambda: engine.export_prompt(audio))
-    data = voices.export_bundle(voice.id, list(entries), engine.describe().name, settings.bundle_key)
+    data = export_bundle(voices, voice.id, list(entries), engine.describe().name, settings.bundle_key)
     return Response(data, media_type="application/zip",
                     headers={"Content-Disposition": f'attachment; filename="{voice.id}.voice.zip"',
                              "X-Bundle-Entries": ",".join(f"{e.kind}" for e in entries),
@@ -122,12 +126,13 @@ def import_voice(request: Request, file: UploadFile = File(..., description="a b
                  name: str = Form("", description="overrides the bundle's name"),
                  engine: Engine = Depends(get_engine), voices: VoiceStore = Depends(get_voices),
                  settings: Settings = Depends(get_settings)) -> dict:
-    bundle = VoiceStore.read_bundle(read_upload(file, settings, "voice bundle"), settings.max_prompt_seconds,
-                                    settings.bundle_key)
+    bundle = read_bundle(read_upload(file, settings, "voice bundle"), settings.max_prompt_seconds,
+                         settings.bundle_key, max_audio_bytes=settings.max_upload_bytes)
     transcript = validate_text(bundle.transcript, "the bundle's transcript", settings.max_text_chars)
     done = run_engine(request, "voice_prepare", lambda: engine.import_prompt(bundle.audio, bundle.entries))
     try:
-        voice = voices.create(bundle.audio, transcript, name or bundle.name, done.report.namespaces)
+        voice = voices.create(bundle.audio, transcript, name or bundle.name, done.report.namespaces,
+                              prompts=cached_prompts(engine, done.report.digest, done.report.namespaces))
     except BaseException:
         engine.undo_prompt_import(done)   # a failed import leaves nothing behind
         raise

@@ -1,6 +1,6 @@
 """What every HTTP route shares: dependencies, the error format, request ids, upload limits.
 
-Owns: the overridable dependencies (``get_engine``, ``get_settings``, ``get_voices``,
+Owns: the overridable dependencies (``get_engine``, ``get_settings``, ``get_voices``, ``get_db``,
 ``get_metrics``), the optional Bearer key check, the JSON error body and the mapping from studio
 errors to status codes, the ASGI middleware (request ids, a JSON 500 for anything
 uncaught), and ``run_engine_call`` (the one place an engine call from the API or the page is
@@ -32,6 +32,8 @@ from core.errors import BackendUnavailable, CacheError, InputError, ModelError, 
 from core.settings import Settings
 from tts_engine.contract import Engine, Result
 from web.metrics import Metrics
+from userdata.db import Database, StoreUnavailable
+from userdata.voices import VoiceExists, VoiceQuotaExceeded
 from web.voices import VoiceNotFound, VoiceStore
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,10 @@ def get_settings(request: Request) -> Settings:
 
 def get_voices(request: Request) -> VoiceStore:
     return request.app.state.voices
+
+
+def get_db(request: Request) -> Database:
+    return request.app.state.db
 
 
 def get_metrics(request: Request) -> Metrics:
@@ -94,6 +100,12 @@ def studio_error_status(exc: StudioError) -> tuple[int, str, str]:
     """(status, type, code) for a studio error."""
     if isinstance(exc, VoiceNotFound):
         return 404, "invalid_request_error", "voice_not_found"
+    if isinstance(exc, VoiceExists):
+        return 409, "invalid_request_error", "voice_exists"
+    if isinstance(exc, VoiceQuotaExceeded):
+        return 409, "invalid_request_error", "voice_quota_exceeded"
+    if isinstance(exc, StoreUnavailable):
+        return 503, "server_error", "store_unavailable"
     if isinstance(exc, InputError):
         return 400, "invalid_request_error", "invalid_input"
     if isinstance(exc, BackendUnavailable):
@@ -115,7 +127,8 @@ def install_error_handlers(app) -> None:
     @app.exception_handler(StudioError)
     async def _studio_error(request: Request, exc: StudioError):
         status, type_, code = studio_error_status(exc)
-        headers = {"Retry-After": str(int(math.ceil(exc.retry_after)))} if isinstance(exc, BackendUnavailable) else None
+        headers = {"Retry-After": str(int(math.ceil(exc.retry_after)))} \
+            if isinstance(exc, (BackendUnavailable, StoreUnavailable)) else None
         return error_response(status, str(exc), type_, code, request_id(request), headers)
 
     @app.exception_handler(RequestValidationError)

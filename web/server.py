@@ -1,9 +1,11 @@
 """One ASGI app for the whole studio: the HTTP API and the Gradio page on one port.
 
-Owns: ``create_app(engine, settings)`` -- a FastAPI app holding the engine, settings, voice
-store and metrics in ``app.state``, with the API routers, error handlers and middleware, and the
-Gradio page mounted at ``/`` (the API routes are registered first, so they win). Its lifespan
-closes the engine at shutdown.
+Owns: ``create_app(engine, settings)`` -- a FastAPI app holding the engine, settings, user-data
+database, voice store and metrics in ``app.state``, with the API routers, error handlers and
+middleware, and the Gradio page mounted at ``/`` (the API routes are registered first, so they win);
+installing the voice store as the engine cache's prompt source (a local miss for a stored voice's
+clip fills from the database) and importing the old voice folders at start. Its lifespan closes
+the engine and the database at shutdown.
 Does not own: building the engine or settings, logging setup, running uvicorn (``app.py``).
 
 With an ``api_key``, the page and its named API (``/clone``, ``/edit``, ``/cache_clear``, uploads,
@@ -30,6 +32,9 @@ from web.deps import StudioMiddleware, install_error_handlers
 from web.guards import BodyLimit, OriginGuard
 from web.metrics import Metrics
 from web.ui import EXAMPLES_DIR, build_demo
+from userdata.db import StoreUnavailable, open_database
+from userdata.legacy import import_voice_folders
+from web.voice_prompts import cached_prompts
 from web.voices import VoiceStore
 
 log = logging.getLogger(__name__)
@@ -37,6 +42,10 @@ log = logging.getLogger(__name__)
 
 def create_app(engine: Engine, settings: Settings, output_dir: Path | None = None) -> FastAPI:
     """The studio's ASGI app (serve it with uvicorn).
+
+    Raises:
+        SchemaTooNew: the user-data database was upgraded by a newer studio.
+        StudioError: the database URL is unsupported or its file is damaged.
 
     Parameters:
         engine: the loaded engine; closed when the app shuts down.
@@ -54,12 +63,20 @@ def create_app(engine: Engine, settings: Settings, output_dir: Path | None = Non
         finally:
             api_productions.detach(app)
             engine.close()
+            app.state.db.close()
 
     app = FastAPI(title="Step-Audio-EditX studio API", version="1", lifespan=lifespan,
                   description="OpenAI-compatible speech, stored voices, edits and the prompt cache. See docs/api.md.")
     app.state.engine = engine
     app.state.settings = settings
-    app.state.voices = VoiceStore(Path(settings.cache_dir) / "voices")
+    app.state.db = open_database(settings)   # SchemaTooNew: a newer studio's database; refuse to start
+    app.state.voices = VoiceStore(app.state.db, settings.voice_max_count, settings.voice_max_bytes)
+    engine.cache.set_source(app.state.voices)
+    try:
+        import_voice_folders(app.state.voices, Path(settings.cache_dir) / "voices",
+                             lambda audio, digest: cached_prompts(engine, digest))
+    except StoreUnavailable:
+        log.warning("old voice folders are imported at the next start (the database is unreachable)")
     # A scrape reads the counters without the cache's file lock and writes nothing.
     app.state.metrics = Metrics(lambda: engine.cache.stats(flush=False), getattr(engine, "llm_backend", None))
     api_productions.attach(app, engine, settings)   # productions live in the user-data database
