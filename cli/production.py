@@ -129,7 +129,7 @@ def main(argv: list[str], settings_argv: list[str] | None = None) -> int:
     from tts_engine.select import create_engine
     from userdata.db import open_database
     from userdata.productions import ProductionStore
-    from web.voices import VoiceStore
+    from userdata.voices import VoiceStore
 
     configure_threads(settings.torch_threads)
     try:
@@ -140,7 +140,7 @@ def main(argv: list[str], settings_argv: list[str] | None = None) -> int:
     db = service = None
     try:
         db = open_database(settings)
-        voices = CastVoices(VoiceStore(Path(settings.cache_dir) / "voices"), engine)
+        voices = CastVoices(VoiceStore(db, settings.voice_max_count, settings.voice_max_bytes), engine)
         cast = {name.strip(): voices.add(value.strip()) for name, value in cast.items()}
         voice = voices.add(args.voice) if args.voice else None
         service = ProductionService(engine, ProductionStore(db), voices, settings,
