@@ -10,8 +10,12 @@ Does not own: which take is chosen or where takes' audio comes from (the caller'
 text formats (``productions.captions``).
 
 Memory: takes are loaded one at a time; the joined float32 signal goes to a temporary file as it is
-built, the loudness meter reads that file once (one copy of the render: 5 minutes at 24 kHz is 29 MB),
-and the encoder reads it back in blocks. No second copy of the whole production is ever held.
+built; the loudness is measured reading that file block by block, and the encoder reads it back in
+blocks. No copy of the whole production is ever held. (``pyloudnorm.Meter.integrated_loudness`` wants
+the whole signal and makes several copies of it, so the measurement streams: it runs pyloudnorm's own
+K-weighting filters block by block with their state carried over, sums each 100 ms hop, and applies the
+BS.1770-4 gating of 400 ms blocks with 75 % overlap exactly as pyloudnorm does; a test checks the two
+agree.)
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Callable, Iterable
 import numpy as np
 import pyloudnorm
 import soundfile as sf
+from scipy import signal as scipy_signal
 
 from core.audio_io import Audio, open_encoder, resample
 from core.errors import InputError
@@ -146,10 +151,7 @@ def render(items: list[RenderItem], out_path: Path, fmt: str, *, sample_rate: in
     try:
         with sf.SoundFile(raw_name, "w", samplerate=sample_rate, channels=1, format="WAV", subtype="FLOAT") as raw:
             captions, total, peak = _join(items, sample_rate, crossfade_ms, raw)
-        # The meter needs the whole signal (its gating is relative to the mean): the one full copy.
-        joined, _ = sf.read(raw_name, dtype="float32")
-        measured = _loudness(joined, sample_rate)
-        del joined
+        measured = stream_loudness(raw_name, sample_rate)
         gain_db = 0.0 if measured is None else target_lufs - measured
         if peak > 0 and peak * 10 ** (gain_db / 20) > PEAK_CEILING:
             gain_db = 20 * math.log10(PEAK_CEILING / peak)
@@ -166,9 +168,43 @@ def render(items: list[RenderItem], out_path: Path, fmt: str, *, sample_rate: in
                         None if measured is None else measured + gain_db, gain_db, peak * float(gain))
 
 
-def _loudness(samples: np.ndarray, rate: int) -> float | None:
-    """Integrated loudness in LUFS, or None when nothing is loud enough to measure (or too short)."""
-    if len(samples) < int(0.4 * rate):   # BS.1770 needs one 400 ms block
+def stream_loudness(path: str | Path, rate: int) -> float | None:
+    """Integrated loudness (LUFS, ITU-R BS.1770-4) of a mono file, read block by block; None when it is
+    shorter than one 400 ms block or nothing passes the gates (silence)."""
+    meter = pyloudnorm.Meter(rate)   # pinned pyloudnorm: its K-weighting stages (shelf, high pass)
+    stages = [(np.asarray(f.b, np.float64), np.asarray(f.a, np.float64), float(f.passband_gain))
+              for f in meter._filters.values()]
+    states = [np.zeros(max(len(b), len(a)) - 1) for b, a, _ in stages]
+    block_s, step = meter.block_size, 1.0 - meter.overlap      # 0.4 s blocks, 0.1 s hops
+    hop = int(round(block_s * step * rate))
+    hop_sums: list[np.ndarray] = []
+    leftover = np.zeros(0)
+    total = 0
+    with sf.SoundFile(str(path)) as f:
+        for block in f.blocks(blocksize=_BLOCK, dtype="float64"):
+            total += len(block)
+            for k, (b, a, gain) in enumerate(stages):
+                block, states[k] = scipy_signal.lfilter(b, a, block, zi=states[k])
+                block = block * gain
+            squares = np.concatenate([leftover, block * block])
+            whole = len(squares) // hop * hop
+            hop_sums.append(squares[:whole].reshape(-1, hop).sum(axis=1))
+            leftover = squares[whole:]
+    if total < block_s * rate:
         return None
-    value = pyloudnorm.Meter(rate).integrated_loudness(samples)
+    sums = np.concatenate([*hop_sums, [leftover.sum()]])
+    per_block = int(round(1 / step))                           # 4 hops per block
+    blocks = int(np.round((total / rate - block_s) / (block_s * step))) + 1
+    window = np.convolve(sums, np.ones(per_block), mode="valid")[:blocks]
+    z = window / (block_s * rate)
+    with np.errstate(divide="ignore"):
+        levels = -0.691 + 10 * np.log10(z)
+    gated = z[levels >= -70.0]
+    if not len(gated):
+        return None
+    relative = -0.691 + 10 * np.log10(gated.mean()) - 10.0
+    gated = z[(levels > relative) & (levels > -70.0)]
+    if not len(gated):
+        return None
+    value = -0.691 + 10 * np.log10(gated.mean())
     return float(value) if math.isfinite(value) else None

@@ -190,3 +190,31 @@ def test_render_refuses_nothing_and_unknown_formats(tmp_path):
     with pytest.raises(InputError, match="unsupported render format"):
         render([RenderItem("a", "", "", lambda: _voiced(0.5, 100, 0))], tmp_path / "o.pcm", "pcm", sample_rate=RATE,
                target_lufs=-16)
+
+
+def test_streamed_loudness_agrees_with_pyloudnorm(tmp_path):
+    from productions.render import stream_loudness
+
+    rng = np.random.default_rng(7)
+    for rate, seconds in ((24000, 9.3), (44100, 2.05)):
+        t = np.arange(int(seconds * rate)) / rate
+        x = (0.2 * np.sin(2 * np.pi * 300 * t) * (np.sin(2 * np.pi * 0.5 * t) > 0)
+             + 0.02 * rng.standard_normal(len(t))).astype(np.float32)
+        sf.write(tmp_path / "x.wav", x, rate, subtype="FLOAT")
+        assert stream_loudness(tmp_path / "x.wav", rate) == pytest.approx(
+            pyloudnorm.Meter(rate).integrated_loudness(x), abs=1e-4)
+    sf.write(tmp_path / "silence.wav", np.zeros(RATE * 2, np.float32), RATE, subtype="FLOAT")
+    assert stream_loudness(tmp_path / "silence.wav", RATE) is None
+
+
+def test_a_long_render_never_holds_a_copy_of_itself(tmp_path):
+    import tracemalloc
+
+    take = _voiced(3.0, 170, 8)
+    items = [RenderItem(str(i), "", "t", lambda: take, pause_ms=300) for i in range(40)]   # 2 minutes
+    tracemalloc.start()
+    result = render(items, tmp_path / "long.flac", "flac", sample_rate=RATE, target_lufs=-16.0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    one_copy = result.total_samples * 4
+    assert peak < 0.5 * one_copy, f"peak {peak / 2**20:.1f} MiB for a {one_copy / 2**20:.1f} MiB render"
