@@ -296,3 +296,20 @@ def test_a_long_clip_is_edited_in_pieces_and_says_how(http):
     r = http.post("/v1/audio/edits", files={"file": ("long.wav", buffer.getvalue(), "audio/wav")},
                   data={"edit_type": "speed", "edit_info": "faster", "audio_text": words, "text": "[Laughter] x"})
     assert r.status_code == 400 and "cannot be split" in r.json()["error"]["message"]
+
+
+def test_the_edit_tab_edits_a_result_longer_than_one_model_call(studio, tmp_path):
+    from gradio_client import Client, handle_file
+
+    # A generous timeout: on a busy shared runner the clone of three sentences can take a while.
+    client = Client(studio.url + "/", verbose=False, download_files=False, httpx_kwargs={"timeout": 300})
+    clip = tmp_path / "v.wav"
+    clip.write_bytes(speech_wav())
+    text = ("The quiet harbour woke slowly as the first boats went out. The gulls followed them past the old "
+            "lighthouse, calling over the water. By noon the market was full of voices and the smell of bread.")
+    audio, *_ = client.predict(handle_file(str(clip)), "A short sentence for the voice.", text, 5, 10, "wav",
+                               api_name="/clone")
+    seconds = sf.info(audio["path"]).duration
+    assert seconds > 8.0   # longer than one model call here: the engine alone would refuse to edit it
+    edited, _, _, _, table, *_ = client.predict("denoise", None, "", 1, 10, "wav", api_name="/edit")
+    assert "denoise (of #1)" in table and abs(sf.info(edited["path"]).duration - seconds) < 0.3
