@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -157,7 +158,7 @@ def render(items: list[RenderItem], out_path: Path, fmt: str, *, sample_rate: in
             gain_db = 20 * math.log10(PEAK_CEILING / peak)
             log.info("render gain limited by the peak: %.1f dB instead of %.1f dB", gain_db, target_lufs - measured)
         gain = np.float32(10 ** (gain_db / 20))
-        tmp_out = out_path.with_name(out_path.name + ".part")
+        tmp_out = out_path.with_name(f"{out_path.name}.{os.getpid()}-{threading.get_ident()}.part")
         with sf.SoundFile(raw_name) as raw, open_encoder(tmp_out, fmt, sample_rate) as enc:
             for block in raw.blocks(blocksize=_BLOCK, dtype="float32"):
                 enc.write(np.clip(block * gain, -1.0, 1.0))

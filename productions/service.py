@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +52,13 @@ MANIFEST_FORMAT = 1
 class ProductionConflict(InputError):
     """The production is not in a state for this request (render while segments are pending, a segment
     already being generated); answered 409."""
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Several processes may render the same recipe into a shared cache folder: a reader never sees half a file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.part")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def _direct(endpoint: str, fn: Callable[[], T]) -> T:
@@ -426,9 +434,9 @@ class ProductionService:
                             crossfade_ms=settings.production_crossfade_ms)
             elapsed = time.perf_counter() - started
             manifest = self._manifest(production, result, elapsed)
-            paths.srt.write_text(captions_mod.to_srt(result.captions), encoding="utf-8")
-            paths.vtt.write_text(captions_mod.to_vtt(result.captions), encoding="utf-8")
-            tmp = paths.manifest_path.with_suffix(".json.part")
+            _write_atomically(paths.srt, captions_mod.to_srt(result.captions))
+            _write_atomically(paths.vtt, captions_mod.to_vtt(result.captions))
+            tmp = paths.manifest_path.with_name(f"{paths.manifest_path.name}.{os.getpid()}-{threading.get_ident()}.part")
             tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False), encoding="utf-8")
             tmp.replace(paths.manifest_path)   # last: its presence means the render is whole
         log.info("production %s rendered: %s, %.1f s of audio in %.2f s", production_id, fmt, result.duration_s, elapsed)

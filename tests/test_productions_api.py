@@ -246,6 +246,8 @@ def test_unknown_and_malformed_ids(http, generated):
     assert r.status_code in (400, 404)
     r = http.post(f"/v1/productions/{generated['id']}/generate", json={"segments": ["seg-0123456789abcdef"]})
     assert r.status_code == 404 and "no segment" in r.json()["error"]["message"]
+    r = http.put("/v1/productions")
+    assert r.status_code == 405 and "GET, POST" in r.json()["error"]["message"]
 
 
 def test_a_deleted_voice_is_named_on_its_segments(http):

@@ -39,7 +39,7 @@ from core.instructions import chain_header, parse_instructions
 from core.settings import Settings
 from tts_engine.contract import CloneOptions, Engine, validate_edit, validate_iterations, validate_text
 from userdata.db import Database
-from web import api_voices
+from web import api_productions, api_voices
 from web.deps import APIError, get_db, get_engine, get_metrics, get_settings, get_voices, jsonable, read_upload, require_api_key, result_headers, run_engine
 from web.metrics import CONTENT_TYPE, Metrics
 from web.streaming import check_stream_format, start_stream, stream_response
@@ -291,7 +291,7 @@ def unknown_endpoint(path: str, request: Request) -> None:
     """Unknown /v1 paths answer a JSON 404 (without this the mounted UI would answer them); a known
     path with the wrong method answers 405 (this catch-all would otherwise turn it into a 404)."""
     allowed = set()
-    for route in (*api_voices.router.routes, *router.routes):
+    for route in (*api_voices.router.routes, *api_productions.router.routes, *router.routes):
         if isinstance(route, APIRoute) and route.endpoint is not unknown_endpoint \
                 and route.matches(request.scope)[0] == Match.PARTIAL:
             allowed |= route.methods

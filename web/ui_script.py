@@ -251,7 +251,10 @@ def build_script_tab(service, voices, settings, output_dir: Path, events: dict, 
     watch_outputs = [production_id, segments, progress, productions, seg_pick]
     seg_outputs = [seg_text, take_pick, take_audio]
     # Every event is private and named "script_*" explicitly, so none takes a name of the other tabs.
-    queued = {**events, "api_visibility": "private"}
+    # Watching a job or rendering does no engine work (generation runs in the service's pool): their own
+    # queue group, so a long production never holds the engine slots the Clone and Edit tabs need.
+    queued = {"concurrency_limit": 8, "concurrency_id": "script", "api_visibility": "private"}
+    engine_queued = {**events, "api_visibility": "private"}
 
     def named(name: str, kind: dict) -> dict:
         return {**kind, "api_name": f"script_{name}"}
@@ -277,7 +280,7 @@ def build_script_tab(service, voices, settings, output_dir: Path, events: dict, 
     choose_btn.click(guarded(h.choose), [production_id, seg_pick, take_pick], [segments, take_pick, take_audio],
                      **named("choose", quick))
     edit_btn.click(guarded(h.edit), [production_id, seg_pick, take_pick, edit_type, edit_info],
-                   [segments, take_pick, take_audio], **named("edit_take", queued))
+                   [segments, take_pick, take_audio], **named("edit_take", engine_queued))
     edit_type.change(lambda t: gr.update(choices=list(EDIT_TYPES.get(t, ())), value=(EDIT_TYPES.get(t) or (None,))[0]),
                      edit_type, edit_info, **named("edit_type", quick))
     render_btn.click(guarded(h.render), [production_id, fmt], [render_audio, render_files, render_summary],
