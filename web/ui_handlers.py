@@ -147,13 +147,13 @@ class Handlers:
             _warn_tags(text)
         endpoint = f"edit_{edit_type}" if edit_type in EDIT_TYPES else "edit"  # bounded metric labels
         source = base.get("source") or base["path"]   # the lossless copy; "path" in states from before it
-        audio = load_audio(source, max_seconds=self.settings.max_edit_seconds, what="the result to edit")
-        if audio.duration > self.settings.max_prompt_seconds:   # longer than one model call: in pieces
+        if sf_duration(source) > self.settings.max_prompt_seconds:   # longer than one model call: in pieces
+            audio = load_audio(source, max_seconds=self.settings.max_edit_seconds, what="the result to edit")
             results = (self._long_edit(endpoint, audio, base["text"], edit_type, edit_info, text, passes, seed,
                                        options),)
         else:
             results = self._run(endpoint, lambda: self.engine.edit_iterations(
-                audio, base["text"], edit_type, edit_info or None, text, iterations=passes, seed=_seed(seed),
+                source, base["text"], edit_type, edit_info or None, text, iterations=passes, seed=_seed(seed),
                 options=options, progress=_progress_adapter(progress)))
         label = f"{edit_type}: {edit_info}" if edit_info else edit_type
         made_from = base["n"]
