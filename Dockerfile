@@ -43,11 +43,12 @@ RUN apt-get update \
 COPY --from=build /opt/venv /opt/venv
 
 WORKDIR /app
-# The code is owned by root and read-only to the studio user; only the cache volume is writable.
+# The code is owned by root and read-only to the studio user; only the cache and data volumes are
+# writable. What users make (voices: the SQLite database of userdata/) lives in /app/data, never in the cache.
 COPY . /app
-RUN mkdir -p /app/cache /app/models \
-    && chown 1000:1000 /app/cache /app/models
-VOLUME ["/app/cache", "/app/models"]
+RUN mkdir -p /app/cache /app/models /app/data \
+    && chown 1000:1000 /app/cache /app/models /app/data
+VOLUME ["/app/cache", "/app/models", "/app/data"]
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -59,6 +60,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     STUDIO_PORT=7860 \
     STUDIO_CACHE_DIR=/app/cache \
     STUDIO_MODEL_ROOT=/app/models \
+    STUDIO_DATA_DIR=/app/data \
     STUDIO_ENGINE=step-audio
 USER 1000:1000
 EXPOSE 7860

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create ./.venv and install the pinned dependencies. With --test, also the test tools and the
-# system packages the browser tests use (Debian's chromium; needs root or sudo, skipped otherwise) and
+# system packages the browser tests use (Debian's chromium; needs root or sudo, skipped otherwise),
+# Debian's postgresql (the voice-store tests start a throwaway server) and
 # ffmpeg (the page's streaming player converts audio chunks with it; without it results show when whole).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,13 +16,16 @@ if [ "${1:-}" = "--test" ]; then
     # resemblyzer's declared deps (webrtcvad sdist, typing) break on current setuptools;
     # webrtcvad-wheels in requirements-test.txt provides the same module.
     pip --no-deps resemblyzer==0.1.4
-    if ! command -v chromium >/dev/null 2>&1 || ! command -v ffmpeg >/dev/null 2>&1; then
+    # postgresql: the voice-store tests also run on a real server (a throwaway cluster, testkit/postgres.py).
+    if ! command -v chromium >/dev/null 2>&1 || ! command -v ffmpeg >/dev/null 2>&1 \
+            || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
         SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
         if $SUDO true 2>/dev/null; then
-            $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends chromium ffmpeg >/dev/null
+            $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends chromium ffmpeg \
+                postgresql >/dev/null
         else
-            echo "note: chromium/ffmpeg are not installed and no root: the browser test is skipped and the page" \
-                 "shows results when whole" >&2
+            echo "note: chromium/ffmpeg/postgresql are not installed and no root: the browser and PostgreSQL" \
+                 "tests are skipped and the page shows results when whole" >&2
         fi
     fi
 fi

@@ -39,7 +39,7 @@ BIN = Path(sys.executable).parent
 FUNASR_CONFIG = f"{FUNASR_SUBDIR}/config.yaml"
 SETTING_ENV_NAMES = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
 # Values the container sets on purpose (or that the app computes from the machine).
-CONTAINER_SPECIFIC = {"host", "cache_dir", "model_root", "ort_intra_op_threads", "engine"}
+CONTAINER_SPECIFIC = {"host", "cache_dir", "model_root", "ort_intra_op_threads", "engine", "data_dir"}
 
 
 def _load_script(name: str):
@@ -152,6 +152,7 @@ def _app_env(tmp_path: Path, port: int, studio_vars: dict[str, str]) -> dict[str
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     env.update(studio_vars)
     env.update(STUDIO_HOST="127.0.0.1", STUDIO_PORT=str(port), STUDIO_CACHE_DIR=str(tmp_path / "cache"),
+               STUDIO_DATA_DIR=str(tmp_path / "data"),
                STUDIO_MODEL_ROOT=str(tmp_path / "models"), GRADIO_TEMP_DIR=str(tmp_path / f"gradio-{port}"))
     return env
 

@@ -114,3 +114,77 @@ def test_backup_restores_a_consistent_copy(tmp_path):
     with pytest.raises(StudioError, match="pg_dump"):
         Database("postgresql://nobody@127.0.0.1:1/x").backup(tmp_path / "x")
     assert backup_sqlite(copy, tmp_path / "again.db").exists()
+
+
+def test_compose_and_image_keep_user_data_in_its_own_volume_and_offer_postgres():
+    import yaml
+
+    from testkit.paths import ROOT
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name in ("studio", "studio-2", "studio-vllm"):
+        assert "studio-data:/app/data" in compose["services"][name]["volumes"]
+    postgres = compose["services"]["postgres"]
+    assert postgres["profiles"] == ["postgres"] and postgres["image"].startswith("postgres:")
+    assert postgres["environment"]["POSTGRES_PASSWORD"] == "${POSTGRES_PASSWORD:-}"   # from the environment
+    assert "studio-postgres:/var/lib/postgresql/data" in postgres["volumes"]
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    assert {"studio-data", "studio-postgres"} <= set(compose["volumes"])
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert '"/app/data"]' in dockerfile and "STUDIO_DATA_DIR=/app/data" in dockerfile
+    assert "data" in (ROOT / ".dockerignore").read_text().splitlines()   # a local database never enters the image
+
+
+def _voice_store(url):
+    from userdata.voices import VoiceStore
+
+    db = Database(url)
+    db.migrate()
+    return VoiceStore(db)
+
+
+def _clip(seed):
+    import numpy as np
+
+    from core.audio_io import Audio
+
+    return Audio((0.2 * np.random.default_rng(seed).standard_normal(8000)).astype(np.float32), 16000)
+
+
+def test_the_backup_command_and_restoring_it(tmp_path, capsys):
+    from userdata.__main__ import main
+
+    flags = ["--data-dir", str(tmp_path / "data")]
+    store = _voice_store(f"sqlite:///{tmp_path / 'data' / 'studio.db'}")
+    kept = store.create(_clip(1), "kept words", "kept")
+    assert main(["backup", str(tmp_path / "backup.db"), *flags]) == 0      # while the store is open
+    later = store.create(_clip(2), "made after the backup", "later")
+    store.delete(kept.id)
+    assert main(["restore", str(tmp_path / "backup.db"), *flags]) == 0
+    assert [v.id for v in store.list()] == [kept.id]                        # the running store sees it
+    assert store.audio(kept.id).samples.tobytes() == _clip(1).samples.tobytes()
+    with pytest.raises(Exception):
+        store.get(later.id)
+    assert main(["check", *flags]) == 0 and "0 problem(s)" in capsys.readouterr().out
+    (tmp_path / "junk.db").write_bytes(b"not a database at all" * 100)
+    assert main(["restore", str(tmp_path / "junk.db"), *flags]) == 1
+    assert "not a studio database" in capsys.readouterr().err
+    assert [v.id for v in store.list()] == [kept.id]
+
+
+def test_pg_dump_and_pg_restore_round_trip_the_voices(postgres, tmp_path):
+    import subprocess
+
+    from tests.conftest import fresh_pg_database
+
+    source = fresh_pg_database(postgres)
+    store = _voice_store(source)
+    voice = store.create(_clip(3), "dumped words", "dumped")
+    dump = tmp_path / "studio.dump"
+    subprocess.run([str(postgres.bindir / "pg_dump"), "-Fc", "-f", str(dump), source], check=True, timeout=120)
+    target = fresh_pg_database(postgres)
+    subprocess.run([str(postgres.bindir / "pg_restore"), "--no-owner", "-d", target, str(dump)], check=True,
+                   timeout=120)
+    restored = _voice_store(target)
+    assert [v.id for v in restored.list()] == [voice.id] and restored.check() == []
+    assert restored.audio(voice.id).samples.tobytes() == _clip(3).samples.tobytes()

@@ -19,6 +19,7 @@ from sqlalchemy import and_, delete, exists, not_, select
 from sqlalchemy.engine import Connection
 
 from core.errors import StudioError
+from userdata.db import first_row
 from userdata.schema import BLOB_REFERENCES, blobs
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,10 @@ def get(conn: Connection, digest: str) -> bytes:
         KeyError: no such blob.
         BlobCorrupt: the stored bytes do not hash to ``digest``.
     """
-    row = conn.execute(select(blobs.c.data).where(blobs.c.sha256 == digest)).first()
+    row = first_row(conn, select(blobs.c.data).where(blobs.c.sha256 == digest))
     if row is None:
         raise KeyError(digest)
-    data = bytes(row[0])
+    data = bytes(row.data)
     if sha256_hex(data) != digest:
         log.error("blob %s is damaged (its bytes hash differently)", digest[:12])
         raise BlobCorrupt(f"stored data {digest[:12]} is damaged")

@@ -36,7 +36,8 @@ from core.audio_io import Audio
 from core.errors import InputError, StudioError
 from funasr_cache.store import audio_digest
 from userdata import blobs
-from userdata.db import Database
+from userdata.db import Database, first_row
+from userdata.schema import blobs as blobs_table
 from userdata.schema import voice_prompts, voices
 from userdata.voice_audio import PackedAudio, pack_audio, unpack_audio
 
@@ -276,7 +277,7 @@ class VoiceStore:
     def get(self, voice_id: str) -> Voice:
         """Raises VoiceNotFound, StoreUnavailable."""
         check_voice_id(voice_id)
-        with self.db.read() as conn:
+        with self.db.read(snapshot=False) as conn:
             row = conn.execute(select(voices).where(voices.c.id == voice_id)).first()
         if row is None:
             raise VoiceNotFound(f"no voice with id {voice_id!r}")
@@ -301,16 +302,22 @@ class VoiceStore:
             VoiceNotFound: no such voice, or its stored data is damaged.
         """
         check_voice_id(voice_id)
-        with self.db.read() as conn:
-            row = conn.execute(select(voices.c.audio_sha256, voices.c.speaker_sha256, voices.c.source_channels)
-                               .where(voices.c.id == voice_id)).first()
-            if row is None:
-                raise VoiceNotFound(f"no voice with id {voice_id!r}")
-            try:
-                data = blobs.get(conn, row.audio_sha256)
-                speaker = blobs.get(conn, row.speaker_sha256) if row.speaker_sha256 else None
-            except (KeyError, blobs.BlobCorrupt):
-                raise VoiceNotFound(f"voice {voice_id!r} has no readable audio (its stored data is damaged)") from None
+        audio_blob, speaker_blob = blobs_table.alias("audio_blob"), blobs_table.alias("speaker_blob")
+        query = (select(voices.c.audio_sha256, voices.c.speaker_sha256, voices.c.source_channels,
+                        audio_blob.c.data.label("audio"), speaker_blob.c.data.label("speaker"))
+                 .select_from(voices.outerjoin(audio_blob, audio_blob.c.sha256 == voices.c.audio_sha256)
+                              .outerjoin(speaker_blob, speaker_blob.c.sha256 == voices.c.speaker_sha256))
+                 .where(voices.c.id == voice_id))
+        with self.db.read(snapshot=False) as conn:
+            row = first_row(conn, query)
+        if row is None:
+            raise VoiceNotFound(f"no voice with id {voice_id!r}")
+        data = bytes(row.audio) if row.audio is not None else b""
+        speaker = bytes(row.speaker) if row.speaker is not None else None
+        if blobs.sha256_hex(data) != row.audio_sha256 or \
+                (row.speaker_sha256 and (speaker is None or blobs.sha256_hex(speaker) != row.speaker_sha256)):
+            log.error("voice %s: its stored audio is damaged (hash mismatch)", voice_id)
+            raise VoiceNotFound(f"voice {voice_id!r} has no readable audio (its stored data is damaged)")
         return PackedAudio(data, speaker, int(row.source_channels))
 
     def list(self) -> list[Voice]:
@@ -345,18 +352,24 @@ class VoiceStore:
         Raises:
             StoreUnavailable: the database cannot be reached (the cache then computes as usual).
         """
-        with self.db.read() as conn:
-            row = conn.execute(select(voice_prompts).where(
-                voice_prompts.c.kind == kind, voice_prompts.c.namespace == namespace,
-                voice_prompts.c.digest == digest).limit(1)).first()
-            if row is None:
-                return None
-            try:
-                prompt = _prompt(conn, row)
-            except (KeyError, ValueError, OSError, blobs.BlobCorrupt) as exc:
-                log.warning("stored prompt entry %s/%s %s is unreadable (%s); it will be computed", kind, namespace,
-                            digest[:12], exc)
-                return None
+        query = (select(voice_prompts, blobs_table.c.data)
+                 .select_from(voice_prompts.outerjoin(blobs_table, blobs_table.c.sha256 == voice_prompts.c.arrays_sha256))
+                 .where(voice_prompts.c.kind == kind, voice_prompts.c.namespace == namespace,
+                        voice_prompts.c.digest == digest).limit(1))
+        with self.db.read(snapshot=False) as conn:    # one statement: no BEGIN/ROLLBACK on PostgreSQL
+            row = first_row(conn, query)
+        if row is None:
+            return None
+        try:
+            data = bytes(row.data) if row.arrays_sha256 else None
+            if data is not None and blobs.sha256_hex(data) != row.arrays_sha256:
+                raise blobs.BlobCorrupt(f"stored data {row.arrays_sha256[:12]} is damaged")
+            prompt = StoredPrompt(row.kind, row.namespace, row.digest, json.loads(row.payload), _unpack_arrays(data),
+                                  float(row.cost_s))
+        except (KeyError, ValueError, OSError, TypeError, blobs.BlobCorrupt) as exc:
+            log.warning("stored prompt entry %s/%s %s is unreadable (%s); it will be computed", kind, namespace,
+                        digest[:12], exc)
+            return None
         return dict(prompt.payload), dict(prompt.arrays) or None, prompt.cost_s
 
 

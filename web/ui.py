@@ -216,7 +216,7 @@ def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = Non
                 refresh = gr.Button("Refresh", size="sm", elem_id="cache_refresh")
                 clear = gr.Button("Clear…", size="sm", variant="stop", elem_id="cache_clear")
             with gr.Row(visible=False) as confirm_row:
-                gr.Markdown("Remove every cached prompt entry? Stored voices stay; entries are recomputed on use.")
+                gr.Markdown("Remove every cached prompt entry? Stored voices stay (their entries come back from the voice database); other clips' entries are recomputed on use.")
                 confirm = gr.Button("Yes, clear the cache", variant="stop", size="sm", elem_id="cache_confirm")
                 cancel = gr.Button("Cancel", size="sm", elem_id="cache_cancel")
 
