@@ -2,8 +2,8 @@
 
 Covers: a two-speaker script cast to two audio files (one with a sidecar transcript) rendered to audio,
 SRT, WebVTT and manifest whose captions agree with the audio's length; the production stored in the
-data folder's database; an SRT rendered with one voice at its cues; bad arguments (no cast, a speaker
-missing from the cast) refused with exit 2 and a message.
+data folder's database; bad arguments (no cast, a speaker missing from the cast, a malformed cast) refused
+with exit 2 and a message. (SRT placement at its cues is covered through the API, tests/test_productions_api.py.)
 """
 
 import json
@@ -54,17 +54,6 @@ def test_a_script_with_a_cast_becomes_audio_and_captions(work):
     last = manifest["segments"][-1]
     assert last["end_sample"] == manifest["render"]["samples"]
     assert (root / "data" / "studio.db").is_file()
-
-
-def test_an_srt_with_one_voice(work):
-    root, flags = work
-    srt = root / "cues.srt"
-    srt.write_text("1\n00:00:00,500 --> 00:00:03,000\nHello there.\n\n2\n00:00:05,000 --> 00:00:08,000\nGoodbye.\n")
-    code, err = _run(srt, "--voice", root / "en_low.flac", "--out", root / "out", "--no-progress", *flags)
-    assert code == 0, err
-    manifest = json.loads((root / "out" / "cues.json").read_text())
-    rate = manifest["render"]["sample_rate"]
-    assert [s["start_sample"] for s in manifest["segments"]] == [rate // 2, rate * 5]
 
 
 @pytest.mark.parametrize("extra, message", [
