@@ -124,6 +124,15 @@ def main(argv: list[str], settings_argv: list[str] | None = None) -> int:
         print(f"studio-batch script: {exc}", file=sys.stderr)
         return 2
 
+    from productions.script import check_cast, parse_script, speakers_of
+
+    if source == "script":   # a script or cast mistake is refused before the engine loads
+        try:
+            check_cast(speakers_of(parse_script(content, min(settings.text_chunk_chars, settings.max_text_chars))), cast)
+        except StudioError as exc:
+            print(f"studio-batch script: {exc}", file=sys.stderr)
+            return 2
+
     from core.devices import configure_threads
     from productions.service import ProductionService
     from tts_engine.select import create_engine
