@@ -6,7 +6,8 @@ segment pending while its takes stay; a take made for an old text not chosen; ch
 the segment; deleting a production removing its rows and the take audio no other row uses (a blob
 shared with another production stays); a reopened database (a restart) reading the same production
 and audio; the real studio stopped and started on the same data folder with an empty cache answering
-the same production and rendering it.
+the same production and rendering it; the quality hook storing a scorer's scores on every new take (a
+failing scorer losing no take).
 """
 
 from __future__ import annotations
@@ -143,3 +144,39 @@ def test_a_production_survives_a_studio_restart(tmp_path):
             assert abs(len(load_audio(audio).samples) / 24000 * 1000 - take["duration_ms"]) <= 1
     finally:
         second.stop()
+
+
+def test_the_quality_hook_scores_every_new_take_and_a_failing_scorer_loses_nothing(tmp_path):
+    from core.settings import load_settings
+    from funasr_cache.store import PromptCache
+    from preview.engine import PreviewEngine
+    from productions.service import ProductionService
+    from userdata.voices import VoiceStore
+
+    settings = load_settings(["--cache-dir", str(tmp_path / "cache"), "--data-dir", str(tmp_path / "data")], env={})
+    engine = PreviewEngine(settings, PromptCache.from_settings(settings))
+    db = Database(f"sqlite:///{tmp_path / 'studio.db'}")
+    db.migrate()
+    voices = VoiceStore(db)
+    voice = voices.create(load_audio(speech_wav()), "A short sentence.", "v").id
+
+    def loudness_scorer(audio, text):   # a real (if simple) scorer: RMS level and words per second
+        return {"rms": float(np.sqrt(np.mean(audio.samples ** 2))), "wps": len(text.split()) / audio.duration}
+
+    def broken_scorer(audio, text):
+        raise RuntimeError("scorer down")
+
+    try:
+        for scorer, expect in ((loudness_scorer, {"rms", "wps"}), (broken_scorer, set())):
+            service = ProductionService(engine, ProductionStore(db), voices, settings, tmp_path / "renders",
+                                        scorer=scorer)
+            p = service.create("q", "text", "Hello there.", voice=voice)
+            job = service.generate(p.id)
+            while not job.done:
+                job.wait_change(-1, 5.0)
+            take = service.store.get(p.id).segments[0].chosen
+            assert take is not None and set(take.scores) == expect
+            service.close()
+    finally:
+        engine.close()
+        db.close()

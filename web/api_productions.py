@@ -36,15 +36,16 @@ SSE_KEEPALIVE_S = 15.0
 MAX_JOB_WAIT_S = 30.0
 
 
-def create_service(engine, settings, db, voices, metrics) -> ProductionService:
-    """The app's production service: engine calls timed, counted and logged like the API's own."""
+def create_service(engine, settings, db, voices, metrics, scorer=None) -> ProductionService:
+    """The app's production service: engine calls timed, counted and logged like the API's own;
+    ``scorer(audio, text) -> {name: value}`` (the quality hook) scores every new take."""
     from userdata.productions import ProductionStore
 
     def call(endpoint, fn):
         return run_engine_call(metrics, endpoint, "production", fn)
 
     return ProductionService(engine, ProductionStore(db), voices, settings,
-                             renders_dir=Path(settings.cache_dir) / "renders", call=call)
+                             renders_dir=Path(settings.cache_dir) / "renders", call=call, scorer=scorer)
 
 
 def attach(app, engine, settings) -> None:
@@ -55,7 +56,9 @@ def attach(app, engine, settings) -> None:
     db = getattr(app.state, "db", None)
     if db is None:
         db = app.state.productions_db = open_database(settings)
-    app.state.productions = create_service(engine, settings, db, app.state.voices, app.state.metrics)
+    # The quality hook: a scorer the app holds (app.state.quality_scorer) scores every new take.
+    app.state.productions = create_service(engine, settings, db, app.state.voices, app.state.metrics,
+                                           scorer=getattr(app.state, "quality_scorer", None))
 
 
 def detach(app) -> None:
