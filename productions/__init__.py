@@ -2,7 +2,8 @@
 
 One module per job: ``splitting`` (plain text -> segment texts), ``script`` (speaker scripts and the
 cast), ``srt`` (subtitle cues as timing targets), ``model`` (the frozen value types), ``render``
-(chosen takes -> one loudness-normalised file streamed to disk), ``captions`` (SRT / WebVTT / manifest),
+(chosen takes -> one loudness-normalised file streamed to disk), ``captions`` (SRT / WebVTT),
+``output`` (a render's files and manifest on disk),
 ``service`` (creating, generating, choosing, editing, rendering), ``jobs`` (generation progress),
 ``long_edit`` (edits of audio longer than one model call). The tables live in ``userdata.productions``.
 """

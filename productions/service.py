@@ -5,7 +5,7 @@ the cast check), submitting all pending segments together to the engine (a threa
 LLM's continuous batch, so they decode together) with per-segment progress (``productions.jobs``),
 making every generation a new take (seed, timings, scores from an optional scorer), fitting a take to
 its SRT cue with the engine's speed edit, editing a take into a new take, and rendering the chosen takes
-(audio, SRT, WebVTT, JSON manifest) into the renders folder, reused while nothing changed.
+(``productions.output``: audio, SRT, WebVTT, JSON manifest, reused while nothing changed).
 Does not own: the tables (``userdata.productions``), the engine, stored voices (any object with
 ``get(id)`` -> voice with ``.transcript``, ``audio(id)`` -> ``Audio``, raising ``InputError`` for a
 missing voice), HTTP (``web.api_productions``).
@@ -17,23 +17,20 @@ stored as the take's scores; ``None`` (the default) stores none.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, TypeVar
 
 from core.audio_io import Audio, encode_lossless, load_audio
 from core.errors import InputError, StudioError
 from core.instructions import parse_instructions
-from productions import captions as captions_mod
 from productions.jobs import Job, JobBoard
 from productions.model import Production, ProductionNotFound, Segment, Take
-from productions.render import RENDER_FORMATS, RenderItem, RenderResult, render
+from productions.output import Rendered, recipe_key, render_production
+from productions.render import RENDER_FORMATS
 from productions.repo_ids import new_id
 from productions.script import check_cast, parse_script, speakers_of
 from productions.splitting import split_segments
@@ -46,7 +43,6 @@ Call = Callable[[str, Callable[[], T]], T]
 Scorer = Callable[[Audio, str], Mapping[str, float]]
 MAX_TITLE_CHARS = 200
 MAX_PAUSE_MS = 60_000
-MANIFEST_FORMAT = 1
 
 
 class ProductionConflict(InputError):
@@ -54,27 +50,8 @@ class ProductionConflict(InputError):
     already being generated); answered 409."""
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Several processes may render the same recipe into a shared cache folder: a reader never sees half a file."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.part")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def _direct(endpoint: str, fn: Callable[[], T]) -> T:
     return fn()
-
-
-@dataclass(frozen=True)
-class Rendered:
-    """A render's files (audio, SRT, WebVTT, manifest) and what the renderer measured."""
-
-    audio: Path
-    srt: Path
-    vtt: Path
-    manifest_path: Path
-    manifest: Mapping
-    reused: bool
 
 
 class ProductionService:
@@ -394,7 +371,7 @@ class ProductionService:
     # ------------------------------------------------------------------ rendering
 
     def render(self, production_id: str, fmt: str = "wav") -> Rendered:
-        """Render the chosen takes (reused when this exact render exists already).
+        """Render the chosen takes (reused when this exact render exists already); see ``productions.output``.
 
         Raises:
             ProductionConflict: segments without a chosen take (they are named), or none at all.
@@ -409,63 +386,10 @@ class ProductionService:
             raise ProductionConflict(f"{len(pending)} of {len(production.segments)} segments have no chosen take yet "
                                      f"({names}); generate them (POST /v1/productions/{production_id}/generate) "
                                      "before rendering")
-        rate = production.segments[0].chosen.sample_rate
-        settings = self.settings
-        recipe = {"format": fmt, "rate": rate, "lufs": settings.production_loudness_lufs,
-                  "crossfade_ms": settings.production_crossfade_ms,
-                  "segments": [[s.id, s.chosen_take_id, s.pause_ms, s.target_start_ms, s.speaker, s.text]
-                               for s in production.segments]}
-        key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-        folder = self.renders_dir / production_id
-        base = folder / key
-        paths = Rendered(base.with_suffix("." + fmt), base.with_suffix(".srt"), base.with_suffix(".vtt"),
-                         base.with_suffix(".json"), {}, True)
+        key = recipe_key(production, fmt, self.settings)
         with self._lock:
             lock = self._render_locks.setdefault(f"{production_id}/{key}", threading.Lock())
         with lock:
-            if paths.audio.is_file() and paths.manifest_path.is_file():
-                return Rendered(paths.audio, paths.srt, paths.vtt, paths.manifest_path,
-                                json.loads(paths.manifest_path.read_text()), True)
-            items = [RenderItem(s.id, s.speaker, s.text, (lambda t=s.chosen: load_audio(self.store.take_audio(t))),
-                                pause_ms=s.pause_ms, target_start_ms=s.target_start_ms)
-                     for s in production.segments]
-            started = time.perf_counter()
-            result = render(items, paths.audio, fmt, sample_rate=rate, target_lufs=settings.production_loudness_lufs,
-                            crossfade_ms=settings.production_crossfade_ms)
-            elapsed = time.perf_counter() - started
-            manifest = self._manifest(production, result, elapsed)
-            _write_atomically(paths.srt, captions_mod.to_srt(result.captions))
-            _write_atomically(paths.vtt, captions_mod.to_vtt(result.captions))
-            tmp = paths.manifest_path.with_name(f"{paths.manifest_path.name}.{os.getpid()}-{threading.get_ident()}.part")
-            tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False), encoding="utf-8")
-            tmp.replace(paths.manifest_path)   # last: its presence means the render is whole
-        log.info("production %s rendered: %s, %.1f s of audio in %.2f s", production_id, fmt, result.duration_s, elapsed)
-        return Rendered(paths.audio, paths.srt, paths.vtt, paths.manifest_path, manifest, False)
+            return render_production(production, fmt, key, self.settings, self.renders_dir,
+                                     lambda take: load_audio(self.store.take_audio(take)), self.engine)
 
-    def _manifest(self, production: Production, result: RenderResult, elapsed_s: float) -> dict:
-        info = self.engine.describe()
-        by_id = {c.segment_id: c for c in result.captions}
-
-        def rounded(value):
-            return None if value is None else round(value, 3)
-
-        return {
-            "format": MANIFEST_FORMAT,
-            "production": {"id": production.id, "title": production.title, "source": production.source_kind},
-            "engine": {"name": info.name, "preview": info.preview, "model_namespaces": dict(self.engine.prompt_namespaces())},
-            "render": {"format": result.fmt, "sample_rate": result.sample_rate, "samples": result.total_samples,
-                       "duration_s": round(result.duration_s, 3), "crossfade_ms": self.settings.production_crossfade_ms,
-                       "loudness_target_lufs": self.settings.production_loudness_lufs,
-                       "loudness_measured_lufs": rounded(result.loudness_measured_lufs),
-                       "loudness_lufs": rounded(result.loudness_lufs), "gain_db": round(result.gain_db, 3),
-                       "peak": round(result.peak, 4), "render_s": round(elapsed_s, 3)},
-            "segments": [{"id": s.id, "position": s.position, "speaker": s.speaker, "voice": s.voice_id,
-                          "text": s.text, "instructions": s.instructions, "pause_ms": s.pause_ms,
-                          "target_start_ms": s.target_start_ms, "target_end_ms": s.target_end_ms,
-                          "take": {"id": s.chosen.id, "seed": s.chosen.seed, "source": s.chosen.source,
-                                   "parent_take_id": s.chosen.parent_take_id, "audio_sha256": s.chosen.audio_sha256,
-                                   "duration_ms": s.chosen.duration_ms, "scores": dict(s.chosen.scores)},
-                          "start_sample": by_id[s.id].start_sample, "end_sample": by_id[s.id].end_sample,
-                          "start_s": round(by_id[s.id].start_s, 4), "end_s": round(by_id[s.id].end_s, 4)}
-                         for s in production.segments],
-        }

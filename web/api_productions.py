@@ -27,7 +27,7 @@ from productions.model import Production, ProductionNotFound
 from productions.render import RENDER_FORMATS
 from productions.repo_ids import check_id
 from productions.service import ProductionConflict, ProductionService
-from web.deps import APIError, error_response, get_engine, request_id, require_api_key, run_engine_call
+from web.deps import APIError, error_response, request_id, require_api_key, run_engine_call
 
 log = logging.getLogger(__name__)
 

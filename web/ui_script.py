@@ -18,7 +18,6 @@ from pathlib import Path
 
 import gradio as gr
 
-from core.audio_io import load_audio
 from core.edit_options import EDIT_TYPES
 from productions.script import parse_script, speakers_of
 from web.ui_handlers import guarded
