@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     target("decoding", decoding)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        conf = load_settings(["--cache-dir", str(root / "cache"), "--max-upload-bytes", "300000",
+        conf = load_settings(["--cache-dir", str(root / "cache"), "--data-dir", str(root / "data"),
+                              "--max-upload-bytes", "300000",
                               "--max-prompt-seconds", "5", "--bundle-key", "fuzzing-bundle-key-123"], env={})
         app = create_app(PreviewEngine(conf, PromptCache.from_settings(conf)), conf, root / "out")
         with TestClient(app, raise_server_exceptions=False) as client:

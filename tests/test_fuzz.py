@@ -31,7 +31,8 @@ def test_decoding_never_fails_other_than_input_error(data):
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
-    settings_ = load_settings(["--cache-dir", str(root / "cache"), "--max-upload-bytes", "300000",
+    settings_ = load_settings(["--cache-dir", str(root / "cache"), "--data-dir", str(root / "data"),
+                               "--max-upload-bytes", "300000",
                                "--max-prompt-seconds", "5", "--bundle-key", "fuzzing-bundle-key-123"], env={})
     app = create_app(PreviewEngine(settings_, PromptCache.from_settings(settings_)), settings_, root / "out")
     with TestClient(app, raise_server_exceptions=False) as client:

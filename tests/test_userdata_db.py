@@ -188,3 +188,25 @@ def test_pg_dump_and_pg_restore_round_trip_the_voices(postgres, tmp_path):
     restored = _voice_store(target)
     assert [v.id for v in restored.list()] == [voice.id] and restored.check() == []
     assert restored.audio(voice.id).samples.tobytes() == _clip(3).samples.tobytes()
+
+
+def test_the_studio_refuses_to_start_on_a_newer_schema_and_names_unsupported_urls(tmp_path):
+    from core.settings import load_settings
+    from funasr_cache.store import PromptCache
+    from preview.engine import PreviewEngine
+    from web.server import create_app
+
+    settings = load_settings(["--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache")], env={})
+    db = Database(f"sqlite:///{tmp_path / 'data' / 'studio.db'}")
+    db.migrate()
+    with db.engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0042_later'"))
+    db.close()
+    engine = PreviewEngine(settings, PromptCache.from_settings(settings))
+    try:
+        with pytest.raises(SchemaTooNew, match="0042_later"):
+            create_app(engine, settings)
+    finally:
+        engine.close()
+    with pytest.raises(StudioError, match="only sqlite:/// and postgresql://"):
+        Database("mysql://user@host/db")
