@@ -4,7 +4,9 @@ Covers: sentences and paragraphs in English and Chinese, tags and pinyin never c
 carried into every segment, no segment over the limit; ``Name:`` / ``[S1]`` scripts, turns, the cast
 check naming missing speakers; SRT parsing and its errors (bad timing, end before start, overlap, no
 text); caption formats; the renderer's placement (pauses, cross-fades, cue targets), captions at the
-take's exact samples, EBU R128 loudness reached (or the peak ceiling kept), every format decodable.
+take's exact samples, EBU R128 loudness reached (or the peak ceiling kept), every format decodable;
+the streamed loudness equal to pyloudnorm's; a render never holding a copy of itself; any text (hypothesis)
+answered with segments no longer than the limit or an InputError.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from productions.model import Caption
 from productions.render import PEAK_CEILING, RENDER_FORMATS, RenderItem, render
 from productions.script import check_cast, parse_script, speakers_of
 from productions.splitting import split_segments
-from productions.srt import parse_srt, speed_needed
+from productions.srt import Cue, parse_srt, speed_needed
 
 RATE = 24000
 
@@ -218,3 +220,27 @@ def test_a_long_render_never_holds_a_copy_of_itself(tmp_path):
     tracemalloc.stop()
     one_copy = result.total_samples * 4
     assert peak < 0.5 * one_copy, f"peak {peak / 2**20:.1f} MiB for a {one_copy / 2**20:.1f} MiB render"
+
+
+# ----------------------------------------------------------------------------- any input: a clear error or a result
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_TOKENS = list("ab [S1]:：\n,.。！?->0123456789\r\t<i>{}你") + ["00:00:01,000 --> 00:00:02,000", "\n\n", "[Laughter]",
+                                                                 "Alice: ", "guo4"]
+_TEXTY = st.lists(st.sampled_from(_TOKENS), max_size=80).map("".join)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(_TEXTY, st.integers(min_value=1, max_value=60))
+def test_parsers_answer_any_text_with_segments_or_an_input_error(text, max_chars):
+    for parse in (lambda: parse_srt(text), lambda: parse_script(text, max_chars),
+                  lambda: split_segments(text, max_chars)):
+        try:
+            out = parse()
+        except InputError:
+            continue
+        assert out and all(getattr(piece, "text", "").strip() for piece in out)
+        if not isinstance(out[0], Cue):   # a segment never exceeds what the model takes in one go
+            assert all(len(piece.text) <= max_chars for piece in out), [p.text for p in out]
