@@ -315,3 +315,28 @@ def test_the_edit_tab_edits_a_result_longer_than_one_model_call(studio, tmp_path
     assert seconds > 8.0   # longer than one model call here: the engine alone would refuse to edit it
     edited, _, _, _, table, *_ = client.predict("denoise", None, "", 1, 10, "wav", api_name="/edit")
     assert "denoise (of #1)" in table and abs(sf.info(edited["path"]).duration - seconds) < 0.3
+
+
+def test_random_production_bodies_are_answered_below_500(http, cast):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    values = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=40),
+                       st.sampled_from(["text", "script", "srt", cast["Alice"], "Alice: Hi.\nBob: Ho.",
+                                        "1\n00:00:01,000 --> 00:00:02,000\nHi\n"]),
+                       st.dictionaries(st.sampled_from(["Alice", "Bob", "S1"]), st.sampled_from([cast["Bob"], "x", ""])))
+    bodies = st.dictionaries(st.sampled_from(["title", "source", "content", "voice", "cast", "fit_to_cue", "extra"]),
+                             values, max_size=6)
+
+    @settings(max_examples=40, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(bodies)
+    def check(body):
+        r = http.post("/v1/productions", json=body)
+        assert r.status_code < 500, (body, r.text)
+        if r.status_code >= 400:
+            assert r.json()["error"]["message"]
+        else:
+            assert http.delete(f"/v1/productions/{r.json()['id']}").status_code == 200
+
+    check()
