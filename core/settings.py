@@ -75,7 +75,7 @@ class Settings:
 
     # --- user data (voices; the database of userdata/)
     data_dir: Path = field(default=Path("data"), metadata={"help": "folder for what users make (the default SQLite database); unlike the cache, never safe to delete"})
-    database_url: str = field(default="", metadata={"help": "SQLAlchemy URL of the user-data database: empty = sqlite:///<data_dir>/studio.db; postgresql://user@host/db for several hosts (password via STUDIO_DATABASE_URL, not argv)"})
+    database_url: str = field(default="", repr=False, metadata={"help": "SQLAlchemy URL of the user-data database: empty = sqlite:///<data_dir>/studio.db; postgresql://user@host/db for several hosts (password via STUDIO_DATABASE_URL, not argv)"})
     voice_max_count: int = field(default=1000, metadata={"help": "most stored voices (all users together); creating more is refused"})
     voice_max_bytes: int = field(default=1024**3, metadata={"help": "most bytes of stored voice audio and prompt entries together"})
 

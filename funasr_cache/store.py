@@ -32,7 +32,7 @@ models exist. ``docs/cache.md`` is the long-form contract; in short:
     * A :class:`PromptSource` (``set_source``; the studio passes its voice database) is asked on a
       miss before computing: what it returns is stored here with its original ``cost_s`` and
       counted as ``store_fills`` (the lookup itself still counts as a miss). A source that fails
-      is logged and treated as having nothing.
+      is logged and treated as having nothing. Entries computed here are offered to the source.
 """
 
 from __future__ import annotations
@@ -209,7 +209,9 @@ class _Exists(Exception):
 
 class PromptSource(Protocol):
     """Somewhere else a clip's prompt entries may already exist (the studio's voice database);
-    this package only calls it. ``fetch`` returns ``(payload, arrays or None, cost_s)`` or None."""
+    this package only calls it. ``fetch`` returns ``(payload, arrays or None, cost_s)`` or None.
+    A source may also have ``offer(kind, namespace, digest, payload, arrays, cost_s)``, called with
+    every entry this cache computed (it keeps what it wants; errors are logged and ignored)."""
 
     def fetch(self, kind: str, namespace: str, digest: str) -> "tuple[Mapping, Mapping[str, np.ndarray] | None, float] | None":
         ...
@@ -386,6 +388,7 @@ class PromptCache:
                 if not (isinstance(result, (tuple, list)) and len(result) == 2):
                     raise CacheError(f"compute() for kind {kind!r} must return (payload, arrays), got {type(result).__name__}")
                 flight.entry, origin = self.put(kind, namespace, digest, result[0], cost, result[1]), "computed"
+                self._offer_to_source(flight.entry)
             return flight.entry, origin
         except BaseException as exc:
             flight.error = exc
@@ -394,6 +397,18 @@ class PromptCache:
             with self._mlock:
                 self._flights.pop(mkey, None)
             flight.done.set()
+
+    def _offer_to_source(self, entry: CacheEntry) -> None:
+        """Hand a computed entry to the source (it keeps those of its clips, e.g. a stored voice's
+        entries under a new model's namespace, so other hosts need not compute them again)."""
+        offer = getattr(self._source, "offer", None)
+        if offer is None:
+            return
+        try:
+            offer(entry.kind, entry.namespace, entry.digest, dict(entry.payload), dict(entry.arrays), float(entry.cost_s))
+        except Exception as exc:  # noqa: BLE001 - the source is an optimisation; the request has its entry
+            log.warning("prompt source did not keep %s/%s %s (%s: %s)", entry.kind, entry.namespace, entry.digest[:12],
+                        type(exc).__name__, exc)
 
     def _from_source(self, kind: str, namespace: str, digest: str) -> CacheEntry | None:
         """The entry from the prompt source, stored here; None when there is none (or it failed)."""

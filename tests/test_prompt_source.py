@@ -102,3 +102,25 @@ def test_a_failing_source_is_a_source_with_nothing(tmp_path, store, clip, caplog
         mel, hit = fetch_prompt(cache, _kind(calls), clip, audio_digest(clip.samples, 16000), Timer())
     assert calls == [1] and not hit and mel[0, 0] == 7.0
     assert "prompt source could not fill" in caplog.text and cache.stats()["store_fills"] == 0
+
+
+def test_an_entry_computed_for_a_stored_clip_under_a_new_namespace_is_kept_with_the_voice(tmp_path, store, clip):
+    # A model change: the new namespace's entry is computed once, on one host, and kept in the store.
+    digest = audio_digest(clip.samples, 16000)
+    first = PromptCache(tmp_path / "host1")
+    first.set_source(store)
+    calls = []
+    new_kind = PromptKind("features", "bench-kind@4567/v1", _kind(calls).compute, _kind(calls).to_entry,
+                          _kind(calls).from_entry)
+    fetch_prompt(first, new_kind, clip, digest, Timer())
+    assert calls == [1]
+    assert sorted(p.namespace for p in store.prompts(store.list()[0].id)) == [NS, "bench-kind@4567/v1"]
+    second = PromptCache(tmp_path / "host2")
+    second.set_source(store)
+    timer = Timer()
+    fetch_prompt(second, new_kind, clip, digest, timer)
+    assert calls == [1] and "prompt_store" in timer.finish().stages_ms
+    # A clip that is no stored voice's is not kept.
+    other = Audio(clip.samples[::-1].copy(), 16000)
+    fetch_prompt(first, new_kind, other, audio_digest(other.samples, 16000), Timer())
+    assert store.fetch("features", "bench-kind@4567/v1", audio_digest(other.samples, 16000)) is None

@@ -7,6 +7,8 @@ PostgreSQL (skipped when it is not installed).
   gone on the first.
 * The database stops: requests that need it answer 503 with ``Retry-After``, ``/readyz`` says why,
   ``/healthz`` stays up, and when the server is back the same studio serves voices again.
+* The voice quota (SQLite): a voice over ``voice_max_count`` is refused with 409 before the engine
+  does any work for it.
 """
 
 from __future__ import annotations
@@ -99,5 +101,25 @@ def test_the_database_going_away_answers_503_and_recovers(postgres, tmp_path):
             assert http.get("/readyz").json()["ready"] is True     # no restart
             assert [v["id"] for v in http.get("/v1/audio/voices").json()["data"]] == [kept["id"]]
             assert http.post("/v1/audio/speech", json={"input": "Back.", "voice": kept["id"]}).status_code == 200
+    finally:
+        studio.stop()
+
+
+def test_the_voice_quota_is_answered_before_any_engine_work(tmp_path):
+    studio = start_studio(tmp_path, None, "--voice-max-count", "1")
+    try:
+        with httpx.Client(base_url=studio.url, timeout=60) as http:
+            first = http.post("/v1/audio/voices", files={"file": ("v.wav", speech_wav(), "audio/wav")},
+                              data={"transcript": "The only one."})
+            assert first.status_code == 201
+            misses = studio.engine.cache.stats()["misses"]
+            second = http.post("/v1/audio/voices", files={"file": ("w.wav", speech_wav(seed=3), "audio/wav")},
+                               data={"transcript": "One too many."})
+            assert second.status_code == 409 and second.json()["error"]["code"] == "voice_quota_exceeded"
+            assert "voice_max_count" in second.json()["error"]["message"]
+            assert studio.engine.cache.stats()["misses"] == misses        # the engine never saw it
+            assert http.delete(f"/v1/audio/voices/{first.json()['id']}").status_code == 200
+            assert http.post("/v1/audio/voices", files={"file": ("w.wav", speech_wav(seed=3), "audio/wav")},
+                             data={"transcript": "Room again."}).status_code == 201
     finally:
         studio.stop()

@@ -131,6 +131,8 @@ def test_quotas_refuse_with_the_setting_named(database_url):
     first = one.create(_audio(1), "one", "one")
     with pytest.raises(VoiceQuotaExceeded, match="voice_max_count"):
         one.create(_audio(2), "two", "two")
+    with pytest.raises(VoiceQuotaExceeded, match="voice_max_count"):
+        one.check_quota()
     one.delete(first.id)
     one.create(_audio(2), "two", "two")
     small = VoiceStore(db, max_bytes=one.usage()[1] + 1000)

@@ -73,8 +73,11 @@ def pack_audio(audio: Audio) -> PackedAudio:
     pcm16 = bool(np.all(scaled == np.round(scaled)) and scaled.min(initial=0) >= -32768 and scaled.max(initial=0) <= 32767)
     buffer = io.BytesIO()
     if pcm16:
-        sf.write(buffer, samples, audio.sample_rate, format="FLAC", subtype="PCM_16")
-    else:
+        try:
+            sf.write(buffer, samples, audio.sample_rate, format="FLAC", subtype="PCM_16")
+        except (sf.LibsndfileError, RuntimeError, ValueError):   # a rate FLAC cannot carry
+            buffer, pcm16 = io.BytesIO(), False
+    if not pcm16:
         sf.write(buffer, samples, audio.sample_rate, format="WAV", subtype="FLOAT")
     speaker = None
     if audio.channels is not None:

@@ -325,6 +325,21 @@ class VoiceStore:
             rows = conn.execute(select(voices).order_by(voices.c.created_at, voices.c.id)).all()
         return [_voice(row) for row in rows]
 
+    def check_quota(self) -> None:
+        """Refuse early (before any engine work) when no further voice fits; ``create`` checks again,
+        exactly, inside its transaction.
+
+        Raises:
+            VoiceQuotaExceeded, StoreUnavailable.
+        """
+        count, used = self.usage()
+        if count >= self.max_count:
+            raise VoiceQuotaExceeded(f"the studio already stores {count} voices, its limit (setting voice_max_count); "
+                                     "delete one first")
+        if used >= self.max_bytes:
+            raise VoiceQuotaExceeded(f"stored voices use {used:,} of {self.max_bytes:,} bytes (setting voice_max_bytes); "
+                                     "delete one first")
+
     def usage(self) -> tuple[int, int]:
         """(voices stored, bytes they use) -- what the quotas count."""
         with self.db.read() as conn:
@@ -389,6 +404,19 @@ class VoiceStore:
             if audio_digest(audio.samples, audio.sample_rate) != voice.digest:
                 problems.append(f"voice {voice_id}'s audio does not match its digest")
         return problems
+
+
+    def offer(self, kind: str, namespace: str, digest: str, payload: Mapping, arrays: Mapping, cost_s: float) -> int:
+        """Keep a computed prompt entry with every stored voice of this clip that lacks it (e.g.
+        after a model change, the new namespace's entries), so other hosts fill it from here.
+        One indexed read when no voice has the clip. Returns how many voices took it."""
+        with self.db.read(snapshot=False) as conn:
+            ids = [voice_id for (voice_id,) in conn.execute(select(voices.c.id).where(voices.c.digest == digest))]
+        prompt = StoredPrompt(kind, namespace, digest, dict(payload), dict(arrays), float(cost_s))
+        taken = sum(self.add_prompts(voice_id, (prompt,)) for voice_id in ids)
+        if taken:
+            log.info("kept a new %s entry (%s) with %d stored voice(s) of clip %s", kind, namespace, taken, digest[:12])
+        return taken
 
 
 def _voice(row) -> Voice:

@@ -78,6 +78,7 @@ def create_voice(request: Request, file: UploadFile = File(..., description="the
                  name: str = Form("", description="a display name; also seeds the id"),
                  engine: Engine = Depends(get_engine), voices: VoiceStore = Depends(get_voices),
                  settings: Settings = Depends(get_settings)) -> dict:
+    voices.check_quota()   # before any engine work
     audio = load_audio(read_upload(file, settings, "audio file"), max_seconds=settings.max_prompt_seconds)
     transcribed = not (transcript and transcript.strip())
     if transcribed:
@@ -126,6 +127,7 @@ def import_voice(request: Request, file: UploadFile = File(..., description="a b
                  name: str = Form("", description="overrides the bundle's name"),
                  engine: Engine = Depends(get_engine), voices: VoiceStore = Depends(get_voices),
                  settings: Settings = Depends(get_settings)) -> dict:
+    voices.check_quota()
     bundle = read_bundle(read_upload(file, settings, "voice bundle"), settings.max_prompt_seconds,
                          settings.bundle_key, max_audio_bytes=settings.max_upload_bytes)
     transcript = validate_text(bundle.transcript, "the bundle's transcript", settings.max_text_chars)
