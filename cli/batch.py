@@ -11,6 +11,7 @@ Examples::
     python -m cli clone --voice alice.wav --voice-text "What the clip says." --text-file lines.txt --out out/
     python -m cli clone --voices voices/ --text "Hello there." --instructions "whisper x2, slower" --out out/
     python -m cli edit takes/ --edit-type style --edit-info whisper --iterations 2 --out out/ --engine preview
+    python -m cli script dialogue.txt --cast Alice=alice.wav --cast Bob=bob.wav --out out/   (cli.production)
 
 A clip's transcript is ``--voice-text`` / ``--audio-text``, else a ``<clip>.txt`` file beside it,
 else the engine's ASR. One failed job is logged and skipped; the others still run.
@@ -81,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="a UTF-8 file with one text to speak per line (blank lines skipped)")
     clone.add_argument("--instructions", default="", help="edits applied after each clone, e.g. 'whisper, slower'")
 
+    # Handled by cli.production before this parser runs; listed here for --help.
+    sub.add_parser("script", help="render a script file with a cast to audio + captions (studio-batch script --help)",
+                   add_help=False)
     edit = sub.add_parser("edit", help="edit audio files (or every audio file in folders)")
     edit.add_argument("inputs", type=Path, nargs="+", help="audio files or folders (searched recursively)")
     edit.add_argument("--edit-type", required=True, help="emotion, style, speed, paralinguistic, denoise or vad")
@@ -296,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     from core.settings import load_settings
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["script"]:   # productions: a script with a cast -> audio + captions (cli.production)
+        from cli.production import main as script_main
+
+        return script_main(argv[1:])
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     try:

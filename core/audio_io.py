@@ -279,3 +279,23 @@ def encode_audio(audio: Audio, fmt: str = "wav") -> bytes:
         samples, rate = resample(samples, rate, 48000), 48000
     sf.write(buffer, samples, rate, format=options[0], subtype=options[1])
     return buffer.getvalue()
+
+
+# (container, subtype) of each file format, for writing block by block (long renders).
+_FILE_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "mp3": ("MP3", "MPEG_LAYER_III"),
+                 "opus": ("OGG", "OPUS")}
+
+
+def open_encoder(path: str | Path, fmt: str, sample_rate: int) -> sf.SoundFile:
+    """A mono file writer for ``fmt`` (wav 16-bit, flac, mp3, opus in Ogg) that takes float32 blocks in
+    [-1, 1] through ``write``; close it (or use ``with``) to finish the file.
+
+    Raises:
+        InputError: unknown format, or opus at a rate Opus does not take (8/12/16/24/48 kHz).
+    """
+    if fmt not in _FILE_FORMATS:
+        raise InputError(f"unsupported file format {fmt!r}; choose one of {', '.join(_FILE_FORMATS)}")
+    if fmt == "opus" and sample_rate not in (8000, 12000, 16000, 24000, 48000):
+        raise InputError(f"opus needs 8, 12, 16, 24 or 48 kHz, not {sample_rate} Hz")
+    container, subtype = _FILE_FORMATS[fmt]
+    return sf.SoundFile(str(path), "w", samplerate=sample_rate, channels=1, format=container, subtype=subtype)

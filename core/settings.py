@@ -124,6 +124,16 @@ class Settings:
     upload_folder_max_files: int = field(default=1000, metadata={"help": "most files kept in Gradio's upload folder (oldest deleted first)"})
     upload_folder_max_age_s: int = field(default=3600, metadata={"help": "seconds an uploaded or generated file of the page is kept (deleted at the next upload and by Gradio's periodic clean-up)"})
 
+    # --- productions (scripts, segments, takes, renders)
+    production_max_chars: int = field(default=100_000, metadata={"help": "longest script, text or SRT file a production is made from (characters)"})
+    production_max_segments: int = field(default=2000, metadata={"help": "most segments one production may have"})
+    production_pause_ms: int = field(default=300, metadata={"help": "silence after a sentence or a speaker's line in a render (ms; each segment can change it)"})
+    production_paragraph_pause_ms: int = field(default=800, metadata={"help": "silence after a paragraph or a speaker's turn (ms)"})
+    production_crossfade_ms: float = field(default=20.0, metadata={"help": "cross-fade where two segments meet without a pause (ms)"})
+    production_loudness_lufs: float = field(default=-16.0, metadata={"help": "integrated loudness (EBU R128 / ITU-R BS.1770 measure, LUFS) a render is normalised to; -16 suits podcasts and the web, -23 is EBU R128 broadcast"})
+    max_edit_seconds: float = field(default=300.0, metadata={"help": "longest clip /v1/audio/edits accepts; one longer than max_prompt_seconds (what one model call takes) is split at pauses and edited piece by piece"})
+    production_workers: int = field(default=0, metadata={"help": "segments of a production generated at once (0: llm_max_rows, so they share the LLM's continuous batch)"})
+
     def __post_init__(self) -> None:
         if self.engine not in ENGINE_CHOICES:
             raise ValueError(f"engine must be one of {', '.join(ENGINE_CHOICES)}, not {self.engine!r}")
@@ -178,6 +188,19 @@ class Settings:
         for origin in self.cors_origin_list:
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise ValueError(f"cors_origins entries must be http(s)://host[:port] origins or *, not {origin!r}")
+        for name in ("production_max_chars", "production_max_segments"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        for name in ("production_pause_ms", "production_paragraph_pause_ms", "production_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)!r}")
+        if not 0 <= self.production_crossfade_ms <= 1000:
+            raise ValueError(f"production_crossfade_ms must be between 0 and 1000, not {self.production_crossfade_ms!r}")
+        if not self.max_prompt_seconds <= self.max_edit_seconds < float("inf"):
+            raise ValueError(f"max_edit_seconds must be at least max_prompt_seconds ({self.max_prompt_seconds:g}), "
+                             f"not {self.max_edit_seconds!r}")
+        if not -70 <= self.production_loudness_lufs <= 0:   # also refuses NaN
+            raise ValueError(f"production_loudness_lufs must be between -70 and 0 LUFS, not {self.production_loudness_lufs!r}")
         if not 0 < self.max_prompt_seconds < float("inf"):  # also refuses NaN
             raise ValueError(f"max_prompt_seconds must be a positive number of seconds, not {self.max_prompt_seconds!r}")
         for name in ("max_engine_requests", "busy_retry_after_s", "auth_failures_per_minute"):

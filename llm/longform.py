@@ -122,3 +122,16 @@ def crossfade_join(pieces: list[np.ndarray], sample_rate: int, fade_ms: float = 
         seam = out[-n:] * fade_out + piece[:n] * fade_in
         out = np.concatenate([out[:-n], seam, piece[n:]])
     return out.astype(np.float32)
+
+
+def split_units(text: str, max_chars: int) -> list[str]:
+    """``text``'s sentences in order, each at most ``max_chars`` characters: a longer sentence is cut at
+    clause punctuation, then between words, tags, pinyin syllables or CJK characters (what
+    ``productions`` makes one segment of each). Joining them gives back the text.
+
+    Raises:
+        ValueError: ``max_chars`` < 1.
+    """
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be at least 1, not {max_chars}")
+    return _units(text, max_chars)

@@ -48,7 +48,8 @@ def test_api_md_python_examples_run(tmp_path, monkeypatch, capsys):
                 voice_id = namespace["voice"]["id"]
         out = capsys.readouterr().out
         assert voice_id and voice_id in out and "total_ms" in out
-        for name in ("hello.wav", "again.wav", "faster.wav"):
+        assert "Bob: Is the harbour quiet?" in (work / "production.srt").read_text()
+        for name in ("hello.wav", "again.wav", "faster.wav", "production.wav"):
             assert sf.info(work / name).samplerate == 24000
     finally:
         studio.stop()

@@ -25,6 +25,8 @@ ABOVE = {
     "preview": {"web", "cli", "userdata"},
     # What users make: used by web/ only; it knows no engine or model.
     "userdata": {"tokenizer", "llm", "decoder", "tts_engine", "preview", "web", "cli"},
+    # Productions: the domain of scripts, segments and takes; the web and the CLI use it, it uses the engine.
+    "productions": {"web", "cli", "userdata", "preview"},
 }
 
 

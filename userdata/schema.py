@@ -72,3 +72,56 @@ BLOB_REFERENCES: list[tuple[Table, str]] = [
     (voices, "speaker_sha256"),
     (voice_prompts, "arrays_sha256"),
 ]
+
+
+# --- productions (issue 23; revision 0002): scripts made segment by segment, take by take.
+# A segment's voice_id is not a foreign key: deleting a voice must not delete (or be blocked by) the
+# productions that used it; their segments then say that the voice is gone.
+productions = Table(
+    "productions", METADATA,
+    Column("id", String(ID_LEN), primary_key=True),
+    Column("title", String(200), nullable=False),
+    Column("source_kind", String(16), nullable=False),      # text | script | srt
+    Column("fit_to_cue", Integer, nullable=False),          # 0/1: speed takes up to fit their SRT cue
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+segments = Table(
+    "segments", METADATA,
+    Column("id", String(ID_LEN), primary_key=True),
+    Column("production_id", String(ID_LEN), ForeignKey("productions.id", ondelete="CASCADE"), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("speaker", String(100), nullable=False),
+    Column("voice_id", String(ID_LEN), nullable=False, index=True),
+    Column("text", Text, nullable=False),
+    Column("instructions", Text, nullable=False),
+    Column("pause_ms", Integer, nullable=False),
+    Column("target_start_ms", BigInteger, nullable=True),
+    Column("target_end_ms", BigInteger, nullable=True),
+    Column("state", String(16), nullable=False),            # pending | generating | ready | failed
+    Column("chosen_take_id", String(ID_LEN), nullable=True),
+    Column("note", Text, nullable=False),
+    Index("ix_segments_production_position", "production_id", "position"),
+)
+
+takes = Table(
+    "takes", METADATA,
+    Column("id", String(ID_LEN), primary_key=True),
+    Column("segment_id", String(ID_LEN), ForeignKey("segments.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("created_at", Float, nullable=False),
+    Column("seed", BigInteger, nullable=False),
+    Column("source", String(100), nullable=False),          # generate | regenerate | edit:<type>:<option> | fit:<speed>
+    Column("parent_take_id", String(ID_LEN), nullable=True),
+    Column("text", Text, nullable=False),
+    Column("voice_id", String(ID_LEN), nullable=False),
+    Column("duration_ms", BigInteger, nullable=False),
+    Column("sample_rate", Integer, nullable=False),
+    # float32 WAV of the take's exact samples (edits and renders never re-decode a lossy copy)
+    Column("audio_sha256", String(SHA256_LEN), ForeignKey("blobs.sha256"), nullable=False, index=True),
+    Column("timings", Text, nullable=False),                # JSON: stage -> ms
+    Column("scores", Text, nullable=False),                 # JSON: scorer -> value (empty without scorers)
+    Column("note", Text, nullable=False),
+)
+
+BLOB_REFERENCES.append((takes, "audio_sha256"))

@@ -40,10 +40,11 @@ from core.instructions import chain_header, parse_instructions
 from core.settings import Settings
 from tts_engine.contract import CloneOptions, Engine, validate_edit, validate_iterations, validate_text
 from userdata.db import Database
-from web import api_voices
+from web import api_productions, api_voices
 from web.deps import APIError, get_db, get_engine, get_metrics, get_settings, get_voices, jsonable, link_cancel, read_upload, require_api_key, result_headers, run_engine
 from web.metrics import CONTENT_TYPE
 from web.streaming import check_stream_format, start_stream, stream_response
+from web.long_edits import long_edit_response
 from web.voices import VoiceStore, check_voice_id
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,10 @@ def create_edit(request: Request,
     if (file is None) == (voice is None):
         raise InputError("give exactly one of 'file' (an audio upload) or 'voice' (a stored voice id)")
     if file is not None:
-        audio = load_audio(read_upload(file, settings, "audio file"), max_seconds=settings.max_prompt_seconds)
+        audio = load_audio(read_upload(file, settings, "audio file"), max_seconds=settings.max_edit_seconds)
+        if audio.duration > settings.max_prompt_seconds:   # longer than one model call: in pieces (web.long_edits)
+            return long_edit_response(request, engine, settings, audio, audio_text, edit_type, edit_info, text,
+                                      iterations, seed, CloneOptions(flow_steps=flow_steps), fmt)
         if not (audio_text and audio_text.strip()):
             validate_edit(edit_type, edit_info or None, engine.capabilities())  # before transcribing
             audio_text = _transcribe(request, engine, audio, "the audio to edit")
@@ -319,7 +323,7 @@ def unknown_endpoint(path: str, request: Request) -> None:
     """Unknown /v1 paths answer a JSON 404 (without this the mounted UI would answer them); a known
     path with the wrong method answers 405 (this catch-all would otherwise turn it into a 404)."""
     allowed = set()
-    for route in (*api_voices.router.routes, *router.routes):
+    for route in (*api_voices.router.routes, *api_productions.router.routes, *router.routes):
         if isinstance(route, APIRoute) and route.endpoint is not unknown_endpoint \
                 and route.matches(request.scope)[0] == Match.PARTIAL:
             allowed |= route.methods

@@ -32,7 +32,7 @@ from gradio.utils import get_upload_folder
 
 from core.settings import Settings
 from tts_engine.contract import Engine
-from web import api, api_stream_ws, api_voices
+from web import api, api_productions, api_stream_ws, api_voices
 from web.deps import StudioMiddleware, install_error_handlers
 from web.admission import Admission, AdmissionGuard
 from web.guards import BodyLimit, FailureLimiter, HostGuard, KeyGuard, OriginGuard
@@ -68,6 +68,7 @@ def create_app(engine: Engine, settings: Settings, output_dir: Path | None = Non
         try:
             yield
         finally:
+            api_productions.detach(app)
             app.state.ops_executor.shutdown(wait=False, cancel_futures=True)
             engine.close()
             app.state.db.close()
@@ -88,9 +89,12 @@ def create_app(engine: Engine, settings: Settings, output_dir: Path | None = Non
     app.state.metrics = Metrics(engine.cache.snapshot, getattr(engine, "llm_backend", None))
     # Health probes and scrapes run here, never in AnyIO's worker threads that engine routes hold.
     app.state.ops_executor = ThreadPoolExecutor(2, thread_name_prefix="studio-ops")
+    api_productions.attach(app, engine, settings)   # productions live in the user-data database
     install_error_handlers(app)
+    api_productions.install_handlers(app)
     app.include_router(api.ops_router)
     app.include_router(api_voices.router)
+    app.include_router(api_productions.router)   # before api.router, whose catch-all answers unknown /v1 paths
     app.include_router(api_stream_ws.router)   # WS /v1/audio/speech/stream: checks its own key and Origin
     app.include_router(api.router)
     app.state.admission = Admission(settings.max_engine_requests, settings.busy_retry_after_s)

@@ -32,6 +32,7 @@ from core.settings import Settings
 from tts_engine.contract import MAX_EDIT_ITERATIONS, EditCapability, Engine
 from web.metrics import Metrics
 from web.ui_handlers import CLEAR_CONFIRMATION, UI_FORMATS, Handlers, base_note, guarded, history_table, new_state
+from web.ui_script import build_script_tab
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def edit_option_choices(cap: EditCapability | None) -> list[tuple[str, str]]:
 
 
 def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = None,
-               output_dir: Path | None = None) -> gr.Blocks:
+               output_dir: Path | None = None, productions=None) -> gr.Blocks:
     """The studio page for ``engine``.
 
     Parameters:
@@ -122,6 +123,7 @@ def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = Non
         settings: queue sizes, default flow steps, limits.
         metrics: where UI requests are counted (the server's; a private one when None).
         output_dir: where generated files are written (a fresh temp folder when None).
+        productions: the production service, for the "Script" tab (``web.ui_script``); no tab when None.
     """
     h = Handlers(engine, settings, metrics, output_dir)
     # Gradio's streaming player converts each chunk with ffmpeg; without it results show when whole.
@@ -197,6 +199,9 @@ def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = Non
                                       buttons=["download"], elem_id="edit_audio")
                 edit_summary = gr.Markdown()
                 edit_timings = gr.Markdown(elem_id="edit_timings")
+
+            if productions is not None:
+                build_script_tab(productions, productions.voices, settings, h.output_dir, engine_events, quick)
 
         with gr.Accordion("History (clone → edit → edit)", open=True, elem_id="history"):
             history_view = gr.Markdown(history_table(new_state()), elem_id="history_table")

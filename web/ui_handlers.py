@@ -41,7 +41,7 @@ from core.audio_io import encode_audio, encode_lossless, load_audio
 from core.edit_options import EDIT_TYPES, tag_warning
 from core.errors import StudioError
 from core.settings import Settings
-from tts_engine.contract import CloneOptions, Engine, Result
+from tts_engine.contract import CloneOptions, Engine, Result, new_seed
 from web.deps import InternalError, jsonable, request_id, run_engine_call
 from web.metrics import Metrics
 
@@ -159,9 +159,14 @@ class Handlers:
             _warn_tags(text)
         endpoint = f"edit_{edit_type}" if edit_type in EDIT_TYPES else "edit"  # bounded metric labels
         source = base.get("source") or base["path"]   # the lossless copy; "path" in states from before it
-        results = self._run(endpoint, lambda: self.engine.edit_iterations(
-            source, base["text"], edit_type, edit_info or None, text, iterations=passes, seed=_seed(seed),
-            options=options, progress=_progress_adapter(progress)))
+        if sf_duration(source) > self.settings.max_prompt_seconds:   # longer than one model call: in pieces
+            audio = load_audio(source, max_seconds=self.settings.max_edit_seconds, what="the result to edit")
+            results = (self._long_edit(endpoint, audio, base["text"], edit_type, edit_info, text, passes, seed,
+                                       options),)
+        else:
+            results = self._run(endpoint, lambda: self.engine.edit_iterations(
+                source, base["text"], edit_type, edit_info or None, text, iterations=passes, seed=_seed(seed),
+                options=options, progress=_progress_adapter(progress)))
         label = f"{edit_type}: {edit_info}" if edit_info else edit_type
         made_from = base["n"]
         for i, result in enumerate(results[:-1]):
@@ -169,6 +174,24 @@ class Handlers:
             made_from = state["items"][-1]["n"]
         last = f"{label} {len(results)}/{len(results)}" if len(results) > 1 else label
         return self._publish(results[-1], f"{last} (of #{made_from})", fmt, state)
+
+    def _long_edit(self, endpoint: str, audio, audio_text: str, edit_type: str, edit_info: str | None,
+                   text: str | None, passes: int, seed, options) -> Result:
+        """A result longer than one model call, edited in pieces (``productions.long_edit``); the page says how."""
+        from productions.long_edit import long_edit
+
+        if text:
+            raise gr.Error("a paralinguistic edit's new text cannot be split over a long result; edit at most "
+                           f"{self.settings.max_prompt_seconds:g} s at a time", title="Cannot do that")
+        done = long_edit(self.engine, audio, audio_text, edit_type, edit_info or None,
+                         max_piece_s=self.settings.max_prompt_seconds, iterations=passes, seed=new_seed(_seed(seed)),
+                         options=options, call=lambda ep, fn: self._run(ep, fn))
+        spans = ", ".join(f"{p['start_s']:.1f}-{p['end_s']:.1f} s" for p in done.describe()["pieces"])
+        gr.Info(f"Edited in {len(done.pieces)} pieces cut at pauses ({spans}); each piece's text came from the "
+                f"{done.text_source}.")
+        last = done.results[-1]
+        return Result(audio=done.audio, text=audio_text, timings=last.timings, seed=done.seed, tokens=(),
+                      prompt_digest=last.prompt_digest)
 
     def transcribe(self, prompt_audio: str | None) -> str:
         """The engine's transcription of the prompt clip (the "Transcribe" button and the API)."""
@@ -200,7 +223,11 @@ class Handlers:
                        flow_steps: float | None, fmt: str, state: dict | None, iterations: float | None = 1):
         """:meth:`edit` while it plays (see :meth:`clone_streaming`). Several passes each need the whole
         previous pass, so they run as :meth:`edit` and the page gets the last one when it is done."""
-        if iterations not in (None, "") and int(iterations) > 1:
+        state_items = (state or {}).get("items") or []
+        base_path = (state_items[_base_index(state)].get("source") or state_items[_base_index(state)]["path"]) \
+            if state_items else None
+        long = base_path is not None and sf_duration(base_path) > self.settings.max_prompt_seconds
+        if long or (iterations not in (None, "") and int(iterations) > 1):
             outputs = self.edit(edit_type, edit_info, new_text, seed, flow_steps, fmt, state, iterations)
             last = load_audio(outputs[3]["items"][-1]["source"])   # the player gets the last pass, whole
             yield (*outputs, encode_audio(last, "wav"))
@@ -391,6 +418,17 @@ def _copy_state(state: dict | None) -> dict:
     if not state:
         return new_state()
     return {"items": [dict(item) for item in state.get("items", [])], "base": state.get("base")}
+
+
+def sf_duration(path) -> float:
+    """Seconds of an audio file from its header (0 when it cannot be read: the edit then reports why)."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(path))
+        return info.frames / info.samplerate
+    except (sf.LibsndfileError, RuntimeError, OSError, TypeError):
+        return 0.0
 
 
 def _seed(seed: float | None) -> int | None:
