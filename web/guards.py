@@ -141,9 +141,18 @@ def _origin_netloc(origin: str) -> str:
 
 
 async def _refuse_ws_or_http(scope, send, status: int, payload: dict) -> None:
-    """Answer ``payload`` (an HTTP request) or close the handshake (a WebSocket: the server answers 403)."""
+    """Answer ``payload``: to an HTTP request, or to a WebSocket handshake as its HTTP denial response where
+    the server supports that ASGI extension (uvicorn does), so a client reads why; else the handshake is
+    closed (the server answers 403 without a body)."""
     if scope["type"] == "websocket":
-        await send({"type": "websocket.close", "code": 1008})
+        if "websocket.http.response" not in (scope.get("extensions") or {}):
+            await send({"type": "websocket.close", "code": 1008})
+            return
+
+        async def denial(message):   # the same response, as the extension's message types
+            await send({**message, "type": "websocket." + message["type"]})
+
+        await _send_json(denial, status, payload, _rid(scope))
         return
     await _send_json(send, status, payload, _rid(scope))
 
