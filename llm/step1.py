@@ -205,6 +205,7 @@ class _Step:
                  slopes: torch.Tensor, impl: str) -> None:
         b, s = positions.shape
         self.impl, self.width, self.slopes = impl, width, slopes
+        self._whole: torch.Tensor | None = None
         self.write_slot = slots[:, None].expand(b, s)
         self.write_pos = torch.where(positions >= 0, positions, torch.full_like(positions, scratch))
         self.read = slots
@@ -235,12 +236,19 @@ class _Step:
 
     def bias(self, start: int, stop: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
         """[B,G,rep*(stop-start),K]: the reference's bias for query rows ``start:stop``, heads grouped by
-        key/value group (head h = g * rep + r), in ``dtype`` as the reference casts it."""
+        key/value group (head h = g * rep + r), in ``dtype`` as the reference casts it. A bias covering
+        every query (a decode step, a short chunk) is built once and shared by all layers."""
+        whole = start == 0 and stop == self.root.shape[1]
+        if whole and self._whole is not None:
+            return self._whole
         b = self.root.shape[0]
         slopes = self.slopes.view(1, groups, -1, 1, 1)
         bias = -slopes * self.root[:, None, None, start:stop]                             # [B,G,rep,s,K]
         bias = bias.masked_fill(self.future[:, None, None, start:stop], float("-inf")).to(dtype)
-        return bias.view(b, groups, -1, self.width)
+        bias = bias.view(b, groups, -1, self.width)
+        if whole:
+            self._whole = bias
+        return bias
 
 
 def _flex(device: torch.device):
