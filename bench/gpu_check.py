@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 import tempfile
@@ -79,9 +78,13 @@ def _absent(name: str) -> types.ModuleType:
 
 def stand_in_missing() -> list[str]:
     """Install ``_absent`` modules for the missing ``STAND_INS``; returns their names."""
-    missing = [n for n in STAND_INS if n not in sys.modules and importlib.util.find_spec(n) is None]
-    for name in missing:
-        sys.modules[name] = _absent(name)
+    missing = []
+    for name in STAND_INS:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+            sys.modules[name] = _absent(name)
     return missing
 
 
@@ -329,9 +332,11 @@ def part_stream(ctx) -> list[tuple[str, str]]:
 def part_vq02(ctx) -> list[tuple[str, str]]:
     import numpy as np
 
-    if importlib.util.find_spec("funasr") is None:
+    try:
+        importlib.import_module("funasr")
+    except ImportError:
         raise Failed("funasr is not installed here (the vq02 Paraformer is built with it; its import closure "
-                     "is too large to carry)")
+                     "is too large to carry)") from None
     from core.settings import FUNASR_SUBDIR
     from tokenizer.paraformer_stream import ParaformerStream
 
