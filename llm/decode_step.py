@@ -75,7 +75,13 @@ class DecodeStep:
             return self._run(buf, width)[:n]
         key = (rows, width)
         if key not in self._captured:
-            self._captured[key] = self._capture(buf, width)
+            try:
+                self._captured[key] = self._capture(buf, width)
+            except Exception as exc:  # noqa: BLE001 -- a failed capture costs speed, never answers
+                log.warning("CUDA graph capture failed (%s: %s); decode steps run eagerly from now on",
+                            type(exc).__name__, exc)
+                self.graphs = False
+                return self._run(buf, width)[:n]
             log.info("captured a CUDA graph for decode steps of %d rows x %d keys (%d graphs)", rows, width,
                      len(self._captured))
         graph, out = self._captured[key]

@@ -27,6 +27,7 @@ row attends to its pads.)
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from torch import nn
 
 from core.errors import ModelError
 
+log = logging.getLogger(__name__)
 MODEL_TYPE = "step1"
 _REQUIRED = ("hidden_size", "intermediate_size", "num_attention_heads", "num_attention_groups",
              "num_hidden_layers", "vocab_size")
@@ -358,6 +360,7 @@ class Step1ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._slopes = alibi_slopes(config.num_attention_heads)
         self._slopes_on: dict[torch.device, torch.Tensor] = {}
+        self._flex_failed = False
 
     def new_cache(self, slots: int, max_len: int) -> KVCache:
         """A zeroed cache on this model's device and dtype."""
@@ -373,7 +376,7 @@ class Step1ForCausalLM(nn.Module):
     def impl_for(self, device: torch.device, tokens: int) -> str:
         if self.attention != "auto":
             return self.attention
-        return "flex" if device.type == "cuda" and tokens > 1 else "sdpa"
+        return "flex" if device.type == "cuda" and tokens > 1 and not self._flex_failed else "sdpa"
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
                 logits_at: torch.Tensor | None = None, width: int | None = None) -> torch.Tensor:
@@ -397,8 +400,21 @@ class Step1ForCausalLM(nn.Module):
             width = int(positions.max()) + 1
         if width > cache.max_len:
             raise ValueError(f"position {width - 1} is beyond the cache's {cache.max_len} positions")
+        impl = self.impl_for(input_ids.device, input_ids.shape[1])
+        try:
+            return self._run(input_ids, positions, cache, slots, logits_at, width, impl)
+        except Exception as exc:
+            if impl != "flex" or self.attention != "auto":
+                raise
+            # "auto" chose FlexAttention (compiled on CUDA); a toolchain that cannot compile it must not take
+            # the service down. Re-running rewrites the same cache entries, so the retry is exact.
+            log.warning("FlexAttention failed on %s (%s: %s); prefill uses SDPA from now on", input_ids.device,
+                        type(exc).__name__, exc)
+            self._flex_failed = True
+            return self._run(input_ids, positions, cache, slots, logits_at, width, "sdpa")
+
+    def _run(self, input_ids, positions, cache, slots, logits_at, width: int, impl: str) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
-        impl = self.impl_for(x.device, input_ids.shape[1])
         step = _Step(positions, slots, width, cache.max_len, self.slopes_on(x.device), impl)
         for layer, keys, values in zip(self.model.layers, cache.keys, cache.values):
             x = layer(x, step, keys, values)

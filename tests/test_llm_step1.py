@@ -309,3 +309,20 @@ def test_pads_write_only_the_scratch_position(model):
         model(torch.tensor([[0, 5, 6]]), torch.tensor([[-1, 0, 1]]), cache, torch.tensor([0]), width=2)
     keys = cache.keys[0][0]                                       # [M + 1, G, D]
     assert keys[:2].abs().sum() > 0 and keys[2:8].abs().sum() == 0 and keys[8].abs().sum() > 0
+
+
+def test_auto_attention_falls_back_to_sdpa_when_flex_attention_fails(model, monkeypatch, caplog):
+    import llm.step1
+
+    def broken(device):                         # fault injection: a toolchain that cannot compile FlexAttention
+        raise RuntimeError("no triton")
+
+    monkeypatch.setattr(llm.step1, "_flex", broken)
+    monkeypatch.setattr(model, "impl_for", lambda device, tokens: "sdpa" if model._flex_failed else "flex")
+    try:
+        with caplog.at_level("WARNING", logger="llm.step1"):
+            logits = _full(model, GOLDEN["prompt_a"])
+        torch.testing.assert_close(logits, GOLDEN["logits_a"], atol=ATOL, rtol=0)
+        assert model._flex_failed and "FlexAttention failed" in caplog.text
+    finally:
+        model._flex_failed = False
