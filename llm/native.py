@@ -18,9 +18,14 @@ One step of the worker:
        prompt is complete samples its first id from that call;
     4. decode: one call over every other running row (one id each), then one sampled id per row.
 
-Rows never see each other: each has its own cache slot and positions (``llm/step1.py``), its own
-seeded generator and its own budget, so a request's answer does not depend on what it ran with
-(up to float round-off between call shapes).
+Rows never see each other: each has its own cache slot (zeroed when the row takes it) and positions
+(``llm/step1.py``), its own seeded generator and its own budget, so a request's answer does not depend
+on what it ran with (up to float round-off between call shapes).
+
+The device is waited for once per step: the sampled ids are copied to the host. Decode calls run at a
+static shape per row bucket (``llm/decode_step.py``, CUDA graphs on CUDA), prefill calls get their
+key width from the host, and the draw is done on the device with the row's own CPU generator's numbers
+(the same ids a CPU ``torch.multinomial`` gave).
 """
 
 from __future__ import annotations

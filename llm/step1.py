@@ -22,6 +22,14 @@ Where we differ on purpose: positions are per row. Each token carries its own po
 positions, so pads are never attended to and a padded row computes what it computes alone. (The
 reference derives positions from the key length and ignores ``attention_mask``, so a left-padded
 row attends to its pads.)
+
+How we compute the same numbers (issue 25): keys and values are never copied per head. With SDPA,
+the H/G heads of a group become extra query rows of that group ([B,G,rep*S,D] against [B,G,K,D]),
+and the bias (float32, cast to the dtype, as the reference) is built per block of queries of at most
+``BIAS_BLOCK_BYTES`` instead of [B,H,S,K] at once. With FlexAttention the bias is a score
+modification computed inside the kernel in float32 and a block mask skips each row's keys past its
+last position. Pads write their keys to a scratch position (no boolean indexing), and callers pass
+``width`` (keys read), so a forward never waits for the device.
 """
 
 from __future__ import annotations
