@@ -330,18 +330,22 @@ class NativeBackend(LLMBackend):
             self._masks[vq02] = ~slot_allowed(0 if vq02 else 2, vocab, self._eos_ids, self.device)
         return self._masks[vq02]
 
+    def _h2d(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the model's device. From pinned memory without blocking: a copy from pageable memory
+        would first wait for everything queued on the device (the step's forward)."""
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
     def _sample(self, rows: list[_Row], scores: torch.Tensor) -> None:
         """One id per row from ``scores`` [B,V] with the reference's processors and the row's generator."""
         start = time.perf_counter()
         cfg, window = self.sampling, self.sampling.repetition_window
         steps = [len(r.answer) for r in rows]
-        recent = torch.tensor([[0] * (window - len(r.recent)) + list(r.recent) for r in rows], device=self.device)
-        lengths = torch.tensor([len(r.prompt) + len(r.answer) for r in rows], device=self.device)
+        recent = self._h2d(torch.tensor([[0] * (window - len(r.recent)) + list(r.recent) for r in rows]))
+        lengths = self._h2d(torch.tensor([len(r.prompt) + len(r.answer) for r in rows]))
         scores = repetition_ban(recent, scores, window, lengths)
         held = [i for i, s in enumerate(steps) if s < cfg.min_new_tokens]
         if held:
-            scores[torch.tensor(held, device=self.device)[:, None], torch.tensor(self._eos_ids, device=self.device)] = \
-                float("-inf")
+            scores[self._h2d(torch.tensor(held))[:, None], self._h2d(torch.tensor(self._eos_ids))] = float("-inf")
         if cfg.slot_mask:
             vocab = scores.shape[-1]
             mask = torch.stack([self._disallowed(s % 5 < 2, vocab) for s in steps])
@@ -351,7 +355,7 @@ class NativeBackend(LLMBackend):
         # e ~ Exp(1) from the row's generator (the same numbers, so the same ids as a CPU draw), and one
         # copy to the host per step instead of copying the probabilities.
         noise = torch.stack([torch.empty(probs.shape[-1]).exponential_(1, generator=r.generator) for r in rows])
-        drawn = ids.gather(1, (probs / noise.to(self.device)).argmax(dim=-1, keepdim=True))[:, 0]
+        drawn = ids.gather(1, (probs / self._h2d(noise)).argmax(dim=-1, keepdim=True))[:, 0]
         drawn = torch.where(torch.isfinite(probs).all(dim=-1), drawn, self._eos_ids[0])  # every id banned: end
         tokens = drawn.tolist()
         now = time.perf_counter()
