@@ -383,10 +383,6 @@ def transient_bytes(fn) -> int:
 
 
 def part_attention(args, device, dtype) -> list[str]:
-    from common import interleaved, summary
-
-    from llm.decode_step import DecodeStep
-
     if device.type != "cpu":
         raise SystemExit("part attention measures the CPU path; bench/gpu_check.py --all measures the GPU")
     model = build_model(args, device, dtype)
@@ -395,7 +391,26 @@ def part_attention(args, device, dtype) -> list[str]:
     rows_out = [f"load average at start: {os.getloadavg()[0]:.2f} (a shared machine: other jobs run beside this)",
                 "", "| measure | old path | new path | old / new |", "|---|---|---|---|"]
 
+    cases = args.cases.split(",")
     # (a) decode: 8 rows, each at position 2047 with 2,047 keys already cached (random values).
+    diff = diff_prefill = float("nan")
+    if "decode" in cases:
+        rows_out += _attention_decode(args, model, rows, positions, g)
+        diff = rows_out.pop()
+    if "prefill" in cases:
+        more, diff_prefill = _attention_prefill(args, model, chunk, keys, g)
+        rows_out += more
+    rows_out += ["", f"max |logit difference| new vs old: decode {diff:.2e}, prefill {diff_prefill:.2e} "
+                 "(float32; the slopes now round like the reference's float32 ones)",
+                 f"load average at end: {os.getloadavg()[0]:.2f}"]
+    return rows_out
+
+
+def _attention_decode(args, model, rows, positions, g) -> list:
+    from common import interleaved, summary
+
+    from llm.decode_step import DecodeStep
+
     cache = model.new_cache(rows, positions)
     for t in cache.keys + cache.values:
         t[:, :positions - 1].normal_(generator=g)
@@ -412,12 +427,18 @@ def part_attention(args, device, dtype) -> list[str]:
                              "new": lambda: step(ids.tolist(), [positions - 1] * rows, slots.tolist())},
                             n=args.repeats * 3, warmup=1)
     med = {k: summary(v)["median"] for k, v in times.items()}
+    rows_out = []
     rows_out.append(f"| decode step, {rows} rows x {positions} positions, ms (median of {len(times['old'])}) | "
                     f"{med['old']:.1f} | {med['new']:.1f} | {med['old'] / med['new']:.2f}x |")
     print(rows_out[-1], f"max |logit diff| {diff:.2e}", flush=True)
-    del cache, step
+    return rows_out + [diff]
+
+
+def _attention_prefill(args, model, chunk, keys, g) -> tuple[list, float]:
+    from common import interleaved, summary
 
     # (b) prefill: one 512-token chunk at positions 7680..8191 (K = 8192).
+    rows_out = []
     cache = model.new_cache(1, keys)
     for t in cache.keys + cache.values:
         t[:, :keys - chunk].normal_(generator=g)
@@ -439,10 +460,8 @@ def part_attention(args, device, dtype) -> list[str]:
                     f"{mem['old']:.0f} | {mem['new']:.0f} | {mem['old'] / mem['new']:.1f}x less |")
     rows_out.append(f"| prefill chunk {chunk} tokens at K = {keys}: ms (median of {args.repeats}) | "
                     f"{pmed['old']:.0f} | {pmed['new']:.0f} | {pmed['old'] / pmed['new']:.2f}x |")
-    rows_out += ["", f"max |logit difference| new vs old: decode {diff:.2e}, prefill {diff_prefill:.2e} "
-                 "(float32; the slopes now round like the reference's float32 ones)",
-                 f"load average at end: {os.getloadavg()[0]:.2f}"]
-    return rows_out
+    print("\n".join(rows_out), flush=True)
+    return rows_out, diff_prefill
 
 
 def main() -> None:
@@ -460,6 +479,7 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=200)
     parser.add_argument("--budget", type=int, default=512, help="step token budget")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--cases", default="decode,prefill", help="part attention: which cases")
     args = parser.parse_args()
     if args.part == "attention" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         # A fixed mmap threshold: every large tensor gets its own mapping and leaves the resident set when
