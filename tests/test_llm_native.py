@@ -315,3 +315,34 @@ def test_close_does_not_fail_rows_the_worker_is_still_running(model):
         backend._thread.join(60)
     assert events[-1] == ("fail", "row")          # the worker finished its step first, then failed the row
     assert events.count(("fail", "row")) == 1
+
+
+def test_a_seed_draws_the_ids_a_cpu_multinomial_drew(model):
+    """The draw moved to the device (argmax(p / Exp(1)) with the row generator's numbers) so a step copies
+    ids, not probabilities, to the host; a seed must still give the takes it gave before (torch.multinomial)."""
+    import collections
+
+    from llm.sampling import repetition_ban, top_candidates
+
+    config = SamplingConfig(slot_mask=False, max_length=256)
+    req = GenerationRequest(tuple(GOLDEN["prompt_b"].tolist()), seed=17, max_new_tokens=24)
+    generator = torch.Generator().manual_seed(17)
+    prompt, answer = list(req.prompt_ids), []
+    recent = collections.deque(prompt[-config.repetition_window:], maxlen=config.repetition_window)
+    cache = model.new_cache(1, 256)
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt]), torch.arange(len(prompt))[None], cache, torch.tensor([0]),
+                       logits_at=torch.tensor([len(prompt) - 1])).float()
+        for _ in range(24):
+            scores = repetition_ban(torch.tensor([list(recent)]), logits, config.repetition_window,
+                                    torch.tensor([len(prompt) + len(answer)]))
+            probs, ids = top_candidates(scores / config.temperature, config.top_k, config.top_p)
+            token = int(ids[0, torch.multinomial(probs[0], 1, generator=generator)])
+            if token == 3:
+                break
+            answer.append(token)
+            recent.append(token)
+            logits = model(torch.tensor([[token]]), torch.tensor([[len(prompt) + len(answer) - 1]]), cache,
+                           torch.tensor([0]), logits_at=torch.tensor([0])).float()
+    assert len(answer) > 5
+    assert list(_alone(model, config, req).answer) == answer
