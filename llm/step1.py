@@ -225,8 +225,11 @@ class _Step:
             self._flex_setup(b, s)
         else:
             distance = self.query[:, :, None] - torch.arange(width, device=positions.device)[None, None, :]
-            self.future = distance < 0                                                    # [B,S,K]
-            self.root = distance.clamp(min=0).float().sqrt()                              # [B,S,K] float32
+            # sqrt(i - j), +inf for keys after the query: -slope * inf = -inf masks them (slopes are positive),
+            # so a block's bias is one multiplication.                                    [B,S,K] float32
+            self.root = distance.clamp(min=0).float().sqrt().masked_fill(distance < 0, float("inf"))
+            self.neg_slopes = -slopes
+            self._buffer: torch.Tensor | None = None
 
     def _flex_setup(self, b: int, s: int) -> None:
         from torch.nn.attention.flex_attention import create_block_mask
@@ -252,10 +255,17 @@ class _Step:
         if whole and self._whole is not None:
             return self._whole
         b = self.root.shape[0]
-        slopes = self.slopes.view(1, groups, -1, 1, 1)
-        bias = -slopes * self.root[:, None, None, start:stop]                             # [B,G,rep,s,K]
-        bias = bias.masked_fill(self.future[:, None, None, start:stop], float("-inf")).to(dtype)
-        bias = bias.view(b, groups, -1, self.width)
+        slopes = self.neg_slopes.view(1, groups, -1, 1, 1)
+        root = self.root[:, None, None, start:stop]
+        if whole or dtype != torch.float32:
+            bias = (slopes * root).to(dtype)                                               # [B,G,rep,s,K]
+        else:
+            # Blocks of one forward reuse one buffer: no fresh 64 MB (zeroed pages) per block and layer.
+            if self._buffer is None:
+                self._buffer = torch.empty(b, groups, slopes.shape[2], stop - start, self.width,
+                                           device=root.device)
+            bias = torch.mul(slopes, root, out=self._buffer[:, :, :, :stop - start])
+        bias = bias.reshape(b, groups, -1, self.width)
         if whole:
             self._whole = bias
         return bias

@@ -261,11 +261,12 @@ def test_flex_attention_padded_rows_equal_their_solo_runs(flex_model):
     assert out[0].tolist() == GOLDEN["greedy_a"][:4].tolist() and out[1].tolist() == GOLDEN["greedy_b"][:4].tolist()
 
 
-def test_a_prefill_cut_into_query_blocks_gives_the_references_logits(model, monkeypatch):
+@pytest.mark.parametrize("block_bytes", [1024, 7680])
+def test_a_prefill_cut_into_query_blocks_gives_the_references_logits(model, monkeypatch, block_bytes):
     import llm.step1
 
-    # 6 heads x 64 keys x 4 bytes per query: 1 KiB blocks hold one query at a time.
-    monkeypatch.setattr(llm.step1, "BIAS_BLOCK_BYTES", 1024)
+    # 6 heads x 37 keys x 4 bytes per query: blocks of one query; of 8 queries (the last block holds 5).
+    monkeypatch.setattr(llm.step1, "BIAS_BLOCK_BYTES", block_bytes)
     torch.testing.assert_close(_full(model, GOLDEN["prompt_a"]), GOLDEN["logits_a"], atol=ATOL, rtol=0)
 
 
