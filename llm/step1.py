@@ -234,16 +234,11 @@ class _Step:
     def _flex_setup(self, b: int, s: int) -> None:
         from torch.nn.attention.flex_attention import create_block_mask
 
-        query, slopes = self.query, self.slopes
-
-        def score_mod(score, bi, h, qi, ki):
-            # The reference's bias in float32: -slope[h] * sqrt(i - j); j > i is cut by the block mask.
-            return score - slopes[h] * (query[bi, qi] - ki).clamp(min=0).to(torch.float32).sqrt()
+        query = self.query
 
         def mask_mod(bi, h, qi, ki):
             return ki <= query[bi, qi]
 
-        self.score_mod = score_mod
         # Per-row key lengths: blocks of keys past a row's last position are skipped, not computed and masked.
         self.block_mask = create_block_mask(mask_mod, b, None, s, self.width, device=query.device)
 
@@ -271,13 +266,23 @@ class _Step:
         return bias
 
 
-def _flex(device: torch.device):
+def _flex_attend(q, k, v, query, slopes, block_mask):
+    """FlexAttention with the reference's bias as a score modification, computed in float32:
+    -slope[h] * sqrt(i - j) (keys after the query are cut by ``block_mask``). The score function is made
+    inside, so a compiled version sees only tensors and the block mask as inputs (no new closure per call)."""
     from torch.nn.attention.flex_attention import flex_attention
 
+    def score_mod(score, b, h, qi, ki):
+        return score - slopes[h] * (query[b, qi] - ki).clamp(min=0).to(torch.float32).sqrt()
+
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=True)
+
+
+def _flex(device: torch.device):
     if device.type != "cuda":
-        return flex_attention            # eager: exact but slow; CPU tests use it to check the maths
+        return _flex_attend             # eager: exact but slow; CPU tests use it to check the maths
     if "cuda" not in _flex_compiled:
-        _flex_compiled["cuda"] = torch.compile(flex_attention)
+        _flex_compiled["cuda"] = torch.compile(_flex_attend)
     return _flex_compiled["cuda"]
 
 
@@ -304,8 +309,7 @@ class StepAttention(nn.Module):
         v_all = values[step.read, :step.width].transpose(1, 2)
         if step.impl == "flex":
             q = self.q_proj(x).view(b, s, self.heads, d).transpose(1, 2)                   # [B,H,S,D]
-            out = _flex(x.device)(q, k_all, v_all, score_mod=step.score_mod, block_mask=step.block_mask,
-                                  enable_gqa=True)
+            out = _flex(x.device)(q, k_all, v_all, step.query, step.slopes, step.block_mask)
             out = out.transpose(1, 2).reshape(b, s, self.heads * d)
         else:
             # Heads of one group become extra query rows of that group: plain SDPA, keys read once per group.
