@@ -126,7 +126,7 @@ def build_llm(config_kw: dict, device, dtype, layers: int | None = None):
     config = Step1Config(**{**config_kw, **({"num_hidden_layers": layers} if layers else {})})
     with torch.device("meta"):
         model = Step1ForCausalLM(config)
-    model = model.to_empty(device=device)
+    model = model.to_empty(device=device).to(dtype)       # drawn in the final dtype: no float32 copy
     generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -134,7 +134,7 @@ def build_llm(config_kw: dict, device, dtype, layers: int | None = None):
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=generator)
-    return model.to(dtype).eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
 
 
 def clone_prompt(n: int, seed: int) -> tuple[int, ...]:
