@@ -249,6 +249,7 @@ class NativeBackend(LLMBackend):
 
     def _admit(self) -> bool:
         """Move queued requests into free slots; waits while there is nothing to do. False: closed."""
+        admitted = []
         with self._cond:
             while not self._closed and not self._rows and not self._queue:
                 self._cond.wait()
@@ -261,9 +262,11 @@ class NativeBackend(LLMBackend):
                 while self._queue and self._free:
                     row = self._queue.popleft()
                     row.slot = self._free.pop()
-                    self.cache.clear(row.slot)
+                    admitted.append(row)
                     self._rows.append(row)
-            return True
+        for row in admitted:      # outside the lock (submit() waits on it); only this thread runs steps
+            self.cache.clear(row.slot)
+        return True
 
     def _drop_cancelled(self) -> None:
         for row in [r for r in self._rows if r.stream.cancelled]:
