@@ -225,6 +225,8 @@ def part_llm(ctx) -> list[tuple[str, str]]:
             graphs = backend._step.captured
         finally:
             backend.close()
+        if device.type == "cuda" and not graphs:
+            ctx.problems.append(f"no CUDA graph was captured for {rows}-row decode steps (see the warning)")
         rows_out.append((f"native decode, {rows} row{'s' if rows > 1 else ''}: tokens/s per row / summed",
                          f"{np.median(rates):.0f} / {np.median(summed):.0f} ({graphs} CUDA graphs)"))
     for n in s["prefill"]:
@@ -244,6 +246,9 @@ def part_llm(ctx) -> list[tuple[str, str]]:
                 sync(device)
                 times.append((time.perf_counter() - start) * 1000.0)
         impl = model.impl_for(device, n)
+        if device.type == "cuda" and impl != "flex":
+            impl = "sdpa: FlexAttention FAILED, see the warning above"
+            ctx.problems.append("FlexAttention did not run on CUDA (the model fell back to SDPA)")
         rows_out.append((f"prefill {n} tokens, ms (median; {impl})", f"{np.median(times):.1f} (first call "
                                                                       f"{first:.0f}, compile included)"))
     return rows_out
@@ -406,6 +411,7 @@ class Context:
         self.sizes = sizes(dry)
         self._llm = None
         self._voice = None
+        self.problems: list[str] = []      # failures a part reports without losing its other rows
 
     def llm(self):
         if self._llm is None:
@@ -480,9 +486,11 @@ def run_all(args) -> int:
         table.append(f"| all | peak resident memory (CPU) | {hwm / 2**20:.2f} GiB |")
     table.append(f"| all | wall time | {time.perf_counter() - start_all:.0f} s |")
     print("\n" + header + "\n\n" + "\n".join(table))
+    for problem in ctx.problems:
+        print(f"FAILED: {problem}")
     if failed:
         print(f"\n{failed} part(s) FAILED (see the table and the tracebacks above)")
-    return 1 if failed else 0
+    return 1 if failed or ctx.problems else 0
 
 
 def run_engine(args) -> int:
