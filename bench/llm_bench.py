@@ -25,16 +25,30 @@ on the tiny Step1 of the tests (real id layout, ``testkit/tiny_models.py``), the
 the unquantized model: top-1 agreement with the same history (teacher forced) and the free-running
 greedy answers' common prefix, plus the logits' error.
 
+Part 4 (``--part attention``, issue 25): the attention rebuilt without per-head key copies, without a
+materialised [B,H,S,K] bias and without host syncs, against the old path (``old_forward`` below: the code
+before issue 25, kept here as the baseline) on the same weights, in the same process, interleaved. Shipped
+head dimensions (48 heads, 4 groups, head size 64, hidden 3072, intermediate 8192, vocab 74752), fewer
+layers (``--layers 2`` in the recorded run). (a) One decode step at 8 rows x 2,048 positions (the new path is ``llm.decode_step``'s
+static-shape step, as the native backend runs it); (b) one 512-token prefill chunk at K = 8,192 (positions
+7,680..8,191): time and transient memory, the peak resident size above the resident size before the call
+(the kernel's high-water mark, reset through /proc/self/clear_refs; the script re-runs itself with
+``MALLOC_MMAP_THRESHOLD_`` fixed so that freed tensors leave the resident set). Also the max logit
+difference between the two paths.
+
 Usage:
     PYTHONPATH=$PWD .venv/bin/python bench/llm_bench.py --part single --layers 8 --prompt 64 --new 8
     PYTHONPATH=$PWD .venv/bin/python bench/llm_bench.py --part mixed --hidden 768 --layers 6
     PYTHONPATH=$PWD .venv/bin/python bench/llm_bench.py --part quant --quant int8 --layers 4 --prompt 32 --new 8
+    PYTHONPATH=$PWD .venv/bin/python bench/llm_bench.py --part attention --layers 2 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -315,9 +329,144 @@ def part_quant(args, device, dtype) -> list[str]:
     return rows + _greedy_agreement(mode, device, dtype)
 
 
+def old_slopes(heads: int) -> list[float]:
+    """The slopes as computed before issue 25 (float64 powers)."""
+    n = 2 ** int(math.floor(math.log2(heads)))
+    slopes = [(2.0 ** (-8.0 / n)) ** k for k in range(1, n + 1)]
+    return slopes + [(2.0 ** (-4.0 / n)) ** m for m in range(1, 2 * (heads - n), 2)]
+
+
+def old_forward(model: Step1ForCausalLM, input_ids, positions, cache, slots, logits_at) -> torch.Tensor:
+    """The Step1 forward before issue 25, on the current modules and cache: boolean-mask cache writes,
+    ``int(positions.max())``, a [B,H,S,K] float32 bias cast to the dtype, keys/values ``repeat_interleave``d
+    to every head. The baseline of part attention (and a parity check of the new path)."""
+    width = int(positions.max()) + 1
+    real = positions >= 0
+    slot_of = slots[:, None].expand_as(positions)
+    slot, pos = slot_of[real], positions[real]
+    x = model.model.embed_tokens(input_ids)
+    slopes = torch.tensor(old_slopes(model.config.num_attention_heads), dtype=torch.float32, device=x.device)
+    query = positions.clamp(min=0)
+    distance = query[:, :, None] - torch.arange(width, device=x.device)[None, None, :]
+    bias = -slopes[None, :, None, None] * distance.clamp(min=0).float().sqrt()[:, None]
+    bias = bias.masked_fill((distance < 0)[:, None], float("-inf")).to(x.dtype)
+    for layer, keys, values in zip(model.model.layers, cache.keys, cache.values):
+        attn, h = layer.self_attn, layer.input_layernorm(x)
+        b, s, _ = h.shape
+        q = attn.q_proj(h).view(b, s, attn.heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(b, s, attn.groups, attn.head_dim)
+        v = attn.v_proj(h).view(b, s, attn.groups, attn.head_dim)
+        keys[slot, pos] = k[real]
+        values[slot, pos] = v[real]
+        rep = attn.heads // attn.groups
+        k_all = keys[slots, :width].transpose(1, 2).repeat_interleave(rep, dim=1)
+        v_all = values[slots, :width].transpose(1, 2).repeat_interleave(rep, dim=1)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k_all, v_all, attn_mask=bias)
+        x = x + attn.o_proj(out.transpose(1, 2).reshape(b, s, attn.heads * attn.head_dim))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    x = x[torch.arange(x.shape[0], device=x.device), logits_at]
+    return model.lm_head(model.model.norm(x))
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+
+def transient_bytes(fn) -> int:
+    """Peak resident bytes above the resident size just before ``fn()`` (kernel high-water mark)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                         # resets VmHWM to the current resident size
+    before = _status("VmRSS")
+    fn()
+    return _status("VmHWM") - before
+
+
+def part_attention(args, device, dtype) -> list[str]:
+    if device.type != "cpu":
+        raise SystemExit("part attention measures the CPU path; bench/gpu_check.py --all measures the GPU")
+    model = build_model(args, device, dtype)
+    rows, positions, chunk, keys = 8, 2048, 512, 8192
+    g = torch.Generator().manual_seed(0)
+    rows_out = [f"load average at start: {os.getloadavg()[0]:.2f} (a shared machine: other jobs run beside this)",
+                "", "| measure | old path | new path | old / new |", "|---|---|---|---|"]
+
+    cases = args.cases.split(",")
+    # (a) decode: 8 rows, each at position 2047 with 2,047 keys already cached (random values).
+    diff = diff_prefill = float("nan")
+    if "decode" in cases:
+        rows_out += _attention_decode(args, model, rows, positions, g)
+        diff = rows_out.pop()
+    if "prefill" in cases:
+        more, diff_prefill = _attention_prefill(args, model, chunk, keys, g)
+        rows_out += more
+    rows_out += ["", f"max |logit difference| new vs old: decode {diff:.2e}, prefill {diff_prefill:.2e} "
+                 "(float32; the slopes now round like the reference's float32 ones)",
+                 f"load average at end: {os.getloadavg()[0]:.2f}"]
+    return rows_out
+
+
+def _attention_decode(args, model, rows, positions, g) -> list:
+    from common import interleaved, summary
+
+    from llm.decode_step import DecodeStep
+
+    cache = model.new_cache(rows, positions)
+    for t in cache.keys + cache.values:
+        t[:, :positions - 1].normal_(generator=g)
+    ids = torch.randint(0, args.vocab, (rows,), generator=g)
+    slots = torch.arange(rows)
+    step = DecodeStep(model, cache)
+    pos = torch.full((rows, 1), positions - 1)
+    with torch.inference_mode():
+        new = step(ids.tolist(), [positions - 1] * rows, slots.tolist()).clone()
+        old = old_forward(model, ids[:, None], pos, cache, slots, torch.zeros(rows, dtype=torch.long))
+        diff = float((new - old).abs().max())
+        times = interleaved({"old": lambda: old_forward(model, ids[:, None], pos, cache, slots,
+                                                        torch.zeros(rows, dtype=torch.long)),
+                             "new": lambda: step(ids.tolist(), [positions - 1] * rows, slots.tolist())},
+                            n=args.repeats * 3, warmup=1)
+    med = {k: summary(v)["median"] for k, v in times.items()}
+    rows_out = []
+    rows_out.append(f"| decode step, {rows} rows x {positions} positions, ms (median of {len(times['old'])}) | "
+                    f"{med['old']:.1f} | {med['new']:.1f} | {med['old'] / med['new']:.2f}x |")
+    print(rows_out[-1], f"max |logit diff| {diff:.2e}", flush=True)
+    return rows_out + [diff]
+
+
+def _attention_prefill(args, model, chunk, keys, g) -> tuple[list, float]:
+    from common import interleaved, summary
+
+    # (b) prefill: one 512-token chunk at positions 7680..8191 (K = 8192).
+    rows_out = []
+    cache = model.new_cache(1, keys)
+    for t in cache.keys + cache.values:
+        t[:, :keys - chunk].normal_(generator=g)
+    ids = torch.randint(0, args.vocab, (1, chunk), generator=g)
+    pos = torch.arange(keys - chunk, keys)[None]
+    slot, last = torch.tensor([0]), torch.tensor([chunk - 1])
+    calls = {"old": lambda: old_forward(model, ids, pos, cache, slot, last),
+             "new": lambda: model(ids, pos, cache, slot, logits_at=last, width=keys)}
+    with torch.inference_mode():
+        diff_prefill = float((calls["new"]() - calls["old"]()).abs().max())
+        memory = {name: [] for name in calls}
+        for _ in range(2):
+            for name, fn in calls.items():
+                memory[name].append(transient_bytes(fn))
+        ptimes = interleaved(calls, n=args.repeats, warmup=0)
+    mem = {k: min(v) / 2**20 for k, v in memory.items()}
+    pmed = {k: summary(v)["median"] for k, v in ptimes.items()}
+    rows_out.append(f"| prefill chunk {chunk} tokens at K = {keys}: transient memory, MiB (min of 2) | "
+                    f"{mem['old']:.0f} | {mem['new']:.0f} | {mem['old'] / mem['new']:.1f}x less |")
+    rows_out.append(f"| prefill chunk {chunk} tokens at K = {keys}: ms (median of {args.repeats}) | "
+                    f"{pmed['old']:.0f} | {pmed['new']:.0f} | {pmed['old'] / pmed['new']:.2f}x |")
+    print("\n".join(rows_out), flush=True)
+    return rows_out, diff_prefill
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("single", "mixed", "quant"), required=True)
+    parser.add_argument("--part", choices=("single", "mixed", "quant", "attention"), required=True)
     parser.add_argument("--quant", choices=("int8", "int4"), default="int8", help="part quant: the mode measured")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
@@ -330,7 +479,12 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=200)
     parser.add_argument("--budget", type=int, default=512, help="step token budget")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--cases", default="decode,prefill", help="part attention: which cases")
     args = parser.parse_args()
+    if args.part == "attention" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # A fixed mmap threshold: every large tensor gets its own mapping and leaves the resident set when
+        # freed, so the resident high-water mark measures transient tensors (glibc reads this at start).
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"})
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -344,7 +498,7 @@ def main() -> None:
         f"{args.groups} groups, {args.layers} layers, vocab {args.vocab} ({params:.2f} B params)",
         f"prompt ~{args.prompt} ids"])
     print(header, flush=True)
-    parts = {"single": part_single, "mixed": part_mixed, "quant": part_quant}
+    parts = {"single": part_single, "mixed": part_mixed, "quant": part_quant, "attention": part_attention}
     rows = parts[args.part](args, device, dtype)
     if device.type == "cuda":
         rows.append(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")

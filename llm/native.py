@@ -18,9 +18,14 @@ One step of the worker:
        prompt is complete samples its first id from that call;
     4. decode: one call over every other running row (one id each), then one sampled id per row.
 
-Rows never see each other: each has its own cache slot and positions (``llm/step1.py``), its own
-seeded generator and its own budget, so a request's answer does not depend on what it ran with
-(up to float round-off between call shapes).
+Rows never see each other: each has its own cache slot (zeroed when the row takes it) and positions
+(``llm/step1.py``), its own seeded generator and its own budget, so a request's answer does not depend
+on what it ran with (up to float round-off between call shapes).
+
+The device is waited for once per step: the sampled ids are copied to the host. Decode calls run at a
+static shape per row bucket (``llm/decode_step.py``, CUDA graphs on CUDA), prefill calls get their
+key width from the host, and the draw is done on the device with the row's own CPU generator's numbers
+(the same ids a CPU ``torch.multinomial`` gave).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import torch
 from core.errors import InputError, ModelError
 from llm.backend import GenerationOutput, GenerationRequest, GenerationStream, LLMBackend
 from llm.checkpoint import load_step1
-from llm.prompts import END_OF_TURN_ID
+from llm.decode_step import DecodeStep
 from llm.quantize import check_quantization, quantize_step1
 from llm.sampling import SamplingConfig, repetition_ban, slot_allowed, top_candidates
 from llm.step1 import Step1Config, Step1ForCausalLM
@@ -83,6 +88,7 @@ class NativeBackend(LLMBackend):
         step_token_budget: most tokens one step runs: one per decoding row, the rest prompt ids.
         join_running: False gives static batching (new requests wait until the batch is empty).
         start: start the worker now (False: call :meth:`start`; tests queue requests first).
+        graphs: replay decode steps as CUDA graphs (default: on CUDA; ``llm/decode_step.py``).
 
     Raises:
         ValueError: ``max_rows`` < 1 or ``step_token_budget`` <= ``max_rows``.
@@ -93,7 +99,7 @@ class NativeBackend(LLMBackend):
 
     def __init__(self, model: Step1ForCausalLM, tokenizer: TextTokenizer | None, sampling: SamplingConfig,
                  eos_ids: Sequence[int], *, max_rows: int = 8, step_token_budget: int = 512,
-                 join_running: bool = True, start: bool = True) -> None:
+                 join_running: bool = True, start: bool = True, graphs: bool | None = None) -> None:
         if max_rows < 1 or step_token_budget <= max_rows:
             raise ValueError(f"need max_rows >= 1 and step_token_budget > max_rows, not {max_rows}, "
                              f"{step_token_budget}")
@@ -105,6 +111,8 @@ class NativeBackend(LLMBackend):
         weight = model.lm_head.weight
         self.device = weight.device
         self.cache = model.new_cache(max_rows, sampling.max_length)
+        self._step = DecodeStep(model, self.cache, graphs=graphs)
+        self.close_timeout_s = 30.0
         self._free = list(range(max_rows))
         self._queue: collections.deque[_Row] = collections.deque()
         self._rows: list[_Row] = []
@@ -208,12 +216,21 @@ class NativeBackend(LLMBackend):
                 f"{self.max_rows} rows per step")
 
     def close(self) -> None:
+        """Stop the worker. Requests still queued fail here; running rows fail in the worker when it leaves
+        its current step (never from this thread while the worker may still be writing to them)."""
         with self._cond:
             self._closed = True
+            queued = list(self._queue)
+            self._queue.clear()
             self._cond.notify_all()
+        for row in queued:
+            if not row.stream.done:
+                row.stream.fail(RuntimeError("the LLM backend was closed"))
         if self._thread.is_alive():
-            self._thread.join(30)
-        self._fail_all(RuntimeError("the LLM backend was closed"))
+            self._thread.join(self.close_timeout_s)
+            if self._thread.is_alive():
+                log.warning("the LLM worker is still inside a step after %.0f s; its rows fail when it leaves it",
+                            self.close_timeout_s)
 
     # ------------------------------------------------------------------ worker
 
@@ -232,6 +249,7 @@ class NativeBackend(LLMBackend):
 
     def _admit(self) -> bool:
         """Move queued requests into free slots; waits while there is nothing to do. False: closed."""
+        admitted = []
         with self._cond:
             while not self._closed and not self._rows and not self._queue:
                 self._cond.wait()
@@ -244,8 +262,11 @@ class NativeBackend(LLMBackend):
                 while self._queue and self._free:
                     row = self._queue.popleft()
                     row.slot = self._free.pop()
+                    admitted.append(row)
                     self._rows.append(row)
-            return True
+        for row in admitted:      # outside the lock (submit() waits on it); only this thread runs steps
+            self.cache.clear(row.slot)
+        return True
 
     def _drop_cancelled(self) -> None:
         for row in [r for r in self._rows if r.stream.cancelled]:
@@ -272,7 +293,9 @@ class NativeBackend(LLMBackend):
             pos[i, :n] = torch.arange(row.filled, row.filled + n)
         rows = [row for row, _ in chunks]
         last = torch.tensor([n - 1 for _, n in chunks])
-        logits = self._forward(rows, ids, pos, last)
+        logits = self._forward(rows, lambda: self.model(
+            ids.to(self.device), pos.to(self.device), self.cache, torch.tensor([r.slot for r in rows]).to(self.device),
+            logits_at=last.to(self.device), width=max(row.filled + n for row, n in chunks)))
         if logits is None:
             return
         done = []
@@ -284,20 +307,19 @@ class NativeBackend(LLMBackend):
             self._sample([rows[i] for i in done], logits[done])
 
     def _decode(self, rows: list[_Row]) -> None:
-        ids = torch.tensor([[r.answer[-1]] for r in rows])
-        pos = torch.tensor([[len(r.prompt) + len(r.answer) - 1] for r in rows])
-        logits = self._forward(rows, ids, pos, torch.zeros(len(rows), dtype=torch.long))
+        # Everything the step needs is known here on the host: nothing in it waits for the device.
+        logits = self._forward(rows, lambda: self._step([r.answer[-1] for r in rows],
+                                                        [len(r.prompt) + len(r.answer) - 1 for r in rows],
+                                                        [r.slot for r in rows]))
         if logits is not None:
             for r in rows:
                 r.batch_size = max(r.batch_size, len(rows))
             self._sample(rows, logits)
 
-    def _forward(self, rows: list[_Row], ids, pos, last) -> torch.Tensor | None:
-        """Logits [B,V] (float32) at ``last`` of each row; None when the model failed (rows failed)."""
-        slots = torch.tensor([r.slot for r in rows])
+    def _forward(self, rows: list[_Row], call) -> torch.Tensor | None:
+        """``call()``'s logits [B,V] as float32; None when the model failed (rows failed)."""
         try:
-            return self.model(ids.to(self.device), pos.to(self.device), self.cache, slots.to(self.device),
-                              logits_at=last.to(self.device)).float()
+            return call().float()
         except Exception as exc:  # noqa: BLE001 -- e.g. out of memory: fail these rows, keep serving
             log.exception("LLM step failed for %d row(s)", len(rows))
             for row in rows:
@@ -311,30 +333,37 @@ class NativeBackend(LLMBackend):
             self._masks[vq02] = ~slot_allowed(0 if vq02 else 2, vocab, self._eos_ids, self.device)
         return self._masks[vq02]
 
+    def _h2d(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the model's device. From pinned memory without blocking: a copy from pageable memory
+        would first wait for everything queued on the device (the step's forward)."""
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
     def _sample(self, rows: list[_Row], scores: torch.Tensor) -> None:
         """One id per row from ``scores`` [B,V] with the reference's processors and the row's generator."""
         start = time.perf_counter()
         cfg, window = self.sampling, self.sampling.repetition_window
         steps = [len(r.answer) for r in rows]
-        recent = torch.tensor([[0] * (window - len(r.recent)) + list(r.recent) for r in rows], device=self.device)
-        lengths = torch.tensor([len(r.prompt) + len(r.answer) for r in rows], device=self.device)
+        recent = self._h2d(torch.tensor([[0] * (window - len(r.recent)) + list(r.recent) for r in rows]))
+        lengths = self._h2d(torch.tensor([len(r.prompt) + len(r.answer) for r in rows]))
         scores = repetition_ban(recent, scores, window, lengths)
         held = [i for i, s in enumerate(steps) if s < cfg.min_new_tokens]
         if held:
-            scores[torch.tensor(held, device=self.device)[:, None], torch.tensor(self._eos_ids, device=self.device)] = \
-                float("-inf")
+            scores[self._h2d(torch.tensor(held))[:, None], self._h2d(torch.tensor(self._eos_ids))] = float("-inf")
         if cfg.slot_mask:
             vocab = scores.shape[-1]
             mask = torch.stack([self._disallowed(s % 5 < 2, vocab) for s in steps])
             scores = scores.masked_fill(mask, float("-inf"))
         probs, ids = top_candidates(scores / cfg.temperature, cfg.top_k, cfg.top_p)
-        probs, ids = probs.cpu(), ids.cpu()
+        # The draw of torch.multinomial(p, 1, generator) on the CPU, done on the device: argmax(p / e) with
+        # e ~ Exp(1) from the row's generator (the same numbers, so the same ids as a CPU draw), and one
+        # copy to the host per step instead of copying the probabilities.
+        noise = torch.stack([torch.empty(probs.shape[-1]).exponential_(1, generator=r.generator) for r in rows])
+        drawn = ids.gather(1, (probs / self._h2d(noise)).argmax(dim=-1, keepdim=True))[:, 0]
+        drawn = torch.where(torch.isfinite(probs).all(dim=-1), drawn, self._eos_ids[0])  # every id banned: end
+        tokens = drawn.tolist()
         now = time.perf_counter()
         for i, row in enumerate(rows):
-            if steps[i] >= row.budget or not torch.isfinite(probs[i]).all():
-                token = self._eos_ids[0]     # every id banned: end the answer
-            else:
-                token = int(ids[i, torch.multinomial(probs[i], 1, generator=row.generator)])
+            token = self._eos_ids[0] if steps[i] >= row.budget else tokens[i]
             row.first = row.first or now
             row.last = now
             row.steps += 1
@@ -377,11 +406,24 @@ class NativeBackend(LLMBackend):
                 row.stream.fail(error)
 
 
+# The one rule for generation_config.json, for both backends: the fields the reference leaves to the file
+# (its generate() call sets temperature, do_sample, max_length and its logits processor itself, so
+# transformers takes top-k, top-p and the end ids from the file). The studio sends these with every request;
+# vLLM is started with ``--generation-config vllm`` so that it applies nothing else from the file.
+GENERATION_FIELDS = ("top_k", "top_p", "eos_token_id")
+# Fields the reference's explicit arguments override, or that do not change sampling: not worth a warning.
+_OVERRIDDEN = {"temperature", "do_sample", "max_length", "max_new_tokens", "bos_token_id", "pad_token_id",
+               "transformers_version", "_from_model_config", "use_cache"}
+
+
 def answer_rules(folder: Path, config: Step1Config, *, max_new_tokens: int = 0,
                  slot_mask: bool = True) -> tuple[TextTokenizer, SamplingConfig, tuple[int, ...]]:
     """What every backend needs from ``Step-Audio-EditX/`` besides the weights: the text tokenizer,
-    the sampling config (top-k/top-p from ``generation_config.json`` when present, read as data) and
-    the ids that end an answer (the config's and tokenizer's EOS plus ``<|EOT|>``).
+    the sampling config and the ids that end an answer, following ``GENERATION_FIELDS``: top-k/top-p
+    from ``generation_config.json`` when present (read as data, transformers' defaults 50 and 1.0
+    otherwise); the end ids are the reference's only: the file's ``eos_token_id``, else ``config.json``'s
+    (not the tokenizer's own EOS, which the reference's generate() never stops at). Other sampling fields
+    in the file are ignored with a warning.
 
     Raises:
         ModelError: the tokenizer files are missing or unreadable (the message names them).
@@ -397,11 +439,12 @@ def answer_rules(folder: Path, config: Step1Config, *, max_new_tokens: int = 0,
             if gen.get("eos_token_id") is not None:
                 value = gen["eos_token_id"]
                 eos = [int(v) for v in value] if isinstance(value, list) else [int(value)]
-        except (OSError, ValueError, TypeError) as exc:
+            ignored = sorted(set(gen) - set(GENERATION_FIELDS) - _OVERRIDDEN)
+            if ignored:
+                log.warning("%s: ignoring %s (the studio applies only %s from this file, on both backends)",
+                            gen_path, ", ".join(ignored), ", ".join(GENERATION_FIELDS))
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
             log.warning("ignoring unreadable %s: %s", gen_path, exc)
-    if tokenizer.eos_id is not None:
-        eos.append(int(tokenizer.eos_id))
-    # <|EOT|> closes the assistant turn: nothing after it belongs to the answer.
-    eos_ids = tuple(dict.fromkeys([*eos, END_OF_TURN_ID]))
+    eos_ids = tuple(dict.fromkeys(eos))
     sampling = SamplingConfig(top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, slot_mask=slot_mask)
     return tokenizer, sampling, eos_ids

@@ -378,7 +378,7 @@ class VLLMInProcessBackend(LLMBackend):
                              "'vllm serve' (docs/scaling.md)") from None
         import tempfile
 
-        from llm.vllm_view import write_vllm_view
+        from llm.vllm_view import ATTENTION_BACKEND, GENERATION_CONFIG, write_vllm_view
 
         self._encode, self._eos_ids, self.sampling = encode, tuple(int(t) for t in eos_ids), sampling
         self._SamplingParams, self._delta = SamplingParams, RequestOutputKind.DELTA
@@ -386,7 +386,8 @@ class VLLMInProcessBackend(LLMBackend):
         view = write_vllm_view(Path(folder), Path(self._view.name))
         args = AsyncEngineArgs(model=str(view), max_model_len=sampling.max_length, skip_tokenizer_init=True,
                                enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization,
-                               logits_processors=[PLUGIN_FQCN])
+                               logits_processors=[PLUGIN_FQCN], attention_backend=ATTENTION_BACKEND,
+                               generation_config=GENERATION_CONFIG)
         self._loop = _LoopThread("vllm-engine")
 
         async def build():

@@ -32,6 +32,13 @@ from llm.vllm_plugin import PLUGIN_FQCN
 
 SERVED_MODEL_NAME = "step-audio-editx"
 MAX_MODEL_LEN = 8192          # prompt + answer, the reference's max_length
+# vLLM's Step1 (use_alibi_sqrt) runs only on its Triton attention backend; the automatic choice on a GPU
+# picks FlashAttention, which refuses it ("use_alibi_sqrt is not supported by backend ..."), so startup
+# fails unless this is set. vLLM 0.33 takes it as --attention-backend / AsyncEngineArgs(attention_backend=).
+ATTENTION_BACKEND = "TRITON_ATTN"
+# "vllm": apply nothing from the folder's generation_config.json. The studio sends every sampling value
+# per request, from the one rule both backends share (llm.native.GENERATION_FIELDS).
+GENERATION_CONFIG = "vllm"
 
 
 def checkpoint_keys(folder: Path) -> set[str]:
@@ -98,6 +105,7 @@ def serve_args(folder: str | Path, *, host: str = "0.0.0.0", port: int = 8000, q
     args = ["vllm", "serve", str(folder), "--served-model-name", served_model_name, "--host", host,
             "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN), "--skip-tokenizer-init",
             "--enable-prefix-caching", "--logits-processors", PLUGIN_FQCN,
+            "--attention-backend", ATTENTION_BACKEND, "--generation-config", GENERATION_CONFIG,
             "--gpu-memory-utilization", f"{gpu_memory_utilization:g}",
             "--tensor-parallel-size", str(tensor_parallel_size)]
     if quantization:

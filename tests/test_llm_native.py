@@ -238,3 +238,111 @@ def test_many_concurrent_clients_each_get_their_solo_answer(model):
     finally:
         backend.close()
     assert [o.answer for o in outs] == [_alone(model, config, r).answer for r in reqs]
+
+
+# ---------------------------------------------------------------- issue 25: static decode steps, small defects
+
+
+def test_non_finite_values_left_in_a_freed_slot_do_not_poison_a_new_row(model):
+    """A row reads keys past its own positions (the batch's widest, rounded up) with weight zero; NaN there
+    made its softmax NaN. Slots are cleared when a row takes them."""
+    backend = _backend(model, GREEDY, start=False)
+    try:
+        for t in backend.cache.keys + backend.cache.values:       # what earlier rows may leave behind
+            t.fill_(float("nan"))
+        a = backend.submit(GenerationRequest(tuple(GOLDEN["prompt_a"].tolist()), seed=0, max_new_tokens=16))
+        b = backend.submit(GenerationRequest(tuple(GOLDEN["prompt_b"].tolist()), seed=0, max_new_tokens=16))
+        backend.start()
+        assert list(a.result(120).answer) == GOLDEN["greedy_a"].tolist()
+        assert list(b.result(120).answer) == GOLDEN["greedy_b"].tolist()
+    finally:
+        backend.close()
+
+
+def test_decode_buckets_pad_rows_and_keys_without_changing_a_rows_logits(model):
+    from llm.decode_step import DecodeStep, row_bucket
+
+    assert [row_bucket(n, 8) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8] and row_bucket(3, 3) == 3
+    prompts = [GOLDEN["prompt_a"][:9], GOLDEN["prompt_b"][:5], GOLDEN["prompt_a"][10:17]]
+    cache = model.new_cache(4, 64)
+    step = DecodeStep(model, cache, width_step=16)
+    assert not step.graphs                                          # CPU: same static shapes, no capture
+    with torch.inference_mode():
+        for slot, p in enumerate(prompts):
+            model(p[None, :-1], torch.arange(len(p) - 1)[None], cache, torch.tensor([slot]))
+        # 3 rows run as a bucket of 4 (one padding row), keys rounded up from 9 to 16.
+        batched = step([int(p[-1]) for p in prompts], [len(p) - 1 for p in prompts], [0, 1, 2]).clone()
+        for slot, p in enumerate(prompts):
+            solo = model.new_cache(1, 64)
+            logits = model(p[None], torch.arange(len(p))[None], solo, torch.tensor([0]))[0, -1]
+            torch.testing.assert_close(batched[slot], logits, atol=1e-5, rtol=0)
+    assert step.width(9) == 16 and step.width(64) == 64 and step.width(63) == 64
+
+
+def test_close_does_not_fail_rows_the_worker_is_still_running(model):
+    """close() used to fail every row after its join timed out while the worker was still inside a step,
+    which then went on writing to the failed streams. Now the worker fails its own rows when it leaves."""
+    events, inside, release = [], threading.Event(), threading.Event()
+
+    class Logged(Recording):
+        def fail(self, error):
+            self.events.append(("fail", self.name))
+            super().fail(error)
+
+    backend = _backend(model, SamplingConfig(slot_mask=False, max_length=256, min_new_tokens=30))
+    backend.close_timeout_s = 0.2
+    real_forward = model.forward
+
+    def slow_forward(*args, **kwargs):          # fault injection: a step that outlasts close()'s join
+        if len([e for e in events if e[0] == "put"]) >= 2:
+            inside.set()
+            release.wait(30)
+        return real_forward(*args, **kwargs)
+
+    req = GenerationRequest(tuple(GOLDEN["prompt_b"].tolist()), seed=9, max_new_tokens=30)
+    model.forward = slow_forward
+    try:
+        stream = backend.submit(req, Logged(req, "row", events))
+        assert inside.wait(60)
+        backend.close()                          # returns after 0.2 s with the worker still in its step
+        assert ("fail", "row") not in events
+        release.set()
+        with pytest.raises(RuntimeError, match="closed"):
+            stream.result(60)
+    finally:
+        release.set()
+        model.forward = real_forward
+        backend._thread.join(60)
+    assert events[-1] == ("fail", "row")          # the worker finished its step first, then failed the row
+    assert events.count(("fail", "row")) == 1
+
+
+def test_a_seed_draws_the_ids_a_cpu_multinomial_drew(model):
+    """The draw moved to the device (argmax(p / Exp(1)) with the row generator's numbers) so a step copies
+    ids, not probabilities, to the host; a seed must still give the takes it gave before (torch.multinomial)."""
+    import collections
+
+    from llm.sampling import repetition_ban, top_candidates
+
+    config = SamplingConfig(slot_mask=False, max_length=256)
+    req = GenerationRequest(tuple(GOLDEN["prompt_b"].tolist()), seed=17, max_new_tokens=24)
+    generator = torch.Generator().manual_seed(17)
+    prompt, answer = list(req.prompt_ids), []
+    recent = collections.deque(prompt[-config.repetition_window:], maxlen=config.repetition_window)
+    cache = model.new_cache(1, 256)
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt]), torch.arange(len(prompt))[None], cache, torch.tensor([0]),
+                       logits_at=torch.tensor([len(prompt) - 1])).float()
+        for _ in range(24):
+            scores = repetition_ban(torch.tensor([list(recent)]), logits, config.repetition_window,
+                                    torch.tensor([len(prompt) + len(answer)]))
+            probs, ids = top_candidates(scores / config.temperature, config.top_k, config.top_p)
+            token = int(ids[0, torch.multinomial(probs[0], 1, generator=generator)])
+            if token == 3:
+                break
+            answer.append(token)
+            recent.append(token)
+            logits = model(torch.tensor([[token]]), torch.tensor([[len(prompt) + len(answer) - 1]]), cache,
+                           torch.tensor([0]), logits_at=torch.tensor([0])).float()
+    assert len(answer) > 5
+    assert list(_alone(model, config, req).answer) == answer

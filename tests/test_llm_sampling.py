@@ -132,24 +132,33 @@ def _prompt(llm, text):
 
 
 def test_folder_settings_eos_and_sampling_defaults(llm):
-    # config.json says eos 3; the tokenizer's </s> (2) ends an answer too; 3 is what a spent budget forces.
-    assert llm.eos_ids == (3, 2)
+    # config.json says eos 3, and only that ends an answer: the reference's generate() never stops at the
+    # tokenizer's own </s> (2).
+    assert llm.tokenizer.eos_id == 2 and llm.eos_ids == (3,)
     assert (llm.sampling.top_k, llm.sampling.top_p, llm.sampling.temperature) == (50, 1.0, 0.7)
 
 
-def test_generation_config_is_read_as_data(folder, tmp_path):
+def test_generation_config_is_read_as_data(folder, tmp_path, caplog):
     import json
+    import logging
     import shutil
 
     from llm.native import NativeBackend
 
     copy = tmp_path / "llm"
     shutil.copytree(folder, copy)
-    (copy / "generation_config.json").write_text(json.dumps({"top_k": 7, "top_p": 0.9, "eos_token_id": [5]}))
-    backend = NativeBackend.from_folder(copy, torch.device("cpu"), torch.float32, max_new_tokens=9, slot_mask=False)
+    (copy / "generation_config.json").write_text(json.dumps({"top_k": 7, "top_p": 0.9, "eos_token_id": [5],
+                                                             "temperature": 1.3, "repetition_penalty": 1.2}))
+    with caplog.at_level(logging.WARNING, logger="llm.native"):
+        backend = NativeBackend.from_folder(copy, torch.device("cpu"), torch.float32, max_new_tokens=9,
+                                            slot_mask=False)
     try:
         assert (backend.sampling.top_k, backend.sampling.top_p) == (7, 0.9)
-        assert backend.eos_ids == (5, 2, 3)
+        assert backend.eos_ids == (5,)                       # the file's end ids replace config.json's
+        # One rule (llm.native.GENERATION_FIELDS): temperature stays the reference's explicit 0.7, and a
+        # field the sampler does not apply is named in a warning instead of silently meaning something.
+        assert backend.sampling.temperature == 0.7
+        assert "repetition_penalty" in caplog.text and "temperature" not in caplog.text
         assert backend.sampling.max_new_tokens == 9 and not backend.sampling.slot_mask
     finally:
         backend.close()

@@ -215,3 +215,115 @@ def test_write_step1_checkpoint_round_trips_config_and_weights(tmp_path):
     assert set(expected) == set(loaded.state_dict())
     for key, value in expected.items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+# ---------------------------------------------------------------- issue 25: attention without copies or syncs
+
+
+def _reference_slopes(heads):
+    """The reference's slope code restated (bloom/vLLM style): float32 bases raised to int32 powers."""
+    import math
+
+    n = 2 ** math.floor(math.log2(heads))
+    slopes = torch.pow(torch.tensor(2 ** (-8 / n), dtype=torch.float32), torch.arange(1, n + 1, dtype=torch.int32))
+    if n < heads:
+        extra = torch.pow(torch.tensor(2 ** (-4 / n), dtype=torch.float32),
+                          torch.arange(1, 2 * (heads - n), 2, dtype=torch.int32))
+        slopes = torch.cat([slopes, extra])
+    return slopes
+
+
+@pytest.mark.parametrize("heads", [6, 48])
+def test_slopes_are_the_references_float32_bits(heads):
+    # Taken in float64 and rounded, 42 of the shipped model's 48 slopes were one float32 ulp off.
+    assert torch.equal(torch.tensor(alibi_slopes(heads), dtype=torch.float32), _reference_slopes(heads))
+
+
+@pytest.fixture()
+def flex_model():
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*flex_attention.*")   # eager FlexAttention on CPU warns
+    flex = load_step1(LLM, "cpu", torch.float32)
+    flex.attention = "flex"
+    return flex
+
+
+@pytest.mark.parametrize("name", ["a", "b"])
+def test_flex_attention_gives_the_references_logits(flex_model, name):
+    # The CUDA prefill kernel's maths (score_mod bias, GQA, block mask), run eagerly on the CPU.
+    torch.testing.assert_close(_full(flex_model, GOLDEN[f"prompt_{name}"]), GOLDEN[f"logits_{name}"], atol=ATOL,
+                               rtol=0)
+
+
+def test_flex_attention_padded_rows_equal_their_solo_runs(flex_model):
+    out = _greedy(flex_model, [GOLDEN["prompt_a"], GOLDEN["prompt_b"]], steps=4, left_pad=True)
+    assert out[0].tolist() == GOLDEN["greedy_a"][:4].tolist() and out[1].tolist() == GOLDEN["greedy_b"][:4].tolist()
+
+
+@pytest.mark.parametrize("block_bytes", [1024, 7680])
+def test_a_prefill_cut_into_query_blocks_gives_the_references_logits(model, monkeypatch, block_bytes):
+    import llm.step1
+
+    # 6 heads x 37 keys x 4 bytes per query: blocks of one query; of 8 queries (the last block holds 5).
+    monkeypatch.setattr(llm.step1, "BIAS_BLOCK_BYTES", block_bytes)
+    torch.testing.assert_close(_full(model, GOLDEN["prompt_a"]), GOLDEN["logits_a"], atol=ATOL, rtol=0)
+
+
+def test_keys_read_beyond_the_last_position_change_nothing(model):
+    ids = GOLDEN["prompt_b"]
+    cache = model.new_cache(1, 64)
+    with torch.inference_mode():
+        wide = model(ids[None], torch.arange(len(ids))[None], cache, torch.tensor([0]), width=64)[0]
+    torch.testing.assert_close(wide, GOLDEN["logits_b"], atol=ATOL, rtol=0)
+
+
+def test_a_forward_with_its_width_never_waits_for_the_device_or_copies_per_head(model):
+    """Ops that make the host wait for the device (``.item()``/``int()``, boolean-mask indexing) or copy keys per
+    head would stall every decode step on a GPU; none may run once the caller passes ``width``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.name())
+            return func(*args, **(kwargs or {}))
+
+    cache, slots = model.new_cache(2, 64), torch.tensor([1, 0])
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    pos = torch.tensor([[0, 1, 2], [0, 1, -1]])                  # row 1 padded
+    with torch.inference_mode(), Ops() as ops:
+        model(ids, pos, cache, slots, logits_at=torch.tensor([2, 1]), width=3)
+        model(ids[:, :1], torch.tensor([[3], [2]]), cache, slots, logits_at=torch.tensor([0, 0]), width=4)
+    forbidden = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::repeat_interleave",
+                 "aten::item"}
+    assert not ops.seen & forbidden, ops.seen & forbidden
+    assert "aten::index_put_" in ops.seen                        # pads wrote somewhere: the scratch position
+
+
+def test_pads_write_only_the_scratch_position(model):
+    cache = model.new_cache(1, 8)
+    with torch.inference_mode():
+        model(torch.tensor([[0, 5, 6]]), torch.tensor([[-1, 0, 1]]), cache, torch.tensor([0]), width=2)
+    keys = cache.keys[0][0]                                       # [M + 1, G, D]
+    assert keys[:2].abs().sum() > 0 and keys[2:8].abs().sum() == 0 and keys[8].abs().sum() > 0
+
+
+def test_auto_attention_falls_back_to_sdpa_when_flex_attention_fails(model, monkeypatch, caplog):
+    import llm.step1
+
+    def broken(device):                         # fault injection: a toolchain that cannot compile FlexAttention
+        raise RuntimeError("no triton")
+
+    monkeypatch.setattr(llm.step1, "_flex", broken)
+    monkeypatch.setattr(model, "impl_for", lambda device, tokens: "sdpa" if model._flex_failed else "flex")
+    try:
+        with caplog.at_level("WARNING", logger="llm.step1"):
+            logits = _full(model, GOLDEN["prompt_a"])
+        torch.testing.assert_close(logits, GOLDEN["logits_a"], atol=ATOL, rtol=0)
+        assert model._flex_failed and "FlexAttention failed" in caplog.text
+    finally:
+        model._flex_failed = False

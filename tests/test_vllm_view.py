@@ -73,8 +73,46 @@ def test_serve_command_loads_the_plugin_and_matches_the_studio_limits(tmp_path, 
     assert args[args.index("--logits-processors") + 1] == PLUGIN_FQCN
     assert args[args.index("--quantization") + 1] == "awq" and args[args.index("--tensor-parallel-size") + 1] == "2"
     assert int(args[args.index("--max-model-len") + 1]) == 8192
+    # vLLM's Step1 (sqrt-ALiBi) starts only on the Triton attention backend; the folder's
+    # generation_config.json is not applied by vLLM (the studio sends the one rule's values per request).
+    assert args[args.index("--attention-backend") + 1] == "TRITON_ATTN"
+    assert args[args.index("--generation-config") + 1] == "vllm"
     source = _folder(tmp_path, lm_head=True)
     assert main([str(source), str(tmp_path / "view"), "--print-command"]) == 0
     printed = capsys.readouterr().out.splitlines()[-1]
     assert shlex.split(printed) == serve_args(tmp_path / "view")
     assert load_settings(["--llm-backend", "vllm", "--llm-url", "http://vllm:8000"], env={}).llm_url == "http://vllm:8000"
+
+
+def test_the_in_process_engine_gets_the_same_attention_backend_and_generation_rule(tmp_path, monkeypatch):
+    """vLLM is not installed here: a stand-in ``vllm`` package records the engine arguments the backend
+    builds (the boundary: what we hand vLLM), then refuses to load, as a missing GPU would."""
+    import sys
+    import types
+
+    from llm.sampling import SamplingConfig
+    from llm.vllm_backend import VLLMInProcessBackend
+
+    seen = {}
+
+    class AsyncEngineArgs:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+    class AsyncLLM:
+        @staticmethod
+        def from_engine_args(args):
+            raise RuntimeError("no GPU here")
+
+    fake = {"vllm": types.ModuleType("vllm"), "vllm.sampling_params": types.ModuleType("vllm.sampling_params"),
+            "vllm.v1": types.ModuleType("vllm.v1"), "vllm.v1.engine": types.ModuleType("vllm.v1.engine"),
+            "vllm.v1.engine.async_llm": types.ModuleType("vllm.v1.engine.async_llm")}
+    fake["vllm"].AsyncEngineArgs, fake["vllm"].SamplingParams = AsyncEngineArgs, object
+    fake["vllm.sampling_params"].RequestOutputKind = types.SimpleNamespace(DELTA="delta")
+    fake["vllm.v1.engine.async_llm"].AsyncLLM = AsyncLLM
+    for name, module in fake.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    with pytest.raises(ModelError, match="no GPU here"):
+        VLLMInProcessBackend(_folder(tmp_path, lm_head=True), list, (3,), SamplingConfig())
+    assert seen["attention_backend"] == "TRITON_ATTN" and seen["generation_config"] == "vllm"
+    assert seen["logits_processors"] == [PLUGIN_FQCN] and seen["skip_tokenizer_init"] is True
