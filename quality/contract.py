@@ -50,9 +50,11 @@ class Recognition:
 
 @runtime_checkable
 class Recognizer(Protocol):
-    """Speech recognition. Implementations must be thread-safe (serialise inside if the model is not)."""
+    """Speech recognition. Implementations must be thread-safe (serialise inside if the model is not).
+    ``timed``: whether its recognitions carry word timings."""
 
     name: str
+    timed: bool
 
     def recognize(self, audio: Audio) -> Recognition:
         """What ``audio`` says.

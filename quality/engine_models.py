@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 class ParaformerRecognizer:
     """``Recognizer`` over a ``tokenizer.asr.Transcriber`` (thread-safe: it serialises)."""
 
+    timed = False          # funasr's streaming Paraformer gives text only
+
     def __init__(self, transcriber) -> None:
         self.transcriber = transcriber
         self.name = f"paraformer:{transcriber.folder.name}"

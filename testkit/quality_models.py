@@ -36,6 +36,8 @@ class PocketSphinxRecognizer:
             general US English language model.
     """
 
+    timed = True
+
     def __init__(self, vocabulary: tuple[str, ...] | None = None) -> None:
         from pocketsphinx import Decoder
 
