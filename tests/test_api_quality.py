@@ -1,6 +1,6 @@
 """Quality checks over HTTP (web.quality_http, web.api, web.streaming, web.metrics) on a real server.
 
-Covers: the signal checks on by default (X-Quality), refusing content/speaker checks and timestamps
+Covers: the signal checks on by default (X-Quality, and on the page next to each result), refusing content/speaker checks and timestamps
 where the engine has no models (the preview engine), best-of-N and its header, the captioned JSON
 answer (word timestamps), the SSE done event, edits, bad options, and the /metrics histograms. The
 engine is the real preview engine; the content and speaker checks use real small models
@@ -136,3 +136,16 @@ def test_edits_are_scored(http, voice, scored):
     bad = http.post("/v1/audio/edits", data={"edit_type": "emotion", "edit_info": "happy", "voice": voice,
                                              "quality": "{not json"})
     assert bad.status_code == 400 and "JSON object" in bad.json()["error"]["message"]
+
+
+def test_the_page_shows_the_checks_next_to_each_result(studio):
+    from gradio_client import Client, handle_file
+
+    client = Client(studio.url + "/", verbose=False, download_files=False)
+    out = client.predict(handle_file(str(ROOT / "examples/en_low.flac")), PROMPT_TEXT, TARGET, 5, 10, "wav",
+                         api_name="/clone")
+    summary, history = out[2], out[5]
+    assert "**checks**" in summary and "LUFS" in summary and "checks ok" in summary
+    assert "| checks |" in history and "LUFS; ok" in history
+    metrics = httpx.get(studio.url + "/metrics").text
+    assert 'studio_quality_loudness_lufs_count{endpoint="ui_clone"} 1.0' in metrics

@@ -44,6 +44,8 @@ from core.settings import Settings
 from tts_engine.contract import CloneOptions, Engine, Result
 from web.deps import InternalError, jsonable, request_id, run_engine_call
 from web.metrics import Metrics
+from quality.report import QualityScorer
+from quality.signal_checks import SignalScore
 
 log = logging.getLogger(__name__)
 
@@ -279,12 +281,17 @@ class Handlers:
         source = self._write(stem.with_name(stem.name + _LOSSLESS_SUFFIX), encode_lossless(result.audio))
         fmt = fmt if fmt in UI_FORMATS else "wav"
         path = self._write(stem.with_name(f"{stem.name}.{_EXTENSIONS[fmt]}"), encode_audio(result.audio, fmt))
+        # The cheap signal checks (quality/) on every result; shown in the summary and the history.
+        report = QualityScorer().score(result.audio, result.text, {"signal"}, seed=result.seed)
+        signal = report.signal
+        if self.metrics is not None:
+            self.metrics.observe_quality("ui_" + op.split(":")[0], report)
         state["items"].append({"n": len(state["items"]) + 1, "op": op, "text": result.text, "path": str(path),
                                "source": str(source), "seed": int(result.seed),
-                               "ms": round(result.timings.total_ms, 1)})
+                               "ms": round(result.timings.total_ms, 1), "quality": quality_cell(signal)})
         state["base"] = None  # the next edit applies to this new result
         choices = history_choices(state)
-        return (str(path), timing_table(result), summary(result), state,
+        return (str(path), timing_table(result), summary(result) + " · " + quality_line(signal), state,
                 gr.update(choices=choices, value=len(state["items"]) - 1), history_table(state), base_note(state))
 
     def _write(self, path: Path, data: bytes) -> Path:
@@ -336,6 +343,20 @@ def summary(result: Result) -> str:
     return " · ".join(parts)
 
 
+def quality_line(signal: SignalScore) -> str:
+    """The signal checks of a result, for its summary line."""
+    loudness = f"{signal.lufs:.1f} LUFS" if signal.lufs is not None else "loudness n/a"
+    pace = f"pace ×{signal.duration_ratio:.2f}" if signal.duration_ratio is not None else ""
+    flags = ("⚠ " + ", ".join(f.replace("_", " ") for f in signal.flags)) if signal.flags else "✓ checks ok"
+    return " · ".join(p for p in (f"**checks** {loudness}", f"peak {signal.peak:.2f}", pace, flags) if p)
+
+
+def quality_cell(signal: SignalScore) -> str:
+    """The signal checks of a result, short, for the history table."""
+    loudness = f"{signal.lufs:.0f} LUFS" if signal.lufs is not None else "-"
+    return loudness + ("; " + ", ".join(signal.flags) if signal.flags else "; ok")
+
+
 def history_choices(state: dict) -> list[tuple[str, int]]:
     return [(f"#{item['n']} {item['op']}: {_short(item['text'])}", i) for i, item in enumerate(state["items"])]
 
@@ -344,9 +365,9 @@ def history_table(state: dict) -> str:
     """The clone -> edit chain as a Markdown table (Gradio 6.17's Dataframe does not redraw added rows)."""
     if not state["items"]:
         return "No results yet."
-    lines = ["| # | operation | text | seed | total ms |", "|---:|---|---|---:|---:|"]
+    lines = ["| # | operation | text | seed | total ms | checks |", "|---:|---|---|---:|---:|---|"]
     lines += [f"| {item['n']} | {_cell(item['op'])} | {_cell(_short(item['text'], 60))} | {item['seed']} "
-              f"| {item['ms']:.0f} |" for item in state["items"]]
+              f"| {item['ms']:.0f} | {_cell(item.get('quality', ''))} |" for item in state["items"]]
     return "\n".join(lines)
 
 
