@@ -149,3 +149,16 @@ def test_the_page_shows_the_checks_next_to_each_result(studio):
     assert "| checks |" in history and "LUFS; ok" in history
     metrics = httpx.get(studio.url + "/metrics").text
     assert 'studio_quality_loudness_lufs_count{endpoint="ui_clone"} 1.0' in metrics
+
+
+def test_the_page_keeps_the_best_of_several_candidates(studio):
+    from gradio_client import Client, handle_file
+
+    client = Client(studio.url + "/", verbose=False, download_files=False)
+    out = client.predict(handle_file(str(ROOT / "examples/en_low.flac")), PROMPT_TEXT, TARGET, 11, 10, "wav", 3,
+                         api_name="/clone")
+    summary, state_history = out[2], out[5]
+    assert "best of 3" in summary and "checks" in summary
+    assert "clone (best of 3)" in state_history
+    metrics = httpx.get(studio.url + "/metrics").text
+    assert 'studio_quality_takes_bucket{endpoint="ui_clone",le="3.0"}' in metrics
