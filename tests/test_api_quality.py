@@ -144,7 +144,7 @@ def test_the_page_shows_the_checks_next_to_each_result(studio):
     client = Client(studio.url + "/", verbose=False, download_files=False)
     out = client.predict(handle_file(str(ROOT / "examples/en_low.flac")), PROMPT_TEXT, TARGET, 5, 10, "wav",
                          api_name="/clone")
-    summary, history = out[2], out[5]
+    summary, history = out[2], out[4]
     assert "**checks**" in summary and "LUFS" in summary and "checks ok" in summary
     assert "| checks |" in history and "LUFS; ok" in history
     metrics = httpx.get(studio.url + "/metrics").text
@@ -157,7 +157,7 @@ def test_the_page_keeps_the_best_of_several_candidates(studio):
     client = Client(studio.url + "/", verbose=False, download_files=False)
     out = client.predict(handle_file(str(ROOT / "examples/en_low.flac")), PROMPT_TEXT, TARGET, 11, 10, "wav", 3,
                          api_name="/clone")
-    summary, state_history = out[2], out[5]
+    summary, state_history = out[2], out[4]
     assert "best of 3" in summary and "checks" in summary
     assert "clone (best of 3)" in state_history
     metrics = httpx.get(studio.url + "/metrics").text
