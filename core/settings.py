@@ -23,6 +23,7 @@ LLM_BACKENDS = ("native", "vllm")
 LLM_QUANTIZATIONS = ("none", "int8", "int4")   # llm/quantize.py owns what they do
 EXECUTION_MODES = ("parallel", "sequential")
 VQ02_ENCODERS = ("parallel", "streaming")
+QUALITY_CHECKS = ("signal", "content", "speaker")   # quality/ owns what they do
 
 # Folder names inside model_root, as the upstream release lays them out.
 TOKENIZER_DIRNAME = "Step-Audio-Tokenizer"
@@ -100,6 +101,8 @@ class Settings:
     llm_quantization: str = field(default="none", metadata={"help": "native backend only: none | int8 (weight-only, CPU and CUDA) | int4 (weight-only, CUDA with bfloat16 only); quantizes the Step1 decoder layers with torchao after loading (vLLM ignores it: it has its own --quantization)"})
     # --- streaming
     stream_prompt_cache_mb: int = field(default=1024, metadata={"help": "memory (MB) for the streaming decoder's per-voice prompt state (about 1.3 MB per prompt mel frame in float32; 0: recompute per request)"})
+    # --- quality checks (docs/quality.md)
+    quality_checks: str = field(default="signal", metadata={"help": "checks run on every take whose request names none: comma-separated signal, content, speaker (content and speaker run only where the engine has the models: Step-Audio-EditX, not the preview); empty: none"})
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINE_CHOICES:
@@ -125,6 +128,9 @@ class Settings:
         for name in ("cache_memory_entries", "llm_max_new_tokens", "stream_prompt_cache_mb"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)!r}")
+        unknown_checks = set(self.quality_check_list) - set(QUALITY_CHECKS)
+        if unknown_checks:
+            raise ValueError(f"quality_checks may name {', '.join(QUALITY_CHECKS)}, not {', '.join(sorted(unknown_checks))}")
         if self.llm_backend not in LLM_BACKENDS:
             raise ValueError(f"llm_backend must be one of {', '.join(LLM_BACKENDS)}, not {self.llm_backend!r}")
         if self.llm_quantization not in LLM_QUANTIZATIONS:
@@ -153,6 +159,11 @@ class Settings:
     def cors_origin_list(self) -> tuple[str, ...]:
         """``cors_origins`` split at commas, without trailing slashes."""
         return tuple(o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip())
+
+    @property
+    def quality_check_list(self) -> tuple[str, ...]:
+        """``quality_checks`` split at commas."""
+        return tuple(c.strip() for c in self.quality_checks.split(",") if c.strip())
 
     @property
     def tokenizer_dir(self) -> Path:

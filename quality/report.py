@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 from core.audio_io import Audio
 from core.errors import InputError
+from core.settings import QUALITY_CHECKS
 from quality.content import ContentScore, score_content
 from quality.contract import Embedder, Recognizer
 from quality.signal_checks import SignalScore, score_signal
 from quality.speaker import SpeakerReference, SpeakerScore, score_speaker
 
-CHECKS = ("signal", "content", "speaker")
+CHECKS = QUALITY_CHECKS   # ("signal", "content", "speaker")
 # A take that is silent failed whatever the thresholds say.
 FAILING_FLAGS = ("silent",)
 
@@ -85,6 +86,10 @@ class QualityScorer:
     def describe(self) -> dict:
         return {"content": self.recognizer.name if self.recognizer else None,
                 "speaker": self.embedder.name if self.embedder else None}
+
+    def available_checks(self) -> frozenset[str]:
+        """The checks this scorer can run (signal always; content and speaker with their models)."""
+        return frozenset({"signal"} | ({"content"} if self.recognizer else set()) | ({"speaker"} if self.embedder else set()))
 
     def check_available(self, checks) -> None:
         """Refuse checks this scorer cannot do (a threshold on an unavailable score could never be met).

@@ -23,6 +23,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT_TEXT = "The quiet harbour woke slowly as the first boats went out."
 TARGET = "please call me tomorrow morning"
+# Content by default: dropped where the engine cannot run it (the preview), run where a recogniser is set.
+STUDIO_FLAGS = ("--quality-checks", "signal,content")
 VOCABULARY = tuple("please call me tomorrow morning hello world open the door light thank you for".split())
 
 
@@ -115,6 +117,8 @@ def test_timestamps_answer_json_with_words(http, voice, scored):
     starts = [w["start"] for w in body["words"]]
     assert starts == sorted(starts)
     assert body["quality"]["passed"] is True and "X-Quality" in r.headers
+    assert body["quality"]["content"]["available"] is True          # --quality-checks signal,content
+    assert body["quality"]["content"]["transcript"] == " ".join(w["word"] for w in body["words"])
 
 
 def test_sse_done_event_carries_the_scores(http, voice):

@@ -42,7 +42,7 @@ from tts_engine.contract import CloneOptions, Engine, validate_edit, validate_it
 from web import api_voices
 from web.deps import APIError, get_engine, get_metrics, get_settings, get_voices, jsonable, read_upload, require_api_key, result_headers, run_engine
 from web.metrics import CONTENT_TYPE, Metrics
-from web.quality_http import QualityOptions, captioned_response, check_request, gates_from, get_scorer, parse_form_options, quality_header, run_gated
+from web.quality_http import QualityOptions, captioned_response, check_request, parse_form_options, quality_header, request_gates, run_gated
 from web.streaming import check_stream_format, start_stream, stream_response
 from web.voices import VoiceStore, check_voice_id
 
@@ -117,7 +117,7 @@ def create_speech(body: SpeechRequest, request: Request, engine: Engine = Depend
             raise InputError("instructions cannot be combined with stream_format: the edits apply to the whole "
                              "clone; leave stream_format out, or stream without instructions")
     text = validate_text(body.input, "input", settings.max_text_chars)
-    gates, scorer = gates_from(body.quality), get_scorer(request)
+    gates, scorer = request_gates(request, body.quality)
     check_request(scorer, gates, body.timestamps)
     if body.stream_format and (gates.takes_at_most > 1 or body.timestamps):
         raise InputError("candidates, retries and timestamps need the whole take first; leave stream_format out")
@@ -192,7 +192,7 @@ def create_edit(request: Request,
                 settings: Settings = Depends(get_settings)) -> Response:
     fmt = _check_format(response_format)
     iterations = validate_iterations(iterations)
-    gates, scorer = gates_from(parse_form_options(quality)), get_scorer(request)
+    gates, scorer = request_gates(request, parse_form_options(quality))
     check_request(scorer, gates)
     if (file is None) == (voice is None):
         raise InputError("give exactly one of 'file' (an audio upload) or 'voice' (a stored voice id)")

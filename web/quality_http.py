@@ -46,12 +46,20 @@ class QualityOptions(BaseModel):
     retries: int = Field(0, description=f"rounds regenerated when no take passes (0..{MAX_RETRIES})")
 
 
-def gates_from(options: QualityOptions | None) -> Gates:
-    """The request's gates (InputError for bad values)."""
+def gates_from(options: QualityOptions | None, default_checks: frozenset[str] = frozenset({"signal"})) -> Gates:
+    """The request's gates (InputError for bad values); checks it does not name are ``default_checks``."""
     if options is None:
-        return Gates()
-    checks = frozenset(options.checks) if options.checks is not None else frozenset({"signal"})
+        return Gates(default_checks)
+    checks = frozenset(options.checks) if options.checks is not None else default_checks
     return Gates(checks, options.max_error, options.min_similarity, options.candidates, options.retries)
+
+
+def request_gates(request: Request, options: QualityOptions | None) -> tuple[Gates, QualityScorer]:
+    """The gates of a request and the app's scorer. Unnamed checks default to ``--quality-checks``,
+    less those this engine cannot run (a default never makes a request fail)."""
+    scorer = get_scorer(request)
+    defaults = frozenset(request.app.state.settings.quality_check_list) & scorer.available_checks()
+    return gates_from(options, defaults), scorer
 
 
 def parse_form_options(raw: str | None) -> QualityOptions | None:

@@ -294,7 +294,7 @@ class Handlers:
                     options: CloneOptions, fmt: str, state: dict | None, n: int):
         """N takes together, scored by every check the engine's models allow; the best is published."""
         scorer = self.scorer()
-        checks = {"signal"} | ({"content"} if scorer.recognizer else set()) | ({"speaker"} if scorer.embedder else set())
+        checks = scorer.available_checks()
         rid = _request_id.get() or secrets.token_hex(6)   # the takes run on other threads: name the event's id
 
         def take(take_seed: int) -> Result:
@@ -302,7 +302,7 @@ class Handlers:
                 prompt_audio, prompt_text, target_text, seed=take_seed, options=options))
 
         reference = scorer.reference(load_audio(prompt_audio) if "speaker" in checks else None)
-        gated = generate_gated(take, lambda r: r.audio, target_text, Gates(frozenset(checks), candidates=n), scorer,
+        gated = generate_gated(take, lambda r: r.audio, target_text, Gates(checks, candidates=n), scorer,
                                reference, _seed(seed))
         return self._publish(gated.take, f"clone (best of {n})", fmt, state, gated)
 
