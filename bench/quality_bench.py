@@ -36,6 +36,23 @@ import torch
 from common import ROOT, environment_header, summary, inline
 from core.audio_io import Audio, load_audio
 from core.settings import FUNASR_SUBDIR
+# Everything is imported before any work: a run takes many minutes, and the tree may change meanwhile.
+from decoder.model import AudioDecoder
+from decoder_bench import build_folder, mixed_tokens
+from llm.backend import GenerationRequest
+from llm.native import NativeBackend
+from llm.sampling import SamplingConfig
+from llm_bench import EOS, build_model, clone_prompt
+from preview.espeak import speak
+from quality.content import content_error, score_content
+from quality.engine_models import CamPlusEmbedder, ParaformerRecognizer
+from quality.gates import Gates, generate_gated
+from quality.report import QualityScorer
+from quality.speaker import score_speaker
+from quality.timestamps import word_timestamps
+from testkit.quality_models import PocketSphinxRecognizer, ResemblyzerEmbedder
+from tokenizer.asr import Transcriber
+from tokenizer_bench import real_size_folder
 
 FIXTURES = ROOT / "tests" / "fixtures"
 IDS_PER_GROUP, SECONDS_PER_GROUP = 5, 0.12
@@ -45,12 +62,6 @@ class TakeMaker:
     """One take as the engine makes it: LLM ids through the batching backend, then token2wav."""
 
     def __init__(self, args, folder: Path) -> None:
-        from decoder_bench import build_folder, mixed_tokens
-        from llm_bench import EOS, build_model, clone_prompt
-
-        from decoder.model import AudioDecoder
-        from llm.native import NativeBackend
-        from llm.sampling import SamplingConfig
 
         dims = argparse.Namespace(hidden=3072, intermediate=8192, heads=48, groups=4, layers=args.layers, vocab=74752)
         self.groups = max(1, int(round(args.seconds / SECONDS_PER_GROUP)))
@@ -68,7 +79,6 @@ class TakeMaker:
 
     def llm(self, seed: int) -> tuple[int, ...]:
         """The LLM part of a take: ``new_ids`` answer ids through the batching backend."""
-        from llm.backend import GenerationRequest
 
         out = self.backend.submit(GenerationRequest(self.prompt, seed, max_new_tokens=self.new_ids)).result(3600)
         assert len(out.answer) == self.new_ids, len(out.answer)
@@ -81,11 +91,6 @@ class TakeMaker:
 
 
 def part_cost(args, maker: TakeMaker, tmp: Path) -> list[str]:
-    from tokenizer.asr import Transcriber
-    from tokenizer_bench import real_size_folder
-
-    from quality.engine_models import CamPlusEmbedder, ParaformerRecognizer
-    from quality.report import QualityScorer
 
     folder = real_size_folder(tmp / "tok")
     scorer = QualityScorer(ParaformerRecognizer(Transcriber(folder / FUNASR_SUBDIR)), CamPlusEmbedder(maker.decoder.frontend))
@@ -114,9 +119,6 @@ def part_cost(args, maker: TakeMaker, tmp: Path) -> list[str]:
 
 
 def part_batch(args, maker: TakeMaker) -> list[str]:
-    from quality.gates import Gates, generate_gated
-    from quality.report import QualityScorer
-
     scorer, gates = QualityScorer(), Gates(checks=frozenset(), candidates=3)
     maker(999)
     rows = [f"best-of-3 ({maker.new_ids} LLM ids per take, {args.layers} of 32 layers, {args.steps} flow steps):", "",
@@ -138,13 +140,6 @@ def part_batch(args, maker: TakeMaker) -> list[str]:
 
 
 def part_accuracy() -> list[str]:
-    from preview.espeak import speak
-
-    from quality.content import content_error, score_content
-    from quality.report import QualityScorer
-    from quality.speaker import score_speaker
-    from quality.timestamps import word_timestamps
-    from testkit.quality_models import PocketSphinxRecognizer, ResemblyzerEmbedder
 
     sentences = ("hello world this is a test", "please call me tomorrow morning", "open the door and turn on the light",
                  "the weather is nice today", "we will look at the studio", "thank you for calling")
