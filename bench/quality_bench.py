@@ -62,7 +62,6 @@ class TakeMaker:
     """One take as the engine makes it: LLM ids through the batching backend, then token2wav."""
 
     def __init__(self, args, folder: Path) -> None:
-
         dims = argparse.Namespace(hidden=3072, intermediate=8192, heads=48, groups=4, layers=args.layers, vocab=74752)
         self.groups = max(1, int(round(args.seconds / SECONDS_PER_GROUP)))
         self.new_ids = self.groups * IDS_PER_GROUP
@@ -79,7 +78,6 @@ class TakeMaker:
 
     def llm(self, seed: int) -> tuple[int, ...]:
         """The LLM part of a take: ``new_ids`` answer ids through the batching backend."""
-
         out = self.backend.submit(GenerationRequest(self.prompt, seed, max_new_tokens=self.new_ids)).result(3600)
         assert len(out.answer) == self.new_ids, len(out.answer)
         return out.answer
@@ -91,7 +89,6 @@ class TakeMaker:
 
 
 def part_cost(args, maker: TakeMaker, tmp: Path) -> list[str]:
-
     folder = real_size_folder(tmp / "tok")
     scorer = QualityScorer(ParaformerRecognizer(Transcriber(folder / FUNASR_SUBDIR)), CamPlusEmbedder(maker.decoder.frontend))
     prompt = load_audio(FIXTURES / "prompt_22k.wav")
@@ -140,7 +137,6 @@ def part_batch(args, maker: TakeMaker) -> list[str]:
 
 
 def part_accuracy() -> list[str]:
-
     sentences = ("hello world this is a test", "please call me tomorrow morning", "open the door and turn on the light",
                  "the weather is nice today", "we will look at the studio", "thank you for calling")
     recognizer = PocketSphinxRecognizer(tuple({w for s in sentences for w in s.split()}))

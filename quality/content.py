@@ -90,7 +90,7 @@ def score_content(audio: Audio, target: str, recognizer: Recognizer | None) -> C
         words, or the recogniser failed (the failure is logged).
     """
     if recognizer is None:
-        return ContentScore(False, reason="no speech recogniser is loaded (the preview engine has none)")
+        return ContentScore(False, reason="no speech recogniser is loaded (the tokenizer folder's Paraformer is absent)")
     try:
         heard = recognizer.recognize(audio)
     except (ModelError, InputError) as exc:

@@ -3,8 +3,9 @@
 Owns: ``ParaformerRecognizer`` (the tokenizer folder's Paraformer, through ``tokenizer.asr.Transcriber``),
 ``CamPlusEmbedder`` (the decoder's CAM++, through ``decoder.frontend.PromptFrontend.embedding``, the
 same embedding the prompt features carry) and ``scorer_for_engine``, which builds a
-``QualityScorer`` from whatever an engine has -- the preview engine has neither model, so its content
-and speaker checks report "unavailable".
+``QualityScorer`` from whatever an engine has: Step-Audio-EditX has both; the preview engine has no
+CAM++, and the Paraformer only when the tokenizer folder is under ``--model-root`` -- a missing model's
+check is "unavailable".
 Does not own: the models, the engines.
 
 Word timings: funasr's streaming Paraformer returns text only, so ``ParaformerRecognizer`` reports

@@ -99,7 +99,7 @@ class QualityScorer:
         """
         if "content" in checks and self.recognizer is None:
             raise InputError("the content check (max_error) needs a speech recogniser, and this engine has none "
-                             "(the preview engine cannot transcribe; load Step-Audio-EditX with its tokenizer folder)")
+                             "(it is the tokenizer folder's Paraformer: put Step-Audio-Tokenizer under --model-root)")
         if "speaker" in checks and self.embedder is None:
             raise InputError("the speaker check (min_similarity) needs a speaker model, and this engine has none "
                              "(the preview engine has no CAM++; load Step-Audio-EditX)")
