@@ -117,7 +117,10 @@ def part_cost(args, maker: TakeMaker, tmp: Path) -> list[str]:
 
 def part_batch(args, maker: TakeMaker) -> list[str]:
     scorer, gates = QualityScorer(), Gates(checks=frozenset(), candidates=3)
-    maker.llm(999) if "whole" not in args.batch_what else maker(999)   # warm-up
+    if "whole" in args.batch_what:   # warm-up: first touch of the weights
+        maker(999)
+    else:
+        maker.llm(999)
     rows = [f"best-of-3 ({maker.new_ids} LLM ids per take, {args.layers} of 32 layers, {args.steps} flow steps):", "",
             "| part | best-of-3 through the batcher, ms | three sequential takes, ms | speed-up (median) |",
             "|---|---|---|---:|"]
