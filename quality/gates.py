@@ -13,7 +13,7 @@ report says so, the caller decides what to show).
 
 The rule for "best", in order: a take that passes the gates beats one that does not; then the lower
 content error; then the higher speaker similarity; then fewer signal flags; then the earlier seed.
-A score that was not measured counts as neither better nor worse.
+A score that could not be measured (e.g. the recogniser failed on one take) ranks below a measured one.
 """
 
 from __future__ import annotations
@@ -83,10 +83,9 @@ class Gates:
 
 def _rank(report: QualityReport, order: int) -> tuple:
     """Larger is better (see the module docstring)."""
-    error = report.error
-    similarity = report.similarity
-    return (report.passed, -(error if error is not None else 0.0), similarity if similarity is not None else 0.0,
-            -len(report.flags), -order)
+    error, similarity = report.error, report.similarity
+    return (report.passed, -error if error is not None else -math.inf,
+            similarity if similarity is not None else -math.inf, -len(report.flags), -order)
 
 
 def best_take(reports: Sequence[QualityReport]) -> int:

@@ -219,6 +219,8 @@ def test_best_take_rule():
     assert best_take([_report(0, error=0.0, failed=("x",)), _report(1, error=0.5)]) == 1   # passing first
     assert best_take([_report(0, error=0.1, similarity=0.5), _report(1, error=0.1, similarity=0.7)]) == 1
     assert best_take([_report(0, flags=("trailing_silence",)), _report(1)]) == 1
+    assert best_take([_report(0), _report(1, error=0.9)]) == 1      # unmeasured ranks below measured
+    assert best_take([_report(0), _report(1)]) == 0                 # equals: the earlier seed
     with pytest.raises(ValueError):
         best_take([])
 
