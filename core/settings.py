@@ -23,6 +23,7 @@ LLM_BACKENDS = ("native", "vllm")
 LLM_QUANTIZATIONS = ("none", "int8", "int4")   # llm/quantize.py owns what they do
 EXECUTION_MODES = ("parallel", "sequential")
 VQ02_ENCODERS = ("parallel", "streaming")
+QUALITY_CHECKS = ("signal", "content", "speaker")   # quality/ owns what they do
 
 # Folder names inside model_root, as the upstream release lays them out.
 TOKENIZER_DIRNAME = "Step-Audio-Tokenizer"
@@ -133,6 +134,8 @@ class Settings:
     production_loudness_lufs: float = field(default=-16.0, metadata={"help": "integrated loudness (EBU R128 / ITU-R BS.1770 measure, LUFS) a render is normalised to; -16 suits podcasts and the web, -23 is EBU R128 broadcast"})
     max_edit_seconds: float = field(default=300.0, metadata={"help": "longest clip /v1/audio/edits accepts; one longer than max_prompt_seconds (what one model call takes) is split at pauses and edited piece by piece"})
     production_workers: int = field(default=0, metadata={"help": "segments of a production generated at once (0: llm_max_rows, so they share the LLM's continuous batch)"})
+    # --- quality checks (docs/quality.md)
+    quality_checks: str = field(default="signal", metadata={"help": "checks run on every take whose request names none: comma-separated signal, content, speaker (content and speaker run only where the engine has the models: Step-Audio-EditX, not the preview); empty: none"})
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINE_CHOICES:
@@ -167,6 +170,9 @@ class Settings:
         for name in ("cache_memory_entries", "llm_max_new_tokens", "stream_prompt_cache_mb"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)!r}")
+        unknown_checks = set(self.quality_check_list) - set(QUALITY_CHECKS)
+        if unknown_checks:
+            raise ValueError(f"quality_checks may name {', '.join(QUALITY_CHECKS)}, not {', '.join(sorted(unknown_checks))}")
         if self.llm_backend not in LLM_BACKENDS:
             raise ValueError(f"llm_backend must be one of {', '.join(LLM_BACKENDS)}, not {self.llm_backend!r}")
         if self.llm_quantization not in LLM_QUANTIZATIONS:
@@ -232,6 +238,9 @@ class Settings:
             return hosts
         bound = () if self.host in ("0.0.0.0", "::", "") else (self.host.lower(),)
         return tuple(dict.fromkeys(("localhost", "127.0.0.1", "::1", *bound)))
+    def quality_check_list(self) -> tuple[str, ...]:
+        """``quality_checks`` split at commas."""
+        return tuple(c.strip() for c in self.quality_checks.split(",") if c.strip())
 
     @property
     def tokenizer_dir(self) -> Path:

@@ -132,6 +132,12 @@ class PreviewEngine(Engine):
     def ready(self) -> tuple[bool, str]:
         return (False, self._error) if self._error else (True, "ok")
 
+    @property
+    def transcriber(self):
+        """The tokenizer folder's Paraformer (``tokenizer.asr.Transcriber``; ``available`` only when the
+        folder is there); the quality checks use it as their recogniser too."""
+        return self._transcriber
+
     def transcribe(self, audio: AudioSource) -> Transcript:
         """Transcribe with the tokenizer folder's Paraformer when that folder is there (it runs on the
         CPU); eSpeak and WORLD cannot recognise speech, so without it this says so.

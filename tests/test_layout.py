@@ -27,6 +27,9 @@ ABOVE = {
     "userdata": {"tokenizer", "llm", "decoder", "tts_engine", "preview", "web", "cli"},
     # Productions: the domain of scripts, segments and takes; the web and the CLI use it, it uses the engine.
     "productions": {"web", "cli", "userdata", "preview"},
+    # Scoring knows only core: the engine's models reach it as objects (quality.engine_models).
+    "quality": {"funasr_cache", "tokenizer", "llm", "decoder", "tts_engine", "preview", "web", "cli", "userdata",
+                "productions"},
 }
 
 

@@ -43,6 +43,7 @@ def test_cli_beats_environment_beats_default():
     (["--llm-gpu-memory-utilization", "1.5"], {}, "llm_gpu_memory_utilization"),
     (["--llm-quantization", "int3"], {}, "llm_quantization"),
     (["--device", "cpu"], {"STUDIO_LLM_QUANTIZATION": "int4"}, "llm_quantization int4 needs a CUDA device"),
+    ([], {"STUDIO_QUALITY_CHECKS": "signal,vibes"}, "quality_checks"),
 ])
 def test_bad_values_name_the_setting(argv, env, field):
     with pytest.raises(ValueError, match=field):

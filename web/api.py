@@ -22,6 +22,7 @@ which (values are percent-encoded UTF-8, so a header stays ASCII).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import Literal
 from urllib.parse import quote
@@ -43,6 +44,7 @@ from userdata.db import Database
 from web import api_productions, api_voices
 from web.deps import APIError, get_db, get_engine, get_metrics, get_settings, get_voices, jsonable, link_cancel, read_upload, require_api_key, result_headers, run_engine
 from web.metrics import CONTENT_TYPE
+from web.quality_http import QualityOptions, captioned_response, check_request, parse_form_options, quality_header, request_gates, run_gated
 from web.streaming import check_stream_format, start_stream, stream_response
 from web.long_edits import long_edit_response
 from web.voices import VoiceStore, check_voice_id
@@ -73,6 +75,9 @@ class SpeechRequest(BaseModel):
                           "events (base64 audio) then speech.audio.done (usage, timings); omitted: one whole file")
     seed: int | None = Field(None, description="sampling seed; omitted or negative means random (reported in X-Seed)")
     flow_steps: int | None = Field(None, description="flow-matching Euler steps (1..50); default from settings")
+    quality: QualityOptions | None = Field(None, description="checks, gates and best-of-N (docs/quality.md); "
+                                                             "the scores come back in X-Quality")
+    timestamps: bool = Field(False, description="answer JSON: base64 audio, word timestamps and the quality report")
 
 
 def header_value(text: str) -> str:
@@ -115,17 +120,28 @@ def create_speech(body: SpeechRequest, request: Request, engine: Engine = Depend
             raise InputError("instructions cannot be combined with stream_format: the edits apply to the whole "
                              "clone; leave stream_format out, or stream without instructions")
     text = validate_text(body.input, "input", settings.max_text_chars)
+    gates, scorer = request_gates(request, body.quality)
+    check_request(scorer, gates, body.timestamps)
+    if body.stream_format and (gates.takes_at_most > 1 or body.timestamps):
+        raise InputError("candidates, retries and timestamps need the whole take first; leave stream_format out")
     voice = voices.get(check_voice_id(voice_id))
     prompt = voices.audio(voice.id)
     options = CloneOptions(flow_steps=body.flow_steps)
     if body.stream_format:
         stream, first = start_stream(request, "speech_stream", lambda: link_cancel(request, engine.clone_stream(
             prompt, voice.transcript, text, seed=body.seed, options=options)))
+        score = None
+        if gates.active:   # scored once the whole take is there; the SSE done event carries it
+            score = lambda result: scorer.score(result.audio, text, gates.checks, scorer.reference(prompt),  # noqa: E731
+                                                max_error=gates.max_error, min_similarity=gates.min_similarity,
+                                                seed=result.seed)
         return stream_response(request, "speech_stream", engine, stream, first, fmt, sse=body.stream_format == "sse",
-                               input_tokens=len(text))
-    result = run_engine(request, "speech", lambda: engine.clone(prompt, voice.transcript, text, seed=body.seed,
-                                                                options=options))
-    extra = _warning_header(text)
+                               input_tokens=len(text), score=score)
+    gated = run_gated(request, "speech", lambda seed: engine.clone(prompt, voice.transcript, text, seed=seed,
+                                                                   options=options),
+                      lambda r: r.audio, text, gates, scorer, prompt, body.seed)
+    result = gated.take
+    extra = {**_warning_header(text), **(quality_header(gated) if gates.active else {})}
     audio = None
     if steps:
         edited = result
@@ -135,6 +151,14 @@ def create_speech(body: SpeechRequest, request: Request, engine: Engine = Depend
                 options=options))
         audio = edited.audio
         extra["X-Edit-Chain"] = chain_header(steps)
+        if gates.active:   # the returned audio is the end of the chain: its scores, with the clone's takes
+            report = scorer.score(audio, text, gates.checks, scorer.reference(prompt), max_error=gates.max_error,
+                                  min_similarity=gates.min_similarity, seed=result.seed)
+            gated = dataclasses.replace(gated, report=report)
+            extra["X-Quality"] = gated.header()
+    if body.timestamps:
+        return captioned_response(audio if audio is not None else result.audio, fmt, gated, scorer,
+                                  {**result_headers(result, engine), **extra})
     return _audio_response(result, engine, fmt, audio=audio, extra=extra)
 
 
@@ -165,10 +189,14 @@ def create_edit(request: Request,
                                                       "(stronger; whisper usually needs 2)"),
                 seed: int | None = Form(None), flow_steps: int | None = Form(None),
                 response_format: str = Form("wav"),
+                quality: str | None = Form(None, description='JSON quality options, e.g. {"candidates": 2, '
+                                                             '"checks": ["signal", "speaker"]} (docs/quality.md)'),
                 engine: Engine = Depends(get_engine), voices: VoiceStore = Depends(get_voices),
                 settings: Settings = Depends(get_settings)) -> Response:
     fmt = _check_format(response_format)
     iterations = validate_iterations(iterations)
+    gates, scorer = request_gates(request, parse_form_options(quality))
+    check_request(scorer, gates)
     if (file is None) == (voice is None):
         raise InputError("give exactly one of 'file' (an audio upload) or 'voice' (a stored voice id)")
     if file is not None:
@@ -187,11 +215,15 @@ def create_edit(request: Request,
     if text is not None and text.strip():
         text = validate_text(text, "text", settings.max_text_chars)
     options = CloneOptions(flow_steps=flow_steps)
-    results = run_engine(request, f"edit_{edit_type}" if edit_type in EDIT_TYPES else "edit",
-                         lambda: engine.edit_iterations(audio, audio_text, edit_type, edit_info or None, text or None,
-                                                        iterations=iterations, seed=seed, options=options))
+    spoken = text if edit_type == "paralinguistic" and text else audio_text
+    gated = run_gated(request, f"edit_{edit_type}" if edit_type in EDIT_TYPES else "edit",
+                      lambda s: engine.edit_iterations(audio, audio_text, edit_type, edit_info or None, text or None,
+                                                       iterations=iterations, seed=s, options=options),
+                      lambda rs: rs[-1].audio, spoken, gates, scorer, audio, seed)
+    results = gated.take
     extra = {**_warning_header(text if edit_type == "paralinguistic" else None), "X-Iterations": str(len(results)),
-             "X-Seed": str(results[0].seed)}  # the first pass's seed repeats the whole chain
+             "X-Seed": str(results[0].seed),  # the first pass's seed repeats the whole chain
+             **(quality_header(gated) if gates.active else {})}
     return _audio_response(results[-1], engine, fmt, extra=extra)
 
 

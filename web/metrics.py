@@ -21,6 +21,12 @@ Metric names (all prefixed ``studio_``)::
     studio_llm_<stat>{backend}                      gauge, each number of the LLM backend's ``stats()``
                                                     (native: rows_running, queue_depth, steps, ...;
                                                     vllm-server: server_up, inflight, requests, failures, ...)
+    studio_quality_content_error{endpoint,measure}  histogram, CER/WER of returned takes (quality/)
+    studio_quality_speaker_similarity{endpoint}     histogram, cosine to the prompt of returned takes
+    studio_quality_loudness_lufs{endpoint}          histogram, integrated loudness of returned takes
+    studio_quality_takes{endpoint}                  histogram, takes generated per request (best-of-N, retries)
+    studio_quality_flags_total{endpoint,flag}       counter, signal flags of returned takes
+    studio_quality_results_total{endpoint,passed}   counter, returned takes that passed the gates or not
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ log = logging.getLogger(__name__)
 # Engine stages run from well under a millisecond (cache hits) to minutes (long CPU clones).
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                  60.0, 120.0, math.inf)
+ERROR_BUCKETS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, math.inf)
+SIMILARITY_BUCKETS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+LUFS_BUCKETS = (-50.0, -40.0, -35.0, -30.0, -27.0, -24.0, -21.0, -18.0, -15.0, -12.0, -9.0, 0.0, math.inf)
+TAKES_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, math.inf)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _NAME_OK = re.compile(r"[^a-zA-Z0-9_]")
@@ -145,6 +155,7 @@ class Metrics:
         if llm_backend is not None:          # an ``llm.backend.LLMBackend`` (the preview engine has none)
             self.registry.register(_LLMCollector(llm_backend))
         self.registry.register(_GpuCollector())
+        self._init_quality()
 
     def set_queue_depth_source(self, source: Callable[[], int]) -> None:
         """Where the queue depth comes from (the Gradio queue, once the UI is built)."""
@@ -182,6 +193,34 @@ class Metrics:
         ttfa = timings.counters.get("ttfa_ms")
         if ttfa is not None and math.isfinite(ttfa):
             self.ttfa.labels(endpoint).observe(ttfa / 1000.0)
+
+    def _init_quality(self) -> None:
+        r = self.registry
+        self.quality_error = Histogram("studio_quality_content_error", "content error (CER/WER) of returned takes",
+                                       ["endpoint", "measure"], buckets=ERROR_BUCKETS, registry=r)
+        self.quality_similarity = Histogram("studio_quality_speaker_similarity", "speaker similarity to the prompt",
+                                            ["endpoint"], buckets=SIMILARITY_BUCKETS, registry=r)
+        self.quality_lufs = Histogram("studio_quality_loudness_lufs", "integrated loudness of returned takes",
+                                      ["endpoint"], buckets=LUFS_BUCKETS, registry=r)
+        self.quality_takes = Histogram("studio_quality_takes", "takes generated per request", ["endpoint"],
+                                       buckets=TAKES_BUCKETS, registry=r)
+        self.quality_flags = Counter("studio_quality_flags", "signal flags of returned takes", ["endpoint", "flag"],
+                                     registry=r)
+        self.quality_results = Counter("studio_quality_results", "returned takes by gate outcome",
+                                       ["endpoint", "passed"], registry=r)
+
+    def observe_quality(self, endpoint: str, report, takes: int = 1) -> None:
+        """Samples of a returned take's ``quality.report.QualityReport`` (scores that were measured only)."""
+        if report.error is not None and math.isfinite(report.error):
+            self.quality_error.labels(endpoint, report.content.measure).observe(report.error)
+        if report.similarity is not None and math.isfinite(report.similarity):
+            self.quality_similarity.labels(endpoint).observe(report.similarity)
+        if report.signal is not None and report.signal.lufs is not None:
+            self.quality_lufs.labels(endpoint).observe(report.signal.lufs)
+        for flag in report.flags:
+            self.quality_flags.labels(endpoint, flag).inc()
+        self.quality_takes.labels(endpoint).observe(takes)
+        self.quality_results.labels(endpoint, "yes" if report.passed else "no").inc()
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -111,8 +111,9 @@ def _next_chunk(stream: ResultStream) -> Audio | None:
 
 
 def stream_response(request: Request, endpoint: str, engine: Engine, stream: ResultStream, first: Audio, fmt: str,
-                    sse: bool, input_tokens: int = 0) -> CancellableStreamingResponse:
-    """The streaming HTTP response for ``stream`` whose first chunk is ``first``."""
+                    sse: bool, input_tokens: int = 0, score=None) -> CancellableStreamingResponse:
+    """The streaming HTTP response for ``stream`` whose first chunk is ``first``. ``score(result)``, when
+    given, returns the whole take's ``quality.report.QualityReport`` (in the SSE done event and /metrics)."""
     metrics = get_metrics(request)
     rid = request_id(request)
     started = time.perf_counter()
@@ -140,12 +141,19 @@ def stream_response(request: Request, endpoint: str, engine: Engine, stream: Res
             result = stream.result
             metrics.observe_timings(endpoint, result.timings)
             log.info(result.timings.log_line(endpoint, rid))
+            report = None
+            if score is not None:
+                report = await anyio.to_thread.run_sync(score, result)
+                metrics.observe_quality(endpoint, report)
             if sse:
                 tokens = len(result.tokens)
-                yield sse_event({"type": "speech.audio.done",
-                                 "usage": {"input_tokens": input_tokens, "output_tokens": tokens,
-                                           "total_tokens": input_tokens + tokens},
-                                 "seed": result.seed, "timings": result.timings.as_dict()})
+                done = {"type": "speech.audio.done",
+                        "usage": {"input_tokens": input_tokens, "output_tokens": tokens,
+                                  "total_tokens": input_tokens + tokens},
+                        "seed": result.seed, "timings": result.timings.as_dict()}
+                if report is not None:
+                    done["quality"] = report.as_dict()
+                yield sse_event(done)
         except StreamCancelled:
             status = "cancelled"
         except BaseException as exc:

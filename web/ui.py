@@ -30,6 +30,7 @@ import gradio as gr
 from core.edit_options import LANGUAGE_TAGS, PARALINGUISTIC_TAGS
 from core.settings import Settings
 from tts_engine.contract import MAX_EDIT_ITERATIONS, EditCapability, Engine
+from quality.gates import MAX_CANDIDATES
 from web.metrics import Metrics
 from web.ui_handlers import CLEAR_CONFIRMATION, UI_FORMATS, Handlers, base_note, guarded, history_table, new_state
 from web.ui_script import build_script_tab
@@ -161,6 +162,9 @@ def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = Non
                             flow_steps = gr.Slider(1, 50, value=settings.flow_steps, step=1,
                                                    label="Flow-matching steps (fewer is faster)")
                             fmt = gr.Radio(list(UI_FORMATS), value="wav", label="Output format")
+                            candidates = gr.Slider(1, MAX_CANDIDATES, value=1, step=1, elem_id="candidates",
+                                                   label="Candidates: takes made together; the best by the "
+                                                         "quality checks is kept (docs/quality.md)")
                         clone_btn = gr.Button("Clone", variant="primary", elem_id="clone_btn")
                     with gr.Column():
                         stream_audio = gr.Audio(label="Playing as it is generated", streaming=True, autoplay=True,
@@ -232,7 +236,8 @@ def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = Non
         # Results play while they are generated (the streaming player, last output); the file, timings
         # and history follow when the result is whole.
         clone_fn, edit_fn = (h.clone_streaming, h.edit_streaming) if can_stream else (h.clone, h.edit)
-        clone_btn.click(guarded(clone_fn), [prompt_audio, prompt_text, target_text, seed, flow_steps, fmt, state],
+        clone_btn.click(guarded(clone_fn), [prompt_audio, prompt_text, target_text, seed, flow_steps, fmt, state,
+                                            candidates],
                         [out_audio, out_timings, out_summary, *result_outputs, *([stream_audio] if can_stream else [])],
                         api_name="clone", **engine_events).then(h.cache_stats, outputs=cache_json, **quick)
         edit_btn.click(guarded(edit_fn), [edit_type, edit_info, para_text, seed, flow_steps, fmt, state, iterations],

@@ -44,6 +44,9 @@ from core.settings import Settings
 from tts_engine.contract import CloneOptions, Engine, Result, new_seed
 from web.deps import InternalError, jsonable, request_id, run_engine_call
 from web.metrics import Metrics
+from quality.engine_models import scorer_for_engine
+from quality.gates import MAX_CANDIDATES, Gates, GatedTake, generate_gated
+from quality.report import QualityReport, QualityScorer
 
 log = logging.getLogger(__name__)
 
@@ -128,16 +131,21 @@ class Handlers:
         self.metrics = metrics or Metrics(engine.cache.snapshot)
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="studio-out-"))
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._scorer: QualityScorer | None = None   # the engine's models as quality scorers, built on first use
 
     # ------------------------------------------------------------------ engine events
 
     def clone(self, prompt_audio: str | None, prompt_text: str, target_text: str, seed: float | None,
-              flow_steps: float | None, fmt: str, state: dict | None, progress=gr.Progress(),
-              request: gr.Request | None = None):
+              flow_steps: float | None, fmt: str, state: dict | None, candidates: float | None = 1,
+              progress=gr.Progress(), request: gr.Request | None = None):
         """Clone; returns (audio path, timings table, summary, state, history choices, history table, base note).
 
-        An empty transcript is filled by the engine's ASR first (a notice shows what it heard)."""
+        An empty transcript is filled by the engine's ASR first (a notice shows what it heard). With
+        ``candidates`` N > 1, N takes are generated together and the best by the checks is kept."""
         prompt_text, options = self._clone_inputs(prompt_audio, prompt_text, target_text, flow_steps)
+        n = _candidates(candidates)
+        if n > 1:
+            return self._clone_best(prompt_audio, prompt_text, target_text, seed, options, fmt, state, n)
         result = self._run("clone", lambda: self.engine.clone(
             prompt_audio, prompt_text, target_text, seed=_seed(seed), options=options,
             progress=_progress_adapter(progress)))
@@ -212,9 +220,14 @@ class Handlers:
             return gr.update()
 
     def clone_streaming(self, prompt_audio: str | None, prompt_text: str, target_text: str, seed: float | None,
-                        flow_steps: float | None, fmt: str, state: dict | None):
+                        flow_steps: float | None, fmt: str, state: dict | None, candidates: float | None = 1):
         """:meth:`clone` while it plays: yields WAV chunks for the streaming player (the last output),
-        then the outputs of :meth:`clone` (file, timings, summary, history) once the result is whole."""
+        then the outputs of :meth:`clone` (file, timings, summary, history) once the result is whole.
+        Several candidates need every take whole before one is chosen: they run as :meth:`clone`."""
+        if _candidates(candidates) > 1:
+            outputs = self.clone(prompt_audio, prompt_text, target_text, seed, flow_steps, fmt, state, candidates)
+            yield (*outputs, encode_audio(load_audio(outputs[3]["items"][-1]["source"]), "wav"))
+            return
         prompt_text, options = self._clone_inputs(prompt_audio, prompt_text, target_text, flow_steps)
         yield from self._stream("clone", "clone", fmt, state, lambda: self.engine.clone_stream(
             prompt_audio, prompt_text, target_text, seed=_seed(seed), options=options))
@@ -320,19 +333,46 @@ class Handlers:
     def _run(self, endpoint: str, call) -> Result:
         return run_engine_call(self.metrics, "ui_" + endpoint, _request_id.get() or secrets.token_hex(6), call)
 
-    def _publish(self, result: Result, op: str, fmt: str, state: dict | None):
+    def scorer(self) -> QualityScorer:
+        if self._scorer is None:
+            self._scorer = scorer_for_engine(self.engine)
+        return self._scorer
+
+    def _clone_best(self, prompt_audio: str, prompt_text: str, target_text: str, seed: float | None,
+                    options: CloneOptions, fmt: str, state: dict | None, n: int):
+        """N takes together, scored by every check the engine's models allow; the best is published."""
+        scorer = self.scorer()
+        checks = scorer.available_checks()
+        rid = _request_id.get() or secrets.token_hex(6)   # the takes run on other threads: name the event's id
+
+        def take(take_seed: int) -> Result:
+            return run_engine_call(self.metrics, "ui_clone", rid, lambda: self.engine.clone(
+                prompt_audio, prompt_text, target_text, seed=take_seed, options=options))
+
+        reference = scorer.reference(load_audio(prompt_audio) if "speaker" in checks else None)
+        gated = generate_gated(take, lambda r: r.audio, target_text, Gates(checks, candidates=n), scorer,
+                               reference, _seed(seed))
+        return self._publish(gated.take, f"clone (best of {n})", fmt, state, gated)
+
+    def _publish(self, result: Result, op: str, fmt: str, state: dict | None, gated: GatedTake | None = None):
         state = _copy_state(state)
         self._prune()
         stem = self.output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
         source = self._write(stem.with_name(stem.name + _LOSSLESS_SUFFIX), encode_lossless(result.audio))
         fmt = fmt if fmt in UI_FORMATS else "wav"
         path = self._write(stem.with_name(f"{stem.name}.{_EXTENSIONS[fmt]}"), encode_audio(result.audio, fmt))
+        # The cheap signal checks (quality/) on every result, or a best-of-N's full report; shown in the
+        # summary and the history.
+        report = gated.report if gated is not None else QualityScorer().score(result.audio, result.text, {"signal"},
+                                                                              seed=result.seed)
+        takes = len(gated.reports) if gated is not None else 1
+        self.metrics.observe_quality("ui_" + op.split(":")[0].split(" ")[0], report, takes=takes)
         state["items"].append({"n": len(state["items"]) + 1, "op": op, "text": result.text, "path": str(path),
                                "source": str(source), "seed": int(result.seed),
-                               "ms": round(result.timings.total_ms, 1)})
+                               "ms": round(result.timings.total_ms, 1), "quality": quality_cell(report)})
         state["base"] = None  # the next edit applies to this new result
         choices = history_choices(state)
-        return (str(path), timing_table(result), summary(result), state,
+        return (str(path), timing_table(result), summary(result) + " · " + quality_line(report, takes), state,
                 gr.update(choices=choices, value=len(state["items"]) - 1), history_table(state), base_note(state))
 
     def _write(self, path: Path, data: bytes) -> Path:
@@ -384,6 +424,42 @@ def summary(result: Result) -> str:
     return " · ".join(parts)
 
 
+def quality_line(report: QualityReport, takes: int = 1) -> str:
+    """A result's checks, for its summary line: the signal checks, and the content and speaker scores
+    when they were measured (best-of-N on an engine with the models)."""
+    signal = report.signal
+    parts = [f"**checks** {signal.lufs:.1f} LUFS" if signal.lufs is not None else "**checks** loudness n/a",
+             f"peak {signal.peak:.2f}"]
+    if signal.duration_ratio is not None:
+        parts.append(f"pace ×{signal.duration_ratio:.2f}")
+    if report.error is not None:
+        parts.append(f"{report.content.measure.upper()} {report.error:.2f}")
+    if report.similarity is not None:
+        parts.append(f"voice similarity {report.similarity:.2f}")
+    if takes > 1:
+        parts.append(f"best of {takes}")
+    parts.append(("⚠ " + ", ".join(f.replace("_", " ") for f in signal.flags)) if signal.flags else "✓ checks ok")
+    return " · ".join(parts)
+
+
+def quality_cell(report: QualityReport) -> str:
+    """A result's checks, short, for the history table."""
+    signal = report.signal
+    cell = f"{signal.lufs:.0f} LUFS" if signal.lufs is not None else "-"
+    if report.error is not None:
+        cell += f"; {report.content.measure.upper()} {report.error:.2f}"
+    if report.similarity is not None:
+        cell += f"; sim {report.similarity:.2f}"
+    return cell + ("; " + ", ".join(signal.flags) if signal.flags else "; ok")
+
+
+def _candidates(value: float | None) -> int:
+    n = 1 if value in (None, "") else int(value)
+    if not 1 <= n <= MAX_CANDIDATES:
+        raise gr.Error(f"Candidates must be from 1 to {MAX_CANDIDATES}.", title="Bad value")
+    return n
+
+
 def history_choices(state: dict) -> list[tuple[str, int]]:
     return [(f"#{item['n']} {item['op']}: {_short(item['text'])}", i) for i, item in enumerate(state["items"])]
 
@@ -392,9 +468,9 @@ def history_table(state: dict) -> str:
     """The clone -> edit chain as a Markdown table (Gradio 6.17's Dataframe does not redraw added rows)."""
     if not state["items"]:
         return "No results yet."
-    lines = ["| # | operation | text | seed | total ms |", "|---:|---|---|---:|---:|"]
+    lines = ["| # | operation | text | seed | total ms | checks |", "|---:|---|---|---:|---:|---|"]
     lines += [f"| {item['n']} | {_cell(item['op'])} | {_cell(_short(item['text'], 60))} | {item['seed']} "
-              f"| {item['ms']:.0f} |" for item in state["items"]]
+              f"| {item['ms']:.0f} | {_cell(item.get('quality', ''))} |" for item in state["items"]]
     return "\n".join(lines)
 
 
