@@ -148,25 +148,17 @@ class Settings:
             raise ValueError(f"torch_threads must be 0 (default) or more, not {self.torch_threads!r}")
         for name in ("port", "concurrency_limit", "cache_max_entries", "cache_max_bytes", "max_text_chars",
                      "ort_intra_op_threads", "ort_inter_op_threads", "flow_steps", "llm_max_rows",
-                     "text_chunk_chars"):
+                     "text_chunk_chars", "queue_size", "max_upload_bytes", "voice_max_count", "voice_max_bytes",
+                     "ws_max_sessions", "ws_max_session_chars", "ws_send_buffer_bytes", "ws_segment_max_wait_ms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
-        for name in ("queue_size", "max_upload_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
-        for name in ("voice_max_count", "voice_max_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
-        # 0 means "off" or "none" for these; a negative value is always a typo.
         if self.llm_step_token_budget <= self.llm_max_rows:
             raise ValueError(f"llm_step_token_budget ({self.llm_step_token_budget}) must exceed llm_max_rows "
                              f"({self.llm_max_rows}): each decoding request takes one token of every step")
-        for name in ("ws_max_sessions", "ws_max_session_chars", "ws_send_buffer_bytes", "ws_segment_max_wait_ms"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
         if not 0 < self.ws_max_session_s < float("inf") or self.ws_clause_min_chars < 0:
             raise ValueError(f"ws_max_session_s must be a positive number of seconds and ws_clause_min_chars 0 or "
                              f"more, not {self.ws_max_session_s!r} and {self.ws_clause_min_chars!r}")
+        # 0 means "off" or "none" for these; a negative value is always a typo.
         for name in ("cache_memory_entries", "llm_max_new_tokens", "stream_prompt_cache_mb"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)!r}")
@@ -238,6 +230,8 @@ class Settings:
             return hosts
         bound = () if self.host in ("0.0.0.0", "::", "") else (self.host.lower(),)
         return tuple(dict.fromkeys(("localhost", "127.0.0.1", "::1", *bound)))
+
+    @property
     def quality_check_list(self) -> tuple[str, ...]:
         """``quality_checks`` split at commas."""
         return tuple(c.strip() for c in self.quality_checks.split(",") if c.strip())

@@ -63,6 +63,16 @@ class QualityReport:
                 out[name] = part.as_dict()
         return out
 
+    def take_scores(self) -> dict[str, float]:
+        """The numbers as a flat mapping (a production take keeps these): ``passed`` 1/0, ``flags`` (how many
+        signal flags), and ``error``, ``similarity``, ``lufs``, ``peak``, ``duration_ratio`` where measured."""
+        out = {"passed": 1.0 if self.passed else 0.0, "flags": float(len(self.flags))}
+        values = {"error": self.error, "similarity": self.similarity}
+        if self.signal is not None:
+            values.update(lufs=self.signal.lufs, peak=self.signal.peak, duration_ratio=self.signal.duration_ratio)
+        out.update({name: float(v) for name, v in values.items() if v is not None})
+        return out
+
     def header(self, **extra) -> str:
         """Compact ASCII JSON for the ``X-Quality`` header: the numbers, without the transcript."""
         body = self.as_dict()

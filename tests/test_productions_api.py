@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+from types import SimpleNamespace
 from urllib.parse import unquote
 
 import httpx
@@ -84,6 +85,21 @@ def test_a_script_is_cast_split_and_every_segment_generated_once(generated, cast
         take = seg["takes"][0]
         assert seg["chosen_take_id"] == take["id"] and take["source"] == "generate"
         assert take["duration_ms"] > 200 and 0 <= take["seed"] < 2**31 and take["timings"]["total_ms"] > 0
+
+
+def test_every_take_carries_the_default_quality_checks_and_a_flag_for_review(generated):
+    from web.ui_script import _review
+
+    takes = [t for seg in generated["segments"] for t in seg["takes"]]
+    assert takes
+    for take in takes:   # the studio's default quality_checks is "signal": every take is measured
+        scores = take["scores"]
+        assert scores["passed"] in (0.0, 1.0) and scores["flags"] >= 0
+        assert scores["peak"] > 0 and -70 < scores["lufs"] < 0
+    ok = SimpleNamespace(scores={"passed": 1.0, "flags": 0.0})
+    assert _review(ok) == "" and _review(None) == "" and _review(SimpleNamespace(scores={})) == ""
+    assert "failed" in _review(SimpleNamespace(scores={"passed": 0.0, "flags": 0.0}))
+    assert "2 signal flag" in _review(SimpleNamespace(scores={"passed": 1.0, "flags": 2.0}))
 
 
 def _decode(data: bytes) -> tuple[np.ndarray, int]:

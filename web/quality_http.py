@@ -120,3 +120,18 @@ def captioned_response(audio: Audio, fmt: str, gated: GatedTake, scorer: Quality
             "sample_rate": audio.sample_rate, "duration_s": round(audio.duration, 3),
             "words": [w.as_dict() for w in words], "quality": gated.as_dict()}
     return JSONResponse(body, headers=headers)
+
+
+def production_scorer(engine, settings):
+    """The productions' quality hook: ``score(audio, text) -> {name: value}`` with the server's default
+    checks (``quality_checks``) that this engine can run, or None when it can run none. Every new take of
+    a production is scored so; the Script tab flags a chosen take that failed or has signal flags."""
+    scorer = scorer_for_engine(engine)
+    checks = frozenset(settings.quality_check_list) & scorer.available_checks()
+    if not checks:
+        return None
+
+    def score(audio: Audio, text: str) -> dict[str, float]:
+        return scorer.score(audio, text, checks).take_scores()
+
+    return score

@@ -38,6 +38,7 @@ from web.admission import Admission, AdmissionGuard
 from web.guards import BodyLimit, FailureLimiter, HostGuard, KeyGuard, OriginGuard
 from web.metrics import Metrics
 from web.ui import EXAMPLES_DIR, build_demo
+from web.quality_http import production_scorer
 from web.uploads import UploadQuota, keep_example_copies, kept_files
 from userdata.db import StoreUnavailable, open_database
 from userdata.legacy import import_voice_folders
@@ -89,6 +90,7 @@ def create_app(engine: Engine, settings: Settings, output_dir: Path | None = Non
     app.state.metrics = Metrics(engine.cache.snapshot, getattr(engine, "llm_backend", None))
     # Health probes and scrapes run here, never in AnyIO's worker threads that engine routes hold.
     app.state.ops_executor = ThreadPoolExecutor(2, thread_name_prefix="studio-ops")
+    app.state.quality_scorer = production_scorer(engine, settings)   # scores every production take
     api_productions.attach(app, engine, settings)   # productions live in the user-data database
     install_error_handlers(app)
     api_productions.install_handlers(app)

@@ -55,7 +55,7 @@ class ScriptHandlers:
             chosen = s.chosen
             rows.append([s.position + 1, s.speaker, s.text, s.state, len(s.takes),
                          chosen.id if chosen else "", round(chosen.duration_ms / 1000, 2) if chosen else "",
-                         problems.get(s.id) or s.note])
+                         problems.get(s.id) or _review(chosen) or s.note])
         return rows
 
     def segment_choices(self, production_id: str | None) -> list[tuple[str, str]]:
@@ -284,3 +284,13 @@ def build_script_tab(service, voices, settings, output_dir: Path, events: dict, 
                      edit_type, edit_info, **named("edit_type", quick))
     render_btn.click(guarded(h.render), [production_id, fmt], [render_audio, render_files, render_summary],
                      **named("render", queued))
+
+
+def _review(take) -> str:
+    """A note when the chosen take's quality scores ask for a listen (failed checks or signal flags)."""
+    if take is None or not take.scores:
+        return ""
+    if take.scores.get("passed", 1.0) < 1.0:
+        return "review: the take failed its quality checks"
+    flags = int(take.scores.get("flags", 0))
+    return f"review: {flags} signal flag(s) (silence, clipping or length)" if flags else ""
