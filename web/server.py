@@ -119,7 +119,7 @@ def create_app(engine: Engine, settings: Settings, output_dir: Path | None = Non
     app.add_middleware(StudioMiddleware)
     warn_if_exposed(settings)
 
-    demo = build_demo(engine, settings, app.state.metrics, output_dir)
+    demo = build_demo(engine, settings, app.state.metrics, output_dir, productions=app.state.productions)
     keep_example_copies(demo)
     auth = _key_login(settings.api_key) if settings.ui_requires_key and settings.api_key else None
     if settings.api_key and not settings.ui_requires_key:
