@@ -4,7 +4,9 @@ Owns: ``DiT`` and its parts (timestep embedder, blocks with attention, causal co
 MLP, final layer), with parameter names equal to the upstream checkpoint's
 (``decoder.estimator.*`` keys of ``flow.pt``). Full (non-causal) attention over the whole
 utterance, as the non-streaming reference runs it; ``forward_cached`` runs one chunk against the
-keys/values and causal-conv tails of earlier frames (the streaming path), returning its own.
+keys/values and causal-conv tails of earlier frames (the streaming path), returning its own;
+``time_conditioning`` gives the terms that depend on t alone, which that path computes once per
+Euler step and reuses for every chunk.
 Does not own: the ODE solver and classifier-free guidance (``decoder/flow.py``), which frames the
 caches keep and for how long (``decoder/streaming.py``).
 

@@ -11,12 +11,18 @@ from (the engine).
 How a stream is decoded (the reference's streaming path, ``token2wav_stream``, in our own terms):
 
 - Token frames (25 Hz; 3 per group of 5 mixed ids) are cut into chunks of ``chunk_frames``
-  (15, 24, then 48 repeated); a chunk is decoded once its frames and the encoder's 3 look-ahead
-  frames have arrived, so the first audio needs 18 frames = 30 LLM ids.
+  (15, 24, 48, 96, then 192 repeated); a chunk is decoded once its frames and the encoder's 3
+  look-ahead frames have arrived, so the first audio needs 18 frames = 30 LLM ids. The first
+  chunk is small because it decides the time to first audio; later ones only have to stay ahead
+  of playback, so they double (each roughly the audio already out), and fewer, longer chunks
+  cost less fixed work per chunk (weights read, per-op overhead, vocoder overlap).
 - Encoder: every chunk attends to all earlier frames (kept in ``EncoderCache``).
 - Flow (DiT, every Euler step): a chunk attends to the prompt's frames, the last
   ``left_context_mel`` generated frames and itself; its causal convolutions continue from the
-  previous chunk's last frames. Keys and values are kept per step, per block.
+  previous chunk's last frames. Keys and values are kept per step, per block; the prompt's are
+  the shared cached ones, joined with the chunk's own in the attention's single copy. The DiT's
+  time-only terms (time embedding, every block's adaLN rows) are the same for every chunk, so
+  they are computed once per step count (``StreamingDecoder.time_conditioning``).
 - Vocoder: each chunk is vocoded together with the last ``overlap_mel`` mel frames of the
   previous one; the samples of those frames, held back from the previous chunk, are cross-faded
   (complementary sin^2/cos^2, so the first sample of a join is the held-back sample itself) into
@@ -68,11 +74,12 @@ FRAMES_PER_GROUP = 3           # 25 Hz token frames per group of 5 mixed ids
 
 @dataclass(frozen=True)
 class StreamConfig:
-    """The chunk schedule. ``chunk_frames``: 25 Hz token frames per chunk (the last size repeats);
+    """The chunk schedule. ``chunk_frames``: 25 Hz token frames per chunk (the last size repeats;
+    the first decides the time to first audio);
     ``overlap_mel``: 50 Hz mel frames re-vocoded and cross-faded at each join; ``left_context_mel``:
     generated mel frames the flow keeps attending to besides the prompt (96 = 1.92 s, as upstream)."""
 
-    chunk_frames: tuple[int, ...] = (15, 24, 48, 96)
+    chunk_frames: tuple[int, ...] = (15, 24, 48, 96, 192)
     overlap_mel: int = 8
     left_context_mel: int = 96
 
