@@ -6,8 +6,9 @@ key segments equals one joined past; the DiT's time-only terms computed once per
 nothing), the chunk schedule (first audio after 15 + 3 token frames, then 24, 48, 96, 192, 192 ...),
 streamed length == non-streamed length, no click at any join, same seed -> same stream, the vocoder
 stream against a whole-clip vocoder pass (phase and F0 carried), the streamed decode against the
-non-streamed one with the same noise (log-mel distance and waveform correlation within stated tolerances; the numbers are in docs/performance.md), and the prompt
-state cache (hit, identical output, byte budget).
+non-streamed one with the same noise (log-mel distance and waveform correlation within stated
+tolerances; the numbers are in docs/performance.md), and the prompt state cache (hit, identical
+output, byte budget).
 """
 
 from __future__ import annotations
