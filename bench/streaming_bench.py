@@ -10,6 +10,15 @@ fader); the non-streamed path is ``AudioDecoder.token2wav`` on the same ids, as 
 TTFA of a non-streamed request is its total. The prompt state is built once (its time is
 reported) and then served from the decoder's cache, as for a stored voice.
 
+Each repeat runs non-streamed then streamed (A, B, A, B, ...), so load from other jobs drifts over
+both alike; rows give medians over the repeats, and the ratios are of medians measured in the same
+process. The load average is printed at the start and the end (a loaded run shows as such).
+The issue-27 targets (CPU): 15 s and 30 s, one stream: streamed total <= 1.10x, TTFA <= 10 % of
+the non-streamed total; 4 streams of 8 s: <= 1.05x:
+
+    PYTHONPATH=$PWD .venv/bin/python bench/streaming_bench.py --seconds 15,30 --concurrency 1,4 \
+        --concurrency-seconds 8 --repeats 3 --threads 2
+
     PYTHONPATH=$PWD .venv/bin/python bench/streaming_bench.py [--seconds 5,15,30] [--concurrency 1,4,8]
         [--concurrency-seconds 5] [--steps 10] [--repeats 1] [--threads 2] [--ids-per-s 0]
 """
@@ -17,6 +26,7 @@ reported) and then served from the decoder's cache, as for a stored voice.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import threading
 import time
@@ -124,6 +134,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(environment_header("cpu", "float32", [f"steps {args.steps}", f"repeats {args.repeats}",
                                                  f"synthetic ids/s {args.ids_per_s or 'instant'}"]))
+    print(f"load average at start: {_load()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         build_folder(Path(tmp))
         decoder = AudioDecoder.from_dir(tmp, n_steps=args.steps)
@@ -147,7 +158,8 @@ def main() -> None:
           f"{time.perf_counter() - start:.2f} s, {streamer.stats()['bytes'] / 2**20:.0f} MiB")
     run_streamed(streamer, backend, bundle, 999, args.steps)
 
-    print("\n| speech s | streams | mode | TTFA ms (mean) | total ms (mean) | TTFA / non-streamed total | "
+    print(f"chunk schedule (token frames): {', '.join(map(str, streamer.config.chunk_frames))} (the last repeats)")
+    print("\n| speech s | streams | mode | TTFA ms (median) | total ms (median) | TTFA / non-streamed total | "
           "total / non-streamed total |")
     print("|---|---|---|---|---|---|---|")
     cases = [(float(s), 1) for s in args.seconds.split(",") if s]
@@ -162,11 +174,17 @@ def main() -> None:
             stream_runs += concurrent(lambda i, seeds=seeds: run_streamed(streamer, backend, bundle, seeds[i],
                                                                           args.steps), n)
         assert all(w[2] == s[2] for w, s in zip(whole_runs, stream_runs)), "streamed length differs"
-        base = float(np.mean([w[1] for w in whole_runs]))
+        base = float(np.median([w[1] for w in whole_runs]))
         for mode, runs in (("non-streamed", whole_runs), ("streamed", stream_runs)):
-            ttfa, total = float(np.mean([r[0] for r in runs])), float(np.mean([r[1] for r in runs]))
+            ttfa, total = float(np.median([r[0] for r in runs])), float(np.median([r[1] for r in runs]))
             print(f"| {seconds:g} | {n} | {mode} | {ttfa:.0f} | {total:.0f} | {ttfa / base:.3f} | {total / base:.2f} |",
                   flush=True)
+    print(f"\nload average at end: {_load()}")
+
+
+def _load() -> str:
+    """The 1, 5 and 15 minute load averages (the machine may be shared)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":

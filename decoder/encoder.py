@@ -126,7 +126,11 @@ class RelPositionAttention(nn.Module):
         """Queries [B, n, H, Dh] at absolute frames offset..offset+n-1 over keys/values [B, H, T, Dh]."""
         b, n = q.shape[:2]
         t = k.size(2)
-        p = self.linear_pos(pos_emb).view(1, -1, self.h, self.d_k).transpose(1, 2)  # [1, H, P, Dh]
+        # Only the relative positions these rows use, [t-1-(offset+n-1), t-1-offset+t-1] of the
+        # table: a chunk after many cached frames projects n+t-1 of them, not all 2t-1.
+        low = t - offset - n
+        p = self.linear_pos(pos_emb[:, low: 2 * t - 1 - offset])
+        p = p.view(1, -1, self.h, self.d_k).transpose(1, 2)                      # [1, H, n+t-1, Dh]
         q_u = (q + self.pos_bias_u).transpose(1, 2)                                # content term
         q_v = (q + self.pos_bias_v).transpose(1, 2)                                # position term
         scale = 1.0 / math.sqrt(self.d_k)
@@ -138,7 +142,8 @@ class RelPositionAttention(nn.Module):
             ac = torch.matmul(q_u[:, :, start:stop], k.transpose(-2, -1))         # [B, H, rows, T]
             # Row i needs relative indices T-1-i+j for j in [0, T): a window of rows+T-1 columns,
             # read diagonally (the "rel_shift" of ESPnet, done with strides instead of a pad).
-            window = torch.matmul(q_v[:, :, start:stop], p[:, :, t - last: 2 * t - 1 - first].transpose(-2, -1))
+            window = torch.matmul(q_v[:, :, start:stop],
+                                  p[:, :, t - last - low: 2 * t - 1 - first - low].transpose(-2, -1))
             window = window.contiguous()                                           # [B, H, rows, rows+T-1]
             w = window.size(-1)
             bd = window.as_strided((b, self.h, rows, t), (self.h * rows * w, rows * w, w - 1, 1),

@@ -4,7 +4,9 @@ Owns: ``DiT`` and its parts (timestep embedder, blocks with attention, causal co
 MLP, final layer), with parameter names equal to the upstream checkpoint's
 (``decoder.estimator.*`` keys of ``flow.pt``). Full (non-causal) attention over the whole
 utterance, as the non-streaming reference runs it; ``forward_cached`` runs one chunk against the
-keys/values and causal-conv tails of earlier frames (the streaming path), returning its own.
+keys/values and causal-conv tails of earlier frames (the streaming path), returning its own;
+``time_conditioning`` gives the terms that depend on t alone, which that path computes once per
+Euler step and reuses for every chunk.
 Does not own: the ODE solver and classifier-free guidance (``decoder/flow.py``), which frames the
 caches keep and for how long (``decoder/streaming.py``).
 
@@ -17,6 +19,8 @@ Shape legend:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -76,18 +80,26 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, t, -1))
 
-    def forward_cached(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
+    def forward_cached(self, x: torch.Tensor, past: Sequence[tuple[torch.Tensor, torch.Tensor]] | None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A chunk [B, n, D] attending to itself and ``past`` (keys, values) [B, H, P, Dh].
+        """A chunk [B, n, D] attending to itself and ``past``: (keys, values) [B, H, P_i, Dh]
+        segments (one pair, or a list of pairs, e.g. prompt / held-back / recent frames).
 
         Returns (out [B, n, D], the chunk's own keys and values [B, H, n, Dh]). The DiT has no
         positional term, so the order of cached frames does not matter (only which are kept).
+        The segments and the chunk are joined in one copy (the streaming path passes the
+        prompt's shared keys as a segment rather than joining them beforehand).
         """
         b, n, _ = x.shape
         q = self.q_norm(self._heads(self.to_q(x)))
         k = self.k_norm(self._heads(self.to_k(x)))
         v = self._heads(self.to_v(x))
-        keys, values = (k, v) if past is None else (torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2))
+        if past is None:
+            keys, values = k, v
+        else:
+            segments = [past] if isinstance(past[0], torch.Tensor) else list(past)
+            keys = torch.cat([s[0] for s in segments] + [k], dim=2)
+            values = torch.cat([s[1] for s in segments] + [v], dim=2)
         out = F.scaled_dot_product_attention(q, keys, values)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1)), k, v
 
@@ -158,11 +170,16 @@ class DiTBlock(nn.Module):
         x = x + gate_conv * self.conv(_modulate(F.layer_norm(x, d, eps=1e-6), shift_conv, scale_conv))
         return x + gate_mlp * self.mlp(_modulate(F.layer_norm(x, d, eps=1e-6), shift_mlp, scale_mlp))
 
-    def forward_cached(self, x: torch.Tensor, c: torch.Tensor, past_kv: tuple | None, conv_cache: tuple | None
-                       ) -> tuple[torch.Tensor, tuple, tuple]:
-        """:meth:`forward` on a chunk; returns (x, the chunk's (keys, values), the new conv cache)."""
+    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The nine shift/scale/gate rows [B, 1, D] for conditioning c [B, 1, D] (depends on t only)."""
+        return self.adaLN_modulation(c).chunk(9, dim=-1)
+
+    def forward_cached(self, x: torch.Tensor, c: torch.Tensor | None, past_kv: tuple | None, conv_cache: tuple | None,
+                       modulation: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, tuple, tuple]:
+        """:meth:`forward` on a chunk; returns (x, the chunk's (keys, values), the new conv cache).
+        ``modulation``: :meth:`modulation` of ``c`` computed beforehand (then ``c`` is not used)."""
         (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
-         shift_conv, scale_conv, gate_conv) = self.adaLN_modulation(c).chunk(9, dim=-1)
+         shift_conv, scale_conv, gate_conv) = modulation if modulation is not None else self.modulation(c)
         d = (x.size(-1),)
         attended, k, v = self.attn.forward_cached(_modulate(F.layer_norm(x, d, eps=1e-6), shift_msa, scale_msa),
                                                   past_kv)
@@ -179,8 +196,13 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         self.linear = nn.Linear(hidden_size, out_channels)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return shift, scale
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None,
+                modulation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        shift, scale = modulation if modulation is not None else self.modulation(c)
         return self.linear(_modulate(F.layer_norm(x, (x.size(-1),), eps=1e-6), shift, scale))
 
 
@@ -212,25 +234,44 @@ class DiT(nn.Module):
             h = block(h, c)
         return self.final_layer(h, c).transpose(1, 2)
 
-    def forward_cached(self, x: torch.Tensor, mu: torch.Tensor, t: torch.Tensor, spks: torch.Tensor,
-                       cond: torch.Tensor, past_kv: list | None, conv_cache: list | None
-                       ) -> tuple[torch.Tensor, list, list]:
+    def time_conditioning(self, t: torch.Tensor) -> "TimeConditioning":
+        """Everything the DiT derives from the time alone (the embedding's MLP and every block's
+        adaLN rows): a chunked decode computes it once per Euler step and reuses it for every
+        chunk, instead of re-reading those weights (a third of the DiT's) for each chunk."""
+        c = self.t_embedder(t).unsqueeze(1)
+        return TimeConditioning(tuple(block.modulation(c) for block in self.blocks), self.final_layer.modulation(c))
+
+    def forward_cached(self, x: torch.Tensor, mu: torch.Tensor, t: torch.Tensor | None, spks: torch.Tensor,
+                       cond: torch.Tensor, past_kv: list | None, conv_cache: list | None,
+                       conditioning: "TimeConditioning | None" = None) -> tuple[torch.Tensor, list, list]:
         """:meth:`forward` on a chunk of frames that follows cached ones.
 
         Parameters:
             x, mu, cond: [B, C, n] for the chunk;  t: [B];  spks: [B, C].
-            past_kv: per block (keys, values) [B, H, P, Dh] of the frames it may attend to, or None.
+            past_kv: per block the (keys, values) [B, H, P, Dh] of the frames it may attend to (one
+                pair or a list of segments, see ``Attention.forward_cached``), or None.
             conv_cache: per block the causal convs' input tails (see ``CausalConvBlock``), or None.
+            conditioning: :meth:`time_conditioning` of ``t`` computed beforehand (``t`` is then unused).
         Returns:
             (velocity [B, C, n], per block the chunk's own (keys, values), per block the new conv cache).
         """
-        c = self.t_embedder(t).unsqueeze(1)
+        if conditioning is None:
+            conditioning = self.time_conditioning(t)
         spk = spks.unsqueeze(-1).expand(-1, -1, x.size(-1))
         h = self.in_proj(torch.cat([x, mu, spk, cond], dim=1).transpose(1, 2))
         new_kv, new_conv = [], []
         for i, block in enumerate(self.blocks):
-            h, kv, conv = block.forward_cached(h, c, past_kv[i] if past_kv else None,
-                                               conv_cache[i] if conv_cache else None)
+            h, kv, conv = block.forward_cached(h, None, past_kv[i] if past_kv else None,
+                                               conv_cache[i] if conv_cache else None, conditioning.blocks[i])
             new_kv.append(kv)
             new_conv.append(conv)
-        return self.final_layer(h, c).transpose(1, 2), new_kv, new_conv
+        return self.final_layer(h, None, conditioning.final).transpose(1, 2), new_kv, new_conv
+
+
+@dataclass(frozen=True)
+class TimeConditioning:
+    """The DiT's t-only terms for one time t: per block the nine adaLN rows, and the final layer's
+    (shift, scale); each [B, 1, D]."""
+
+    blocks: tuple
+    final: tuple

@@ -11,12 +11,18 @@ from (the engine).
 How a stream is decoded (the reference's streaming path, ``token2wav_stream``, in our own terms):
 
 - Token frames (25 Hz; 3 per group of 5 mixed ids) are cut into chunks of ``chunk_frames``
-  (15, 24, then 48 repeated); a chunk is decoded once its frames and the encoder's 3 look-ahead
-  frames have arrived, so the first audio needs 18 frames = 30 LLM ids.
+  (15, 24, 48, 96, then 192 repeated); a chunk is decoded once its frames and the encoder's 3
+  look-ahead frames have arrived, so the first audio needs 18 frames = 30 LLM ids. The first
+  chunk is small because it decides the time to first audio; later ones only have to stay ahead
+  of playback, so they double (each roughly the audio already out), and fewer, longer chunks
+  cost less fixed work per chunk (weights read, per-op overhead, vocoder overlap).
 - Encoder: every chunk attends to all earlier frames (kept in ``EncoderCache``).
 - Flow (DiT, every Euler step): a chunk attends to the prompt's frames, the last
   ``left_context_mel`` generated frames and itself; its causal convolutions continue from the
-  previous chunk's last frames. Keys and values are kept per step, per block.
+  previous chunk's last frames. Keys and values are kept per step, per block; the prompt's are
+  the shared cached ones, joined with the chunk's own in the attention's single copy. The DiT's
+  time-only terms (time embedding, every block's adaLN rows) are the same for every chunk, so
+  they are computed once per step count (``StreamingDecoder.time_conditioning``).
 - Vocoder: each chunk is vocoded together with the last ``overlap_mel`` mel frames of the
   previous one; the samples of those frames, held back from the previous chunk, are cross-faded
   (complementary sin^2/cos^2, so the first sample of a join is the held-back sample itself) into
@@ -68,11 +74,12 @@ FRAMES_PER_GROUP = 3           # 25 Hz token frames per group of 5 mixed ids
 
 @dataclass(frozen=True)
 class StreamConfig:
-    """The chunk schedule. ``chunk_frames``: 25 Hz token frames per chunk (the last size repeats);
+    """The chunk schedule. ``chunk_frames``: 25 Hz token frames per chunk (the last size repeats;
+    the first decides the time to first audio);
     ``overlap_mel``: 50 Hz mel frames re-vocoded and cross-faded at each join; ``left_context_mel``:
     generated mel frames the flow keeps attending to besides the prompt (96 = 1.92 s, as upstream)."""
 
-    chunk_frames: tuple[int, ...] = (15, 24, 48)
+    chunk_frames: tuple[int, ...] = (15, 24, 48, 96, 192)
     overlap_mel: int = 8
     left_context_mel: int = 96
 
@@ -178,18 +185,17 @@ class VocoderStream:
 
 
 class _StepPast:
-    """The attention context of one chunk, per Euler step, joined only when that step runs (so a
-    session holds one step's joined keys/values at a time, not all of them)."""
+    """The attention context of one chunk, per Euler step: per block the list of (keys, values)
+    segments (prompt, held-back prompt frames, recent frames). Nothing is joined here: the
+    attention joins the segments with the chunk's own keys in its one copy, so the prompt's
+    shared keys are never copied into a per-chunk tensor first."""
 
     def __init__(self, parts: list) -> None:
         self.parts = parts
 
     def __getitem__(self, step: int) -> list:
-        if len(self.parts) == 1:
-            return self.parts[0][step]
         blocks = len(self.parts[0][step])
-        return [(torch.cat([p[step][b][0] for p in self.parts], dim=2),
-                 torch.cat([p[step][b][1] for p in self.parts], dim=2)) for b in range(blocks)]
+        return [[p[step][b] for p in self.parts] for b in range(blocks)]
 
 
 class DecodeSession:
@@ -345,13 +351,17 @@ class DecodeSession:
         left = self.config.left_context_mel
         if held_mel:
             self._tail_kv = [[(k[:, :, :held_mel], v[:, :, :held_mel]) for k, v in step] for step in kv]
+        if not left:
+            self._recent_kv = None
+            return
         new = [[(k[:, :, held_mel:], v[:, :, held_mel:]) for k, v in step] for step in kv]
-        if self._recent_kv is not None:
+        # A chunk at least as long as the left context replaces it outright (no join with the old).
+        if self._recent_kv is not None and new[0][0][0].size(2) < left:
             new = [[(torch.cat([ok, k], dim=2), torch.cat([ov, v], dim=2)) for (ok, ov), (k, v) in zip(old, step)]
                    for old, step in zip(self._recent_kv, new)]
         start = max(0, new[0][0][0].size(2) - left)
         self._recent_kv = [[(k[:, :, start:].contiguous(), v[:, :, start:].contiguous()) for k, v in step]
-                           for step in new] if left else None
+                           for step in new]
 
     def close(self) -> None:
         """Drop the session's caches (the prompt state stays with the decoder)."""
@@ -380,6 +390,7 @@ class StreamingDecoder:
         self._building: dict = {}
         self.hits = 0
         self.misses = 0
+        self._conditioning: dict = {}      # n_steps -> per step the DiT's TimeConditioning (t-only terms)
         self.sync = (lambda: torch.cuda.synchronize(base.device)) if base.device.type == "cuda" else (lambda: None)
 
     # ------------------------------------------------------------------ prompt states
@@ -469,6 +480,34 @@ class StreamingDecoder:
         return state
 
     # ------------------------------------------------------------------ flow
+    def _time_steps(self, n_steps: int) -> tuple[list, list]:
+        """The Euler times and increments, accumulated exactly as ``ConditionalCFM.forward`` does."""
+        t_span = cosine_t_span(n_steps, device=self.base.device, dtype=torch.float32)
+        t, dt = t_span[0:1], t_span[1] - t_span[0]
+        times, steps = [], []
+        for step in range(1, n_steps + 1):
+            times.append(t)
+            steps.append(dt)
+            t = t + dt
+            if step < n_steps:
+                dt = t_span[step + 1] - t
+        return times, steps
+
+    @torch.inference_mode()
+    def time_conditioning(self, n_steps: int) -> tuple:
+        """Per Euler step, the DiT's terms that depend on the time alone (``DiT.time_conditioning``,
+        guidance batch of 2). The same for every chunk of every stream, so computed once per step
+        count (a few MB: 2 x 9 x 512 values per block and step)."""
+        with self._lock:
+            cached = self._conditioning.get(n_steps)
+        if cached is None:
+            estimator = self.base.flow.decoder.estimator
+            times, _ = self._time_steps(n_steps)
+            cached = tuple(estimator.time_conditioning(torch.cat([t, t], dim=0)) for t in times)
+            with self._lock:
+                cached = self._conditioning.setdefault(n_steps, cached)
+        return cached
+
     def solve(self, z: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor, n_steps: int,
               past: list | None, conv: list | tuple | None) -> tuple[torch.Tensor, list, list]:
         """The Euler solve of one chunk (as ``ConditionalCFM.forward``, guidance included), with caches.
@@ -480,25 +519,22 @@ class StreamingDecoder:
         decoder = self.base.flow.decoder
         estimator, r = decoder.estimator, decoder.inference_cfg_rate
         dtype = mu.dtype
-        t_span = cosine_t_span(n_steps, device=mu.device, dtype=torch.float32)
+        _, increments = self._time_steps(n_steps)
+        conditioning = self.time_conditioning(n_steps)
         mu_in = torch.cat([mu, torch.zeros_like(mu)], dim=0)
         spks_in = torch.cat([spks, torch.zeros_like(spks)], dim=0)
         cond_in = torch.cat([cond, torch.zeros_like(cond)], dim=0)
         x = z.float()
-        t, dt = t_span[0:1], t_span[1] - t_span[0]
         all_kv, all_conv = [], []
-        for step in range(1, n_steps + 1):
+        for step in range(n_steps):
             x_in = torch.cat([x, x], dim=0).to(dtype)
-            v, kv, new_conv = estimator.forward_cached(x_in, mu_in, torch.cat([t, t], dim=0), spks_in, cond_in,
-                                                       past[step - 1] if past else None,
-                                                       conv[step - 1] if conv else None)
+            v, kv, new_conv = estimator.forward_cached(x_in, mu_in, None, spks_in, cond_in,
+                                                       past[step] if past else None,
+                                                       conv[step] if conv else None, conditioning[step])
             all_kv.append(kv)
             all_conv.append(new_conv)
             v_cond, v_uncond = v.float().chunk(2, dim=0)
-            x = x + dt * ((1.0 + r) * v_cond - r * v_uncond)
-            t = t + dt
-            if step < n_steps:
-                dt = t_span[step + 1] - t
+            x = x + increments[step] * ((1.0 + r) * v_cond - r * v_uncond)
         return x, all_kv, all_conv
 
     # ------------------------------------------------------------------ sessions

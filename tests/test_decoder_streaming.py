@@ -1,12 +1,14 @@
 """decoder/streaming.py and the chunk paths under it, on the tiny decoder fixture (random weights).
 
 Covers: the chunked encoder and DiT equal their whole-sequence forms where they must (one chunk;
-attention rows at an offset), the chunk schedule (first audio after 15 + 3 token frames, then 24,
-48, 48 ...), streamed length == non-streamed length, no click at any join, same seed -> same
-stream, the vocoder stream against a whole-clip vocoder pass (phase and F0 carried), the streamed
-decode against the non-streamed one with the same noise (log-mel distance and waveform
-correlation within stated tolerances; the numbers are in docs/performance.md), and the prompt
-state cache (hit, identical output, byte budget).
+attention rows at an offset, projecting only the relative positions a chunk reads; attention over
+key segments equals one joined past; the DiT's time-only terms computed once per step count change
+nothing), the chunk schedule (first audio after 15 + 3 token frames, then 24, 48, 96, 192, 192 ...),
+streamed length == non-streamed length, no click at any join, same seed -> same stream, the vocoder
+stream against a whole-clip vocoder pass (phase and F0 carried), the streamed decode against the
+non-streamed one with the same noise (log-mel distance and waveform correlation within stated
+tolerances; the numbers are in docs/performance.md), and the prompt state cache (hit, identical
+output, byte budget).
 """
 
 from __future__ import annotations
@@ -84,13 +86,61 @@ def test_relative_attention_rows_at_an_offset_equal_the_whole_pass(decoder, monk
     d = att.h * att.d_k
     x = torch.randn(1, 13, d, generator=torch.Generator().manual_seed(1))
     pos = encoder_module._rel_positions(13, d)
-    with torch.inference_mode():
-        whole = att(x, pos)
-        k = att.linear_k(x).view(1, 13, att.h, att.d_k).transpose(1, 2)
-        v = att.linear_v(x).view(1, 13, att.h, att.d_k).transpose(1, 2)
-        rows, keys, _ = att.forward_cached(x[:, 5:], pos, k[:, :, :5], v[:, :, :5])
+    projected = []
+    hook = att.linear_pos.register_forward_hook(lambda module, args, out: projected.append(out.size(1)))
+    try:
+        with torch.inference_mode():
+            whole = att(x, pos)
+            k = att.linear_k(x).view(1, 13, att.h, att.d_k).transpose(1, 2)
+            v = att.linear_v(x).view(1, 13, att.h, att.d_k).transpose(1, 2)
+            rows, keys, _ = att.forward_cached(x[:, 5:], pos, k[:, :, :5], v[:, :, :5])
+    finally:
+        hook.remove()
     torch.testing.assert_close(rows, whole[:, 5:], atol=1e-5, rtol=1e-5)
     assert keys.size(2) == 13
+    # The whole pass projects all 2·13-1 relative positions; 8 rows after 5 cached frames only the
+    # 8+13-1 they read.
+    assert projected == [25, 20]
+
+
+def test_attention_over_key_segments_equals_one_joined_past(decoder):
+    """The streaming path hands the prompt's, the held-back and the recent keys as separate
+    segments (no per-chunk join of the shared prompt keys): same result, bit for bit."""
+    att = decoder.flow.decoder.estimator.blocks[0].attn
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 6, att.to_q.in_features, generator=g)
+    segments = [(torch.randn(2, att.num_heads, n, att.head_dim, generator=g),
+                 torch.randn(2, att.num_heads, n, att.head_dim, generator=g)) for n in (7, 2, 4)]
+    joined = (torch.cat([s[0] for s in segments], dim=2), torch.cat([s[1] for s in segments], dim=2))
+    with torch.inference_mode():
+        a, ka, va = att.forward_cached(x, segments)
+        b, kb, vb = att.forward_cached(x, joined)
+    assert torch.equal(a, b) and torch.equal(ka, kb) and torch.equal(va, vb) and ka.size(2) == 6
+
+
+def test_time_conditioning_is_computed_once_per_step_count_and_changes_nothing(decoder):
+    """The DiT's t-only terms, computed once per step count and reused for every chunk, give the
+    same velocity as computing them inside each call; the cache holds one entry per step count."""
+    streamer = StreamingDecoder(decoder)
+    first = streamer.time_conditioning(3)
+    assert streamer.time_conditioning(3) is first and len(first) == 3
+    assert streamer.time_conditioning(2) is not first
+    dit = decoder.flow.decoder.estimator
+    g = torch.Generator().manual_seed(12)
+    x, mu, cond = (torch.randn(2, 80, 9, generator=g) for _ in range(3))
+    spks = torch.randn(2, 80, generator=g)
+    times, _ = streamer._time_steps(3)
+    with torch.inference_mode():
+        for t, conditioning in zip(times, first):
+            tt = torch.cat([t, t])
+            inside, kv1, conv1 = dit.forward_cached(x, mu, tt, spks, cond, None, None)
+            given, kv2, conv2 = dit.forward_cached(x, mu, None, spks, cond, None, None, conditioning)
+            assert torch.equal(inside, given) and torch.equal(kv1[-1][0], kv2[-1][0])
+
+
+def test_chunks_double_after_the_first_audio_up_to_192_frames():
+    config = StreamConfig()
+    assert [config.chunk_size(i) for i in range(7)] == [15, 24, 48, 96, 192, 192, 192]
 
 
 def test_dit_without_a_past_equals_its_whole_pass(decoder):
