@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 import tempfile
 import threading
@@ -258,7 +257,6 @@ def part_ttfa(ctx) -> list[tuple[str, str]]:
     import numpy as np
 
     from core.audio_tokens import AUDIO_ID_OFFSET
-    from decoder.streaming import StreamingDecoder
     from llm.backend import GenerationRequest
     from llm.native import NativeBackend
     from llm.sampling import SamplingConfig

@@ -323,7 +323,7 @@ def part_quant(args, device, dtype) -> list[str]:
     rows += ["", f"peak {kind} while building + quantizing the {mode} model: "
              f"{(peak_bytes - after_full) / 2**30:.2f} GiB above the unquantized model alone "
              f"(it is built in full precision first)",
-             f"timed rounds: " + "; ".join(f"{n} " + " / ".join(f"{r:.2f}" for r in v) for n, v in rates.items()),
+             "timed rounds: " + "; ".join(f"{n} " + " / ".join(f"{r:.2f}" for r in v) for n, v in rates.items()),
              ""]
     del full, quant, backends
     return rows + _greedy_agreement(mode, device, dtype)
