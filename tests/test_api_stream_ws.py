@@ -298,6 +298,21 @@ def test_session_limits(studio, voice, tweak):
         read_all(first)
 
 
+def test_each_segment_end_carries_the_quality_checks_asked_for(studio, voice):
+    session = speak(studio, voice, "Hello there. How are you today?", quality=["signal"])
+    ends = session.of("segment.end")
+    assert len(ends) == 2
+    for end in ends:
+        assert end["quality"]["signal"]["peak"] > 0 and isinstance(end["quality"]["passed"], bool)
+        assert end["quality"]["seed"] == end["seed"]
+    quiet = speak(studio, voice, "Hello there.", quality=[])
+    assert quiet.of("segment.end") and all("quality" not in e for e in quiet.of("segment.end"))
+    for asked, word in ((["bogus"], "bogus"), (["speaker"], "speaker")):   # the preview engine has no CAM++
+        refused = speak(studio, voice, "Hello there.", quality=asked)
+        assert refused.close_code == 1007 and not refused.of("segment.start")
+        assert word in refused.of("error")[-1]["error"]["message"]
+
+
 def test_a_session_holds_one_slot_of_the_engine_admission(studio, voice):
     admission = studio.app.state.admission
     before = admission.running

@@ -45,11 +45,13 @@ from core.audio_io import Audio, encode_audio, load_audio
 from core.edit_options import tag_warning
 from core.errors import InputError, StudioError
 from core.instructions import EditStep, parse_instructions
+from core.settings import QUALITY_CHECKS as CHECKS
 from core.settings import Settings
 from tts_engine.contract import CloneOptions, Engine, ResultStream, StreamCancelled, new_seed, validate_edit
 from tts_engine.text_segmenter import Segment, TextSegmenter
 from web.deps import studio_error_status
 from web.guards import OriginGuard
+from web.quality_http import get_scorer
 from web.streaming import pcm_bytes, wav_stream_header
 from web.voices import check_voice_id
 
@@ -88,6 +90,9 @@ class SessionOpen(BaseModel):
     seed: int | None = Field(None, description="segment i uses seed + i; omitted or negative: random")
     instructions: str | None = Field(None, description="edits applied to every segment, e.g. 'sad, whisper'")
     flow_steps: int | None = Field(None, description="flow-matching Euler steps (1..50)")
+    quality: list[str] | None = Field(None, description="checks scored on every segment, reported in its "
+                                      "segment.end (signal, content, speaker); omitted: the server's "
+                                      "quality_checks this engine can run; []: none")
 
 
 @dataclass(frozen=True)
@@ -223,6 +228,8 @@ class _Session:
         self.audio_samples = 0
         self.fmt = "pcm"
         self.seed = 0
+        self.checks: frozenset[str] = frozenset()   # quality checks scored on each segment (docs/quality.md)
+        self.scorer = self.reference = None
 
     # ------------------------------------------------------------------ top level
 
@@ -329,6 +336,7 @@ class _Session:
                                  f"{', '.join(FORMATS)}")
             self.options = CloneOptions(flow_steps=opening.flow_steps)
             self.steps = self._instructions(opening.instructions)
+            self._quality(opening.quality, prompt)
             # The prompt's work (a cache hit for a stored voice) is done now, not in the first segment's latency.
             await anyio.to_thread.run_sync(self.engine.prepare_prompt, prompt)
         except StudioError as exc:
@@ -343,6 +351,21 @@ class _Session:
                           "instructions": [step.label for step in self.steps]})
         if self.fmt == "wav":
             self._send_bytes(wav_stream_header(rate))
+
+    def _quality(self, asked: list[str] | None, prompt: Audio) -> None:
+        """The checks scored on every segment: those asked for (refused at open when this engine cannot
+        run them), else the server's defaults that it can run, as for ``POST /v1/audio/speech``."""
+        scorer = get_scorer(self.ws)
+        if asked is None:
+            checks = frozenset(self.settings.quality_check_list) & scorer.available_checks()
+        else:
+            checks = frozenset(asked)
+            unknown = checks - set(CHECKS)
+            if unknown:
+                raise InputError(f"quality may name {', '.join(CHECKS)}, not {', '.join(sorted(unknown))}")
+            scorer.check_available(checks)
+        if checks:
+            self.checks, self.scorer, self.reference = checks, scorer, scorer.reference(prompt)
 
     def _voice(self, voice) -> tuple[Audio, str]:
         """(prompt clip, its transcript) of the open message's voice. Runs in a worker thread."""
@@ -466,8 +489,13 @@ class _Session:
         self.audio_samples += samples
         self.metrics.observe_timings(ENDPOINT, result.timings)
         log.info(result.timings.log_line(ENDPOINT, f"{self.id}.{segment.index}"))
-        self._send_event({"type": "segment.end", "index": segment.index, "samples": samples,
-                          "seed": result.seed, "timings": result.timings.as_dict()})
+        end = {"type": "segment.end", "index": segment.index, "samples": samples, "seed": result.seed,
+               "timings": result.timings.as_dict()}
+        if self.checks:   # scored once the segment's audio is all out, so it never delays a chunk
+            report = await anyio.to_thread.run_sync(lambda: self.scorer.score(
+                result.audio, segment.spoken, self.checks, self.reference, seed=result.seed))
+            end["quality"] = report.as_dict()
+        self._send_event(end)
 
     def _edited_stream(self, text: str, seed: int, steps: tuple[EditStep, ...]) -> ResultStream:
         """The stream whose chunks are the segment's audio: the clone's, or (with edits) the last edit's, the
