@@ -39,9 +39,9 @@ import numpy as np
 
 from common import cells, environment_header, summary
 from core.audio_io import Audio
-from funasr_cache.store import PromptCache, audio_digest
+from funasr_cache.store import PromptCache, PromptEntry, audio_digest
 from userdata.db import Database
-from userdata.voices import StoredPrompt, VoiceStore
+from userdata.voices import VoiceStore
 
 NS_TOKENS, NS_FEATURES = "tokens@bench/v1", "prompt_features@bench/v1"
 
@@ -51,14 +51,14 @@ def voice_clip(seed: int) -> Audio:
     return Audio((0.2 * rng.standard_normal(240_000)).astype(np.float32), 24000)
 
 
-def prompts_for(audio: Audio) -> tuple[StoredPrompt, ...]:
+def prompts_for(audio: Audio) -> tuple[PromptEntry, ...]:
     digest = audio_digest(audio.samples, audio.sample_rate)
     rng = np.random.default_rng(1)
     tokens = {"vq02": rng.integers(0, 1024, 167).tolist(), "vq06": rng.integers(0, 4096, 250).tolist()}
     features = {"mel": rng.standard_normal((80, 500)).astype(np.float32),
                 "embedding": rng.standard_normal(192).astype(np.float32)}
-    return (StoredPrompt("tokens", NS_TOKENS, digest, tokens, {}, 2.5),
-            StoredPrompt("prompt_features", NS_FEATURES, digest, {"frames": 500}, features, 0.8))
+    return (PromptEntry("tokens", NS_TOKENS, digest, tokens, {}, 2.5),
+            PromptEntry("prompt_features", NS_FEATURES, digest, {"frames": 500}, features, 0.8))
 
 
 def run_clients(clients: int, calls: int, fn) -> tuple[list[float], float]:

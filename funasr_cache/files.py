@@ -65,6 +65,19 @@ class CacheEntry:
     created_at: float = 0.0
 
 
+@dataclass(frozen=True)
+class PromptEntry:
+    """One prompt-cache entry of a clip as it leaves the cache: carried in a voice bundle, or kept with a
+    stored voice in the user-data database (so the engine and the store share this one type)."""
+
+    kind: str
+    namespace: str
+    digest: str
+    payload: Mapping
+    arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
+    cost_s: float = 0.0
+
+
 class EntryMeta:
     """Index record of one entry on disk: recency (the JSON's mtime, ns), bytes (JSON + sidecar) and
     the sidecar's file name (None without arrays). Mutable: a hit updates ``recency_ns``."""

@@ -62,6 +62,7 @@ from funasr_cache.files import (  # noqa: F401  (public names, defined there sin
     FOLDER,
     FORMAT,
     CacheEntry,
+    PromptEntry,
     EntryMeta,
     SidecarGone,
     atomic_write,

@@ -14,10 +14,10 @@ import pytest
 
 from core.audio_io import Audio
 from core.timings import Timer
-from funasr_cache.store import PromptCache, audio_digest
+from funasr_cache.store import PromptCache, PromptEntry, audio_digest
 from tts_engine.prompt_fetch import PromptKind, fetch_prompt
 from userdata.db import Database, StoreUnavailable
-from userdata.voices import StoredPrompt, VoiceStore
+from userdata.voices import VoiceStore
 
 NS = "bench-kind@0123/v1"
 
@@ -34,7 +34,7 @@ def store(tmp_path, clip):
     store = VoiceStore(db)
     digest = audio_digest(clip.samples, clip.sample_rate)
     store.create(clip, "stored words", "stored",
-                 prompts=(StoredPrompt("features", NS, digest, {"frames": 3}, {"mel": np.ones((2, 3), np.float32)}, 1.5),))
+                 prompts=(PromptEntry("features", NS, digest, {"frames": 3}, {"mel": np.ones((2, 3), np.float32)}, 1.5),))
     yield store
     db.close()
 

@@ -21,9 +21,9 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 
 from core.audio_io import Audio
-from funasr_cache.store import audio_digest
+from funasr_cache.store import PromptEntry, audio_digest
 from userdata.db import Database
-from userdata.voices import StoredPrompt, VoiceNotFound, VoiceStore
+from userdata.voices import VoiceNotFound, VoiceStore
 
 VOICE = "durable-voice"
 FORK = multiprocessing.get_context("fork")
@@ -35,10 +35,10 @@ def _clip() -> Audio:
     return Audio(channels.mean(axis=0), 16000, channels=channels)
 
 
-def _prompts(audio: Audio) -> tuple[StoredPrompt, ...]:
+def _prompts(audio: Audio) -> tuple[PromptEntry, ...]:
     digest = audio_digest(audio.samples, audio.sample_rate)
-    return (StoredPrompt("tokens", "tok@1/v1", digest, {"n": 4}, {"codes": np.arange(4, dtype=np.int64)}, 0.3),
-            StoredPrompt("features", "feat@1/v1", digest, {"m": 1}, {"mel": np.ones((2, 3), np.float32)}, 0.2))
+    return (PromptEntry("tokens", "tok@1/v1", digest, {"n": 4}, {"codes": np.arange(4, dtype=np.int64)}, 0.3),
+            PromptEntry("features", "feat@1/v1", digest, {"m": 1}, {"mel": np.ones((2, 3), np.float32)}, 0.2))
 
 
 def _child(url: str, op: str, pause_at: int, pipe) -> None:

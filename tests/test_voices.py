@@ -23,11 +23,11 @@ from sqlalchemy import text
 
 from core.audio_io import Audio, load_audio
 from core.errors import InputError
-from funasr_cache.store import audio_digest
+from funasr_cache.store import PromptEntry, audio_digest
 from llm.prompts import clone_speaker_id
 from userdata.db import Database
 from userdata.legacy import import_voice_folders
-from userdata.voices import StoredPrompt, VoiceExists, VoiceQuotaExceeded
+from userdata.voices import VoiceExists, VoiceQuotaExceeded
 from web.voices import BundleEntry, VoiceNotFound, VoiceStore, check_voice_id, export_bundle, read_bundle
 
 KEY = "a deployment secret of 32 chars"
@@ -146,8 +146,8 @@ def test_prompt_entries_travel_with_the_voice_and_blobs_are_shared(store):
     audio = _audio(4)
     digest = audio_digest(audio.samples, audio.sample_rate)
     codes = np.arange(12, dtype=np.int64).reshape(3, 4)
-    prompts = (StoredPrompt("tokens", "tok@abc/v1", digest, {"n": 12}, {"codes": codes}, 0.7),
-               StoredPrompt("tokens", "tok@abc/v1", "0" * 64, {"n": 1}, {}, 0.1))   # another clip: skipped
+    prompts = (PromptEntry("tokens", "tok@abc/v1", digest, {"n": 12}, {"codes": codes}, 0.7),
+               PromptEntry("tokens", "tok@abc/v1", "0" * 64, {"n": 1}, {}, 0.1))   # another clip: skipped
     first = store.create(audio, "shared clip", "a", prompts=prompts)
     second = store.create(audio, "shared clip", "b", prompts=prompts[:1])
     payload, arrays, cost = store.fetch("tokens", "tok@abc/v1", digest)
@@ -159,7 +159,7 @@ def test_prompt_entries_travel_with_the_voice_and_blobs_are_shared(store):
     store.delete(first.id)
     assert np.array_equal(store.audio(second.id).samples, audio.samples)
     assert store.fetch("tokens", "tok@abc/v1", digest) is not None
-    assert store.add_prompts(second.id, (StoredPrompt("tokens", "tok@new/v1", digest, {}, {}, 0.2),)) == 1
+    assert store.add_prompts(second.id, (PromptEntry("tokens", "tok@new/v1", digest, {}, {}, 0.2),)) == 1
     store.delete(second.id)
     assert _blob_count(store) == 0
 
@@ -213,7 +213,7 @@ def test_old_voice_folders_are_imported_once_and_verified(store, tmp_path):
     (root / "broken" / "voice.json").write_text("{not json")
     (root / ".tmp-half-abcd").mkdir()
 
-    report = import_voice_folders(store, root, lambda audio, digest: (StoredPrompt("k", "n@1/v1", digest, {"a": 1}),))
+    report = import_voice_folders(store, root, lambda audio, digest: (PromptEntry("k", "n@1/v1", digest, {"a": 1}),))
     assert sorted(report.imported) == ["old-one", "old-two"] and list(report.kept) == ["broken"]
     assert sorted(p.name for p in root.iterdir()) == ["broken"]    # verified folders went; .tmp-* too
     voice = store.get("old-one")

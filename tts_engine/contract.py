@@ -30,13 +30,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Generator, Iterator, Mapping
 
-import numpy as np
-
 from core.audio_io import Audio, AudioSource
 from core.edit_options import EDIT_TYPES
 from core.errors import InputError
 from core.timings import StageTimings
 from core.transcript import Transcript
+from funasr_cache.store import PromptEntry
 
 log = logging.getLogger(__name__)
 # progress(fraction in [0, 1], description)
@@ -126,18 +125,6 @@ class PromptReport:
     misses: frozenset[str]
     timings: StageTimings
     namespaces: Mapping[str, str] = field(default_factory=dict)  # kind -> cache namespace
-
-
-@dataclass(frozen=True)
-class PromptEntry:
-    """One prompt-cache entry of a clip, as a voice bundle carries it."""
-
-    kind: str
-    namespace: str
-    digest: str
-    payload: Mapping
-    arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
-    cost_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,12 @@ from typing import Callable
 
 from core.audio_io import Audio, load_audio
 from core.errors import InputError
-from funasr_cache.store import audio_digest
-from userdata.voices import VOICE_ID, StoredPrompt, VoiceExists, VoiceNotFound, VoiceStore
+from funasr_cache.store import PromptEntry, audio_digest
+from userdata.voices import VOICE_ID, VoiceExists, VoiceNotFound, VoiceStore
 
 log = logging.getLogger(__name__)
 
-PromptsFor = Callable[[Audio, str], "tuple[StoredPrompt, ...]"]
+PromptsFor = Callable[[Audio, str], "tuple[PromptEntry, ...]"]
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Owns: voice ids (made here as ``[a-z0-9-]``, never from a caller's path; every id a caller gives
 is checked with ``VOICE_ID.fullmatch`` before it reaches a query), the :class:`Voice` record,
 creating, reading, listing and deleting voices, the voice quotas (count and bytes), the prompt-cache
-entries stored with each voice (:class:`StoredPrompt`) and looking them up by cache key for other
+entries stored with each voice (:class:`PromptEntry`) and looking them up by cache key for other
 hosts (:meth:`VoiceStore.fetch`, the ``funasr_cache.PromptSource`` the studio installs), and the
 one-time import of the old ``<cache_dir>/voices/<id>/`` folders (``userdata.legacy``).
 Does not own: what is kept of the clip (``userdata.voice_audio``), the database and its transactions
@@ -34,7 +34,7 @@ from sqlalchemy.exc import IntegrityError
 
 from core.audio_io import Audio
 from core.errors import InputError, StudioError
-from funasr_cache.store import audio_digest
+from funasr_cache.store import PromptEntry, audio_digest
 from userdata import blobs
 from userdata.db import Database, first_row
 from userdata.schema import blobs as blobs_table
@@ -77,18 +77,6 @@ class Voice:
         data = asdict(self)
         data["namespaces"] = dict(self.namespaces)
         return data
-
-
-@dataclass(frozen=True)
-class StoredPrompt:
-    """One prompt-cache entry kept with a voice (the fields of ``tts_engine.contract.PromptEntry``)."""
-
-    kind: str
-    namespace: str
-    digest: str
-    payload: Mapping
-    arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
-    cost_s: float = 0.0
 
 
 def check_voice_id(voice_id: str) -> str:
@@ -138,7 +126,7 @@ class VoiceStore:
     # ------------------------------------------------------------------ writes
 
     def create(self, audio: Audio, transcript: str, name: str = "", namespaces: Mapping[str, str] | None = None,
-               voice_id: str | None = None, prompts: tuple[StoredPrompt, ...] = (),
+               voice_id: str | None = None, prompts: tuple[PromptEntry, ...] = (),
                created_at: float | None = None) -> Voice:
         """Store a voice (and the prompt entries computed for its clip) in one transaction.
 
@@ -249,7 +237,7 @@ class VoiceStore:
                 raise VoiceNotFound(f"no voice with id {voice_id!r}")   # another host deleted it first
             return blobs.release(conn, refs)
 
-    def add_prompts(self, voice_id: str, prompts: tuple[StoredPrompt, ...]) -> int:
+    def add_prompts(self, voice_id: str, prompts: tuple[PromptEntry, ...]) -> int:
         """Store entries for a voice's clip that it does not have yet (e.g. under a new model's
         namespace); returns how many were added. Quota-free: they replace what a model change
         made stale, and are bounded by the kinds an engine has."""
@@ -352,7 +340,7 @@ class VoiceStore:
             row = conn.execute(select(voices.c.namespaces).order_by(voices.c.created_at.desc()).limit(1)).first()
         return json.loads(row[0]) if row else {}
 
-    def prompts(self, voice_id: str) -> tuple[StoredPrompt, ...]:
+    def prompts(self, voice_id: str) -> tuple[PromptEntry, ...]:
         """The prompt entries stored with a voice (empty when none or no such voice)."""
         check_voice_id(voice_id)
         with self.db.read() as conn:
@@ -379,7 +367,7 @@ class VoiceStore:
             data = bytes(row.data) if row.arrays_sha256 else None
             if data is not None and blobs.sha256_hex(data) != row.arrays_sha256:
                 raise blobs.BlobCorrupt(f"stored data {row.arrays_sha256[:12]} is damaged")
-            prompt = StoredPrompt(row.kind, row.namespace, row.digest, json.loads(row.payload), _unpack_arrays(data),
+            prompt = PromptEntry(row.kind, row.namespace, row.digest, json.loads(row.payload), _unpack_arrays(data),
                                   float(row.cost_s))
         except (KeyError, ValueError, OSError, TypeError, blobs.BlobCorrupt) as exc:
             log.warning("stored prompt entry %s/%s %s is unreadable (%s); it will be computed", kind, namespace,
@@ -412,7 +400,7 @@ class VoiceStore:
         One indexed read when no voice has the clip. Returns how many voices took it."""
         with self.db.read(snapshot=False) as conn:
             ids = [voice_id for (voice_id,) in conn.execute(select(voices.c.id).where(voices.c.digest == digest))]
-        prompt = StoredPrompt(kind, namespace, digest, dict(payload), dict(arrays), float(cost_s))
+        prompt = PromptEntry(kind, namespace, digest, dict(payload), dict(arrays), float(cost_s))
         taken = sum(self.add_prompts(voice_id, (prompt,)) for voice_id in ids)
         if taken:
             log.info("kept a new %s entry (%s) with %d stored voice(s) of clip %s", kind, namespace, taken, digest[:12])
@@ -425,6 +413,6 @@ def _voice(row) -> Voice:
                  created_at=float(row.created_at), namespaces=json.loads(row.namespaces))
 
 
-def _prompt(conn, row) -> StoredPrompt:
+def _prompt(conn, row) -> PromptEntry:
     arrays = _unpack_arrays(blobs.get(conn, row.arrays_sha256)) if row.arrays_sha256 else {}
-    return StoredPrompt(row.kind, row.namespace, row.digest, json.loads(row.payload), arrays, float(row.cost_s))
+    return PromptEntry(row.kind, row.namespace, row.digest, json.loads(row.payload), arrays, float(row.cost_s))

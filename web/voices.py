@@ -52,8 +52,7 @@ import numpy as np
 
 from core.audio_io import Audio, load_audio
 from core.errors import InputError
-from funasr_cache.store import audio_digest
-from tts_engine.contract import PromptEntry
+from funasr_cache.store import PromptEntry, audio_digest
 from userdata.voice_audio import read_speaker, unpack_audio
 from userdata.voices import VOICE_ID, Voice, VoiceExists, VoiceNotFound, VoiceStore, check_voice_id  # noqa: F401
 
