@@ -43,10 +43,10 @@ from tts_engine.contract import CloneOptions, Engine, validate_edit, validate_it
 from userdata.db import Database
 from web import api_productions, api_voices
 from web.deps import APIError, get_db, get_engine, get_metrics, get_settings, get_voices, jsonable, link_cancel, read_upload, require_api_key, result_headers, run_engine
+from web.long_edits import long_edit_response
 from web.metrics import CONTENT_TYPE
 from web.quality_http import QualityOptions, captioned_response, check_request, parse_form_options, quality_header, request_gates, run_gated
 from web.streaming import check_stream_format, start_stream, stream_response
-from web.long_edits import long_edit_response
 from web.voices import VoiceStore, check_voice_id
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,8 @@ files) ask for a login whose password is the key (any user name; ``gradio_client
 key before their body is read (``web.guards.KeyGuard``). Every request must name an allowed host
 (``HostGuard``, against DNS rebinding); state-changing requests anywhere (Gradio's included) refuse
 other sites' browsers (``OriginGuard``); CORS is added only for ``cors_origins``; engine routes are
-admitted by ``web.admission``. docs/security.md has the threat model.
+admitted by ``web.admission``. docs/security.md has the threat model. Productions (``web.api_productions``,
+the Script tab) share the database; their takes are scored by ``app.state.quality_scorer``.
 """
 
 from __future__ import annotations
@@ -32,16 +33,16 @@ from gradio.utils import get_upload_folder
 
 from core.settings import Settings
 from tts_engine.contract import Engine
-from web import api, api_productions, api_stream_ws, api_voices
-from web.deps import StudioMiddleware, install_error_handlers
-from web.admission import Admission, AdmissionGuard
-from web.guards import BodyLimit, FailureLimiter, HostGuard, KeyGuard, OriginGuard
-from web.metrics import Metrics
-from web.ui import EXAMPLES_DIR, build_demo
-from web.quality_http import production_scorer
-from web.uploads import UploadQuota, keep_example_copies, kept_files
 from userdata.db import StoreUnavailable, open_database
 from userdata.legacy import import_voice_folders
+from web import api, api_productions, api_stream_ws, api_voices
+from web.admission import Admission, AdmissionGuard
+from web.deps import StudioMiddleware, install_error_handlers
+from web.guards import BodyLimit, FailureLimiter, HostGuard, KeyGuard, OriginGuard
+from web.metrics import Metrics
+from web.quality_http import production_scorer
+from web.ui import EXAMPLES_DIR, build_demo
+from web.uploads import UploadQuota, keep_example_copies, kept_files
 from web.voice_prompts import cached_prompts
 from web.voices import VoiceStore
 

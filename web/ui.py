@@ -29,8 +29,8 @@ import gradio as gr
 
 from core.edit_options import LANGUAGE_TAGS, PARALINGUISTIC_TAGS
 from core.settings import Settings
-from tts_engine.contract import MAX_EDIT_ITERATIONS, EditCapability, Engine
 from quality.gates import MAX_CANDIDATES
+from tts_engine.contract import MAX_EDIT_ITERATIONS, EditCapability, Engine
 from web.metrics import Metrics
 from web.ui_handlers import CLEAR_CONFIRMATION, UI_FORMATS, Handlers, base_note, guarded, history_table, new_state
 from web.ui_script import build_script_tab
