@@ -37,8 +37,11 @@ A part that cannot run fails: its row says FAILED with the reason, the rest stil
 ``--dry-run`` runs every part on the CPU with tiny dimensions and few steps (the test suite does, so the
 script cannot rot); its numbers mean nothing.
 
-    python bench/gpu_check.py --all [--parts llm,ttfa,stream,vq02,tf32] [--dry-run]
-    python bench/gpu_check.py [--dtype float32] [--no-tf32]          # the engine smoke check
+    PYTHONPATH=$PWD python3 bench/gpu_check.py --all [--parts llm,ttfa,stream,vq02,tf32] [--dry-run]
+    PYTHONPATH=$PWD python3 bench/gpu_check.py [--dtype float32] [--no-tf32]   # the engine smoke check
+
+(from the repository root: ``PYTHONPATH`` makes the project's packages importable where no venv has it
+installed, as on the lent GPU machine; ``bench/`` itself is on the path when the file runs as a script.)
 """
 
 from __future__ import annotations
@@ -54,8 +57,6 @@ import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:          # run as a file: our packages are at the repository root
-    sys.path.insert(0, str(ROOT))
 
 STAND_INS = ("soundfile", "soxr", "librosa", "kaldi_native_fbank")
 PARTS = ("llm", "ttfa", "stream", "vq02", "tf32")
@@ -347,8 +348,7 @@ def part_vq02(ctx) -> list[tuple[str, str]]:
         if ctx.dry:
             folder = ROOT / "tests" / "fixtures" / "tokenizer" / "Step-Audio-Tokenizer" / FUNASR_SUBDIR
         else:
-            sys.path.insert(0, str(ROOT / "bench"))
-            from tokenizer_bench import build_real_size
+            from tokenizer_bench import build_real_size   # bench/ is sys.path[0] when run as a script
 
             folder = build_real_size(Path(tmp)) / FUNASR_SUBDIR
         stream = ParaformerStream.load(folder, ctx.device, encoder_mode="parallel")
