@@ -52,20 +52,6 @@ Key = tuple[str, str]  # (folder, digest): an entry's place on disk
 
 
 @dataclass(frozen=True)
-class CacheEntry:
-    """One cached value. ``payload`` went through JSON (lists, not tuples or numpy); arrays are
-    read-only. Both are shared with other callers: do not mutate."""
-
-    kind: str
-    namespace: str
-    digest: str
-    payload: Mapping
-    arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
-    cost_s: float = 0.0
-    created_at: float = 0.0
-
-
-@dataclass(frozen=True)
 class PromptEntry:
     """One prompt-cache entry of a clip as it leaves the cache: carried in a voice bundle, or kept with a
     stored voice in the user-data database (so the engine and the store share this one type)."""
@@ -76,6 +62,14 @@ class PromptEntry:
     payload: Mapping
     arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
     cost_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class CacheEntry(PromptEntry):
+    """One cached value: a :class:`PromptEntry` plus when it was stored. ``payload`` went through JSON
+    (lists, not tuples or numpy); arrays are read-only. Both are shared with other callers: do not mutate."""
+
+    created_at: float = 0.0
 
 
 class EntryMeta:
