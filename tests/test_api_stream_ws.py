@@ -83,10 +83,13 @@ def open_message(voice, **extra) -> str:
 
 def speak(studio, voice, text, step=4, headers=AUTH, **extra) -> Session:
     with connect(ws_url(studio), additional_headers=headers, max_size=None) as ws:
-        ws.send(open_message(voice, **extra))
-        for i in range(0, len(text), step):
-            ws.send(json.dumps({"type": "text", "text": text[i:i + step]}))
-        ws.send(json.dumps({"type": "close"}))
+        try:
+            ws.send(open_message(voice, **extra))
+            for i in range(0, len(text), step):
+                ws.send(json.dumps({"type": "text", "text": text[i:i + step]}))
+            ws.send(json.dumps({"type": "close"}))
+        except ConnectionClosed:
+            pass   # a refused session may be closed by the server before the client has sent everything
         return read_all(ws)
 
 
