@@ -14,11 +14,14 @@ its decoder cut to 1 block, so this side is underestimated), and the speaker che
 (the tiny fixture model: underestimated too; the real one is ~7 M parameters).
 ``batch``: best-of-3 through ``quality.gates.generate_gated`` (three takes started together; the
 LLM rows share decode steps) against three sequential takes, interleaved, no scoring in either.
+``asr``: the timed recognition the content check and word timestamps run (``tokenizer.asr``: funasr's
+streaming loop run by the studio, keeping the CIF weights) against funasr's own ``generate`` (text only)
+on the same real-size Paraformer and clip, interleaved: what the word times cost.
 ``accuracy``: the test models of tests/test_quality.py on eSpeak NG clips -- PocketSphinx (closed
 vocabulary) WER for the right and a wrong text, Resemblyzer similarity for the same and a different
 voice, and the share of word timestamps whose middle falls in the word's audible span.
 
-    PYTHONPATH=$PWD .venv/bin/python bench/quality_bench.py [--part cost,batch,accuracy] [--layers 2]
+    PYTHONPATH=$PWD .venv/bin/python bench/quality_bench.py [--part cost,batch,asr,accuracy] [--layers 2]
         [--seconds 3] [--repeats 3] [--steps 10] [--batch-what llm,whole]
 """
 
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 
 from common import ROOT, environment_header, summary, inline
-from core.audio_io import Audio, load_audio
+from core.audio_io import Audio, load_audio, resample
 from core.settings import FUNASR_SUBDIR
 # Everything is imported before any work: a run takes many minutes, and the tree may change meanwhile.
 from decoder.model import AudioDecoder
@@ -51,7 +54,7 @@ from quality.report import QualityScorer
 from quality.speaker import score_speaker
 from quality.timestamps import word_timestamps
 from testkit.quality_models import PocketSphinxRecognizer, ResemblyzerEmbedder
-from tokenizer.asr import Transcriber
+from tokenizer.asr import CHUNK_SIZE, DECODER_LOOK_BACK, ENCODER_LOOK_BACK, Transcriber
 from tokenizer_bench import real_size_folder
 
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -113,6 +116,36 @@ def part_cost(args, maker: TakeMaker, tmp: Path) -> list[str]:
         med = float(np.median(values))
         rows.append(f"| {name} | {med:.1f} | {100.0 * med / g['median']:.2f} % |")
     return rows
+
+
+def part_asr(args, tmp: Path) -> list[str]:
+    folder = real_size_folder(tmp / "asr")
+    transcriber = Transcriber(folder / FUNASR_SUBDIR)
+    clip = load_audio(FIXTURES / "prompt_22k.wav")
+    samples = np.ascontiguousarray(resample(clip.samples, clip.sample_rate, 16000), dtype=np.float32)
+    auto = transcriber._model()
+
+    def generate() -> None:
+        auto.generate(input=samples, cache={}, is_final=True, chunk_size=list(CHUNK_SIZE),
+                      encoder_chunk_look_back=ENCODER_LOOK_BACK, decoder_chunk_look_back=DECODER_LOOK_BACK,
+                      disable_pbar=True)
+
+    generate()
+    transcriber.transcribe(clip)                       # warm-up both
+    timed, plain, words = [], [], 0
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        words = len(transcriber.transcribe(clip).words)
+        timed.append((time.perf_counter() - start) * 1000.0)
+        start = time.perf_counter()
+        generate()
+        plain.append((time.perf_counter() - start) * 1000.0)
+    t, p = summary(timed), summary(plain)
+    return [f"ASR of a {clip.duration:.2f} s clip, real-size Paraformer encoder (decoder cut to 1 block), "
+            f"{args.repeats} interleaved runs", "", "| recognition | median ms | |", "|---|---:|---|",
+            f"| funasr generate (text only) | {p['median']:.1f} | {inline(p, 1)} |",
+            f"| studio loop (text + CIF word times, {words} timed words) | {t['median']:.1f} | {inline(t, 1)} |",
+            f"| ratio (timed / text only) | {t['median'] / p['median']:.3f}x | |"]
 
 
 def part_batch(args, maker: TakeMaker) -> list[str]:
@@ -191,7 +224,7 @@ def part_accuracy() -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="cost,batch,accuracy")
+    parser.add_argument("--part", default="cost,batch,asr,accuracy")
     parser.add_argument("--layers", type=int, default=2, help="Step1 layers (32 shipped)")
     parser.add_argument("--seconds", type=float, default=3.0, help="speech per take")
     parser.add_argument("--prompt", type=int, default=200, help="LLM prompt ids (a clone prompt is ~200-600)")
@@ -217,6 +250,8 @@ def main() -> None:
                         print("\n" + "\n".join(fn()), flush=True)
             finally:
                 maker.backend.close()
+        if "asr" in parts:
+            print("\n" + "\n".join(part_asr(args, tmp)), flush=True)
         if "accuracy" in parts:
             print("\n" + "\n".join(part_accuracy()), flush=True)
     print(f"\nload at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")

@@ -1,6 +1,7 @@
 """The value types of a production, as they cross module boundaries (frozen dataclasses).
 
-Owns: ``Production``, ``Segment``, ``Take``, ``Caption`` and their JSON forms, and ``ProductionNotFound``.
+Owns: ``Production``, ``Segment``, ``Take``, ``TakeCheck``, ``Caption`` and their JSON forms, and
+``ProductionNotFound``.
 Does not own: storing them (``userdata.productions``), making them (``productions.service``).
 
 A segment is *pending* while it has no chosen take: changing its text, voice or instructions drops the
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Mapping
 
 from core.errors import InputError
+from core.transcript import Word
 
 class ProductionNotFound(InputError):
     """No production (or segment, or take of it) has this id (404 at the HTTP edge)."""
@@ -41,11 +43,21 @@ class Take:
     timings: Mapping[str, float] = field(default_factory=dict)   # stage -> ms, plus total_ms
     scores: Mapping[str, float] = field(default_factory=dict)    # quality scores, where a scorer exists
     note: str = ""
+    words: tuple[Word, ...] = ()   # what the recogniser heard, timed from the take's start (word captions)
 
     def to_json(self) -> dict:
         data = asdict(self)
         data["timings"], data["scores"] = dict(self.timings), dict(self.scores)
+        data["words"] = [w.as_dict() for w in self.words]
         return data
+
+
+@dataclass(frozen=True)
+class TakeCheck:
+    """What the quality hook found in a new take: its scores and, with a timed recogniser, its words."""
+
+    scores: Mapping[str, float] = field(default_factory=dict)
+    words: tuple[Word, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -124,7 +136,8 @@ class Production:
 
 @dataclass(frozen=True)
 class Caption:
-    """Where one segment's chosen take lies in a render: samples ``[start, end)`` at ``sample_rate``."""
+    """Where one segment's chosen take lies in a render: samples ``[start, end)`` at ``sample_rate``;
+    ``words``: the segment's script words with their times in the render (seconds), when known."""
 
     segment_id: str
     speaker: str
@@ -132,6 +145,7 @@ class Caption:
     start_sample: int
     end_sample: int
     sample_rate: int
+    words: tuple[Word, ...] = ()
 
     @property
     def start_s(self) -> float:

@@ -4,7 +4,7 @@ Owns: the render's name (a hash of everything that decides it: format, loudness 
 every segment's chosen take, pause, cue, speaker and text -- the same recipe is rendered once and reused),
 writing the four files so that a reader never sees half of one (several processes share the cache folder;
 the manifest is written last, its presence means the render is whole), and the manifest itself (segments,
-chosen takes, seeds, sources, sample positions, loudness, engine and model namespaces), from which the
+chosen takes, seeds, sources, sample positions, timed words, loudness, engine and model namespaces), from which the
 render can be reproduced.
 Does not own: joining and loudness (``productions.render``), caption text (``productions.captions``), which
 takes are chosen or whether a production may be rendered (``productions.service``).
@@ -28,7 +28,7 @@ from productions.model import Production, Take
 from productions.render import RenderItem, RenderResult, render
 
 log = logging.getLogger(__name__)
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2        # 2: word-level captions and each segment's timed words (a new render)
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Rendered:
 
 def recipe_key(production: Production, fmt: str, settings) -> str:
     """16 hex digits naming the render of ``production`` as it is now (every segment chosen)."""
-    recipe = {"format": fmt, "rate": production.segments[0].chosen.sample_rate,
+    recipe = {"format": fmt, "rate": production.segments[0].chosen.sample_rate, "manifest": MANIFEST_FORMAT,
               "lufs": settings.production_loudness_lufs, "crossfade_ms": settings.production_crossfade_ms,
               "segments": [[s.id, s.chosen_take_id, s.pause_ms, s.target_start_ms, s.speaker, s.text]
                            for s in production.segments]}
@@ -68,7 +68,7 @@ def render_production(production: Production, fmt: str, key: str, settings, rend
     if audio.is_file() and manifest_path.is_file():
         return Rendered(audio, srt, vtt, manifest_path, json.loads(manifest_path.read_text()), True)
     items = [RenderItem(s.id, s.speaker, s.text, (lambda t=s.chosen: load(t)), pause_ms=s.pause_ms,
-                        target_start_ms=s.target_start_ms) for s in production.segments]
+                        target_start_ms=s.target_start_ms, heard=s.chosen.words) for s in production.segments]
     started = time.perf_counter()
     result = render(items, audio, fmt, sample_rate=production.segments[0].chosen.sample_rate,
                     target_lufs=settings.production_loudness_lufs, crossfade_ms=settings.production_crossfade_ms)
@@ -105,6 +105,7 @@ def _manifest(production: Production, result: RenderResult, elapsed_s: float, se
                                "parent_take_id": s.chosen.parent_take_id, "audio_sha256": s.chosen.audio_sha256,
                                "duration_ms": s.chosen.duration_ms, "scores": dict(s.chosen.scores)},
                       "start_sample": by_id[s.id].start_sample, "end_sample": by_id[s.id].end_sample,
-                      "start_s": round(by_id[s.id].start_s, 4), "end_s": round(by_id[s.id].end_s, 4)}
+                      "start_s": round(by_id[s.id].start_s, 4), "end_s": round(by_id[s.id].end_s, 4),
+                      "words": [w.as_dict() for w in by_id[s.id].words]}
                      for s in production.segments],
     }

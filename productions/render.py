@@ -5,7 +5,8 @@ of 0 overlaps the two with a short equal-power cross-fade), the short fades at e
 (no clicks at a cut), measuring the whole render's integrated loudness (ITU-R BS.1770 / EBU R128 with
 ``pyloudnorm``) and applying one gain towards the target (lowered where the peak would pass -1 dBFS),
 encoding WAV/FLAC/MP3/Opus block by block, and the ``Caption`` of every take (its first and last sample
-in the render).
+in the render, and -- when the take's words were heard and timed -- the script's words placed in the
+render: ``quality.timestamps.script_words`` shifted to the take's place).
 Does not own: which take is chosen or where takes' audio comes from (the caller's ``load``), captions'
 text formats (``productions.captions``).
 
@@ -36,7 +37,9 @@ from scipy import signal as scipy_signal
 
 from core.audio_io import Audio, open_encoder, resample
 from core.errors import InputError
+from core.transcript import Word
 from productions.model import Caption
+from quality.timestamps import script_words
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ class RenderItem:
     load: Callable[[], Audio]
     pause_ms: int = 0
     target_start_ms: int | None = None
+    heard: tuple[Word, ...] = ()     # the take's timed words (from its start): word-level captions
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,16 @@ def _edge_fades(x: np.ndarray, rate: int) -> np.ndarray:
     return x
 
 
+def _placed_words(item: RenderItem, offset_s: float, duration_s: float) -> tuple[Word, ...]:
+    """The segment's script words at their times in the render (inside the take's span)."""
+    words = script_words(item.text, item.heard) if item.heard else ()
+
+    def at(t: float) -> float:
+        return offset_s + min(max(t, 0.0), duration_s)
+
+    return tuple(Word(w.text, at(w.start_s), at(w.end_s)) for w in words)
+
+
 def _join(items: Iterable[RenderItem], rate: int, crossfade_ms: float, raw: sf.SoundFile) -> tuple[list[Caption], int, float]:
     """Pass 1: write the joined takes to ``raw``; returns (captions, total samples, peak)."""
     fade = int(round(rate * crossfade_ms / 1000))
@@ -110,7 +124,8 @@ def _join(items: Iterable[RenderItem], rate: int, crossfade_ms: float, raw: sf.S
             t = (np.arange(n, dtype=np.float32) + 0.5) / max(n, 1)
             seam = pending[len(pending) - n:] * np.cos(t * np.pi / 2) + x[:n] * np.sin(t * np.pi / 2)
             buf = np.concatenate([pending[:len(pending) - n], seam, x[n:]])
-        captions.append(Caption(item.segment_id, item.speaker, item.text, start, start + len(x), rate))
+        captions.append(Caption(item.segment_id, item.speaker, item.text, start, start + len(x), rate,
+                                _placed_words(item, start / rate, len(x) / rate)))
         keep = min(fade, len(buf))
         head = buf[:len(buf) - keep]
         if len(head):

@@ -10,8 +10,9 @@ Does not own: the tables (``userdata.productions``), the engine, stored voices (
 ``get(id)`` -> voice with ``.transcript``, ``audio(id)`` -> ``Audio``, raising ``InputError`` for a
 missing voice), HTTP (``web.api_productions``).
 
-The quality hook: ``scorer(audio, text) -> {name: value}`` is called on every new take and its result
-stored as the take's scores; ``None`` (the default) stores none.
+The quality hook: ``scorer(audio, text) -> TakeCheck`` is called on every new take and its scores and
+heard words (with their times: word-level captions) are stored on the take; ``None`` (the default)
+stores neither, and the take's captions are one cue per segment.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from core.audio_io import Audio, encode_lossless, load_audio
 from core.errors import InputError, StudioError
 from core.instructions import parse_instructions
 from productions.jobs import Job, JobBoard
-from productions.model import Production, ProductionNotFound, Segment, Take
+from productions.model import Production, ProductionNotFound, Segment, Take, TakeCheck
 from productions.output import Rendered, recipe_key, render_production
 from productions.render import RENDER_FORMATS
 from productions.repo_ids import new_id
@@ -40,7 +41,7 @@ from tts_engine.contract import validate_edit, validate_iterations, validate_tex
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Call = Callable[[str, Callable[[], T]], T]
-Scorer = Callable[[Audio, str], Mapping[str, float]]
+Scorer = Callable[[Audio, str], TakeCheck]
 MAX_TITLE_CHARS = 200
 MAX_PAUSE_MS = 60_000
 
@@ -314,17 +315,18 @@ class ProductionService:
 
     def _take(self, seg: Segment, audio: Audio, seed: int, source: str, timings: dict,
               parent: str | None) -> tuple[Take, bytes]:
-        scores = {}
+        check = TakeCheck()
         if self.scorer is not None:
             try:
-                scores = {k: float(v) for k, v in self.scorer(audio, seg.text).items()}
+                check = self.scorer(audio, seg.text)
             except Exception:   # a scorer's failure must not lose the take
                 log.exception("quality scorer failed on segment %s", seg.id)
         wav = encode_lossless(audio)
         take = Take(id=new_id("take"), segment_id=seg.id, created_at=time.time(), seed=int(seed), source=source,
                     text=seg.text, voice_id=seg.voice_id, duration_ms=int(round(audio.duration * 1000)),
                     sample_rate=audio.sample_rate, audio_sha256=hashlib.sha256(wav).hexdigest(),
-                    parent_take_id=parent, timings=timings, scores=scores)
+                    parent_take_id=parent, timings=timings,
+                    scores={k: float(v) for k, v in check.scores.items()}, words=tuple(check.words))
         return take, wav
 
     def edit_take(self, production_id: str, segment_id: str, take_id: str, edit_type: str,

@@ -27,7 +27,8 @@ from quality.contract import Recognition, Recognizer
 log = logging.getLogger(__name__)
 
 _TAG = re.compile(r"\[[^\]]{0,40}\]|\([^)]{0,40}\)")
-_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"      # Han character ranges, for a regex class
+_HAN = re.compile(f"[{HAN}]")
 
 
 def is_chinese(text: str) -> bool:
@@ -36,9 +37,14 @@ def is_chinese(text: str) -> bool:
     return bool(letters) and sum(1 for c in letters if _HAN.match(c)) * 2 >= len(letters)
 
 
+def strip_tags(text: str) -> str:
+    """``text`` without the engine's tags (``[Laughter]``, ``(whisper)``): they are not spoken as words."""
+    return _TAG.sub(" ", text)
+
+
 def normalise(text: str, chinese: bool | None = None) -> str:
     """``text`` as it is compared (see the module docstring); Chinese comes back without spaces."""
-    text = _TAG.sub(" ", unicodedata.normalize("NFKC", text)).lower()
+    text = strip_tags(unicodedata.normalize("NFKC", text)).lower()
     kept = "".join(c if not unicodedata.category(c).startswith(("P", "S")) else " " for c in text)
     words = kept.split()
     if chinese if chinese is not None else is_chinese(text):

@@ -1,6 +1,7 @@
 """What a scorer needs from a model: a recogniser (audio -> words) and a speaker embedder (audio -> vector).
 
-Owns: the ``Recognizer`` and ``Embedder`` protocols and their value types (``Word``, ``Recognition``).
+Owns: the ``Recognizer`` and ``Embedder`` protocols and the ``Recognition`` value type (its ``Word``
+is ``core.transcript``'s, shared with the tokenizer's ASR).
 Production plugs in the engine's own models (``quality.engine_models``); tests and benches plug in
 real small models that ship inside pip packages (``testkit.quality_models``). A scorer given no model
 reports "unavailable" -- it never guesses.
@@ -9,37 +10,21 @@ Does not own: scoring (``quality.content``, ``quality.speaker``), the models.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from core.audio_io import Audio
-
-
-@dataclass(frozen=True)
-class Word:
-    """One recognised word (a character for Chinese) and where it is heard, in seconds from the start."""
-
-    text: str
-    start_s: float
-    end_s: float
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.start_s) and math.isfinite(self.end_s)) or self.end_s < self.start_s:
-            raise ValueError(f"end_s must be >= start_s, both finite; got {self.start_s}..{self.end_s}")
-
-    def as_dict(self) -> dict:
-        return {"word": self.text, "start": round(self.start_s, 3), "end": round(self.end_s, 3)}
+from core.transcript import Word
 
 
 @dataclass(frozen=True)
 class Recognition:
     """What a recogniser heard: the transcript and, when the model gives them, word timings.
 
-    ``timed`` says whether ``words`` carry real timings; a model without them (e.g. the streaming
-    Paraformer through funasr) returns ``timed=False`` and no words, never invented times.
+    ``timed`` says whether ``words`` carry real timings; a model without them returns ``timed=False``
+    and no words, never invented times.
     """
 
     text: str

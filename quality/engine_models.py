@@ -8,8 +8,8 @@ CAM++, and the Paraformer only when the tokenizer folder is under ``--model-root
 check is "unavailable".
 Does not own: the models, the engines.
 
-Word timings: funasr's streaming Paraformer returns text only, so ``ParaformerRecognizer`` reports
-``timed=False`` and word timestamps are unavailable with it (never interpolated).
+Word timings: the Paraformer's come from its own CIF weights (``tokenizer.asr``, ``tokenizer.cif_timing``);
+a recognition whose weights did not account for the emitted tokens comes back untimed (never interpolated).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 class ParaformerRecognizer:
     """``Recognizer`` over a ``tokenizer.asr.Transcriber`` (thread-safe: it serialises)."""
 
-    timed = False          # funasr's streaming Paraformer gives text only
+    timed = True           # word times from the model's CIF weights (tokenizer.cif_timing)
 
     def __init__(self, transcriber) -> None:
         self.transcriber = transcriber
@@ -40,9 +40,9 @@ class ParaformerRecognizer:
             transcript = self.transcriber.transcribe(audio)
         except InputError as exc:
             if "no words were heard" in str(exc):
-                return Recognition("", (), False, self.name)   # heard nothing: every word is missing
+                return Recognition("", (), True, self.name)   # heard nothing: every word is missing
             raise
-        return Recognition(transcript.text, (), False, self.name)
+        return Recognition(transcript.text, transcript.words, transcript.timed, self.name)
 
 
 class CamPlusEmbedder:

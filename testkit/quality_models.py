@@ -21,7 +21,8 @@ import threading
 import numpy as np
 
 from core.audio_io import Audio, resample
-from quality.contract import Recognition, Word
+from core.transcript import Word
+from quality.contract import Recognition
 
 ASR_RATE = 16000
 FRAME_S = 0.01          # PocketSphinx frames are 10 ms

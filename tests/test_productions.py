@@ -130,6 +130,30 @@ def test_caption_formats_carry_exact_times_and_speakers():
     assert "a&lt;b" in vtt
 
 
+def test_timed_words_become_short_lines_with_word_tags():
+    from core.transcript import Word
+
+    text = "The quiet harbour woke slowly as the first boats went out to sea."
+    words = tuple(Word(w, 2.0 + i * 0.4, 2.0 + i * 0.4 + 0.3) for i, w in enumerate(text.split()))
+    caps = [Caption("seg-1", "Alice", text, 2 * RATE, int(7.5 * RATE), RATE, words),
+            Caption("seg-2", "", "Untimed.", 8 * RATE, 9 * RATE, RATE)]
+    srt = to_srt(caps)
+    blocks = [b.splitlines() for b in srt.strip().split("\n\n")]
+    assert [b[2] for b in blocks] == ["Alice: The quiet harbour woke slowly as the first",
+                                      "Alice: boats went out to sea.", "Untimed."]
+    # The first line starts with the take, the next where its first word does, and runs to the take's end.
+    assert [b[1] for b in blocks] == ["00:00:02,000 --> 00:00:05,200", "00:00:05,200 --> 00:00:07,500",
+                                      "00:00:08,000 --> 00:00:09,000"]
+    vtt = to_vtt(caps)
+    assert ("seg-1-1\n00:00:02.000 --> 00:00:05.200\n<v Alice>The <00:00:02.400>quiet <00:00:02.800>harbour"
+            in vtt)
+    assert "seg-1-2\n00:00:05.200 --> 00:00:07.500\n<v Alice>boats <00:00:05.600>went" in vtt
+    assert "seg-2\n00:00:08.000 --> 00:00:09.000\nUntimed." in vtt
+    chinese = tuple(Word(c, i * 0.2, i * 0.2 + 0.2) for i, c in enumerate("今天天气很好。"[:6]))
+    vtt = to_vtt([Caption("z", "", "今天天气很好", 0, RATE * 2, RATE, chinese)])
+    assert "今<00:00:00.200>天<00:00:00.400>天" in vtt
+
+
 # ----------------------------------------------------------------------------- render
 
 def _voiced(seconds: float, f0: float, seed: int) -> Audio:

@@ -85,6 +85,7 @@ def test_a_script_is_cast_split_and_every_segment_generated_once(generated, cast
         take = seg["takes"][0]
         assert seg["chosen_take_id"] == take["id"] and take["source"] == "generate"
         assert take["duration_ms"] > 200 and 0 <= take["seed"] < 2**31 and take["timings"]["total_ms"] > 0
+        assert take["words"] == []   # this studio has no recogniser: one caption cue per segment
 
 
 def test_every_take_carries_the_default_quality_checks_and_a_flag_for_review(generated):

@@ -19,12 +19,13 @@ from core.audio_io import Audio
 from core.errors import InputError
 from preview.espeak import speak
 from quality.content import content_error, is_chinese, normalise, score_content
-from quality.contract import Recognition, Word
+from core.transcript import Word
+from quality.contract import Recognition
 from quality.gates import Gates, best_take, generate_gated
 from quality.report import QualityReport, QualityScorer
 from quality.signal_checks import SignalScore, expected_seconds, score_signal
 from quality.speaker import cosine, score_speaker
-from quality.timestamps import caption_lines, word_timestamps
+from quality.timestamps import caption_lines, script_words, word_timestamps
 
 SENTENCES = ("hello world this is a test", "please call me tomorrow morning", "open the door and turn on the light",
              "the weather is nice today", "we will look at the studio", "thank you for calling")
@@ -189,6 +190,20 @@ def test_timestamps_need_a_timed_recogniser():
         word_timestamps(espeak("hello"), Untimed())
     with pytest.raises(InputError, match="recogniser"):
         word_timestamps(espeak("hello"), None)
+
+
+def test_script_words_keep_the_text_as_written_at_the_heard_times():
+    heard = (Word("hello", 0.1, 0.5), Word("word", 0.6, 0.9), Word("how", 1.0, 1.2), Word("you", 1.5, 1.8))
+    words = script_words("Hello, world! [Laughter] How are you?", heard)
+    assert [w.text for w in words] == ["Hello,", "world!", "How", "are", "you?"]   # tags dropped, punctuation kept
+    assert [(w.start_s, w.end_s) for w in words] == [(0.1, 0.5), (0.6, 0.9), (1.0, 1.2), (1.2, 1.5), (1.5, 1.8)]
+    # "world" was misheard as "word": a substitution keeps its time; "are" was missed: it fills the gap.
+    two = script_words("One two three four five.", (Word("one", 0.0, 0.2), Word("five", 2.0, 2.2)))
+    assert [round(w.start_s, 3) for w in two] == [0.0, 0.2, 0.8, 1.4, 2.0]
+    chinese = script_words("你好，世界。", (Word("你", 0.0, 0.2), Word("好", 0.2, 0.4), Word("世界", 0.5, 0.9)))
+    assert [(w.text, w.start_s, w.end_s) for w in chinese] == [("你", 0.0, 0.2), ("好，", 0.2, 0.4),
+                                                                ("世", 0.5, 0.7), ("界。", 0.7, 0.9)]
+    assert script_words("Hello.", ()) == () and script_words("[Laughter]", heard) == ()
 
 
 def test_caption_lines_group_words():

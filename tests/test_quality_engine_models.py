@@ -1,7 +1,7 @@
 """The studio's own models as quality scorers (quality/engine_models.py), on the tests' tiny fixtures.
 
-Covers: the tokenizer folder's Paraformer as a recogniser (the same text as a transcription, no word
-timings claimed), the decoder's CAM++ as a speaker embedder (192 values, a clip is most similar to
+Covers: the tokenizer folder's Paraformer as a recogniser (the same text and timed words as a
+transcription), the decoder's CAM++ as a speaker embedder (192 values, a clip is most similar to
 itself), and ``scorer_for_engine``: the preview engine gets the Paraformer only when the tokenizer
 folder is there, and never a speaker model. Random tiny weights hear nonsense, so correctness of the
 scores is tests/test_quality.py's (real models); here the plumbing runs for real.
@@ -48,7 +48,8 @@ def test_paraformer_recogniser_matches_the_transcriber(tmp_path):
     # Scored against what the transcriber itself hears: the same model, the same words, no error.
     score = score_content(clip, direct, recognizer)
     assert score.available and score.transcript == direct and score.error == 0.0
-    assert not score.recognition.timed and score.recognition.words == () and recognizer.timed is False
+    assert recognizer.timed is True and score.recognition.timed
+    assert score.recognition.words == transcriber.transcribe(clip).words and score.recognition.words
     assert score.model == f"paraformer:{FUNASR_SUBDIR.split('/')[-1]}"
 
 
@@ -76,3 +77,27 @@ def test_scorer_for_the_preview_engine(tmp_path):
     with_asr = scorer_for_engine(_preview(tmp_path / "asr", with_tokenizer=True))
     assert isinstance(with_asr.recognizer, ParaformerRecognizer) and with_asr.embedder is None
     assert with_asr.available_checks() == {"signal", "content"}
+
+
+def test_the_production_hook_hears_words_once_and_only_when_asked(tmp_path):
+    from web.quality_http import production_scorer
+
+    engine = _preview(tmp_path / "asr", with_tokenizer=True)
+    clip = load_audio(PROMPT_WAV)
+    settings = Settings(model_root=tmp_path / "asr" / "models", cache_dir=tmp_path / "asr" / "cache")
+    hook = production_scorer(engine, settings)          # defaults: signal checks and word captions
+    check = hook(clip, "any text")
+    assert check.words and check.words == ParaformerRecognizer(engine.transcriber).recognize(clip).words
+    assert {"passed", "flags", "lufs"} <= set(check.scores) and "error" not in check.scores
+    with_content = production_scorer(engine, Settings(model_root=settings.model_root, cache_dir=settings.cache_dir,
+                                                      quality_checks="signal,content"))(clip, "any text")
+    assert with_content.words == check.words and "error" in with_content.scores
+    no_words = production_scorer(engine, Settings(model_root=settings.model_root, cache_dir=settings.cache_dir,
+                                                  production_word_captions=False))(clip, "any text")
+    assert no_words.words == () and "lufs" in no_words.scores
+    # Nothing to check and no words wanted: no hook at all.
+    assert production_scorer(engine, Settings(model_root=settings.model_root, cache_dir=settings.cache_dir,
+                                              quality_checks="", production_word_captions=False)) is None
+    # The preview engine without the tokenizer folder has no recogniser: words are never asked of it.
+    bare = production_scorer(_preview(tmp_path / "bare", with_tokenizer=False), settings)
+    assert bare(clip, "any text").words == ()

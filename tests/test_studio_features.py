@@ -143,7 +143,33 @@ def test_transcriptions_endpoint(http, heard):
     assert r.status_code == 200 and r.text == heard and r.headers["content-type"].startswith("text/plain")
     r = http.post("/v1/audio/transcriptions", files={"file": ("clip.flac", EXAMPLE.read_bytes())},
                   data={"response_format": "srt"})
-    assert r.status_code == 400 and "json or text" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "json, text, verbose_json" in r.json()["error"]["message"]
+
+
+def test_verbose_transcriptions_carry_word_times(studio, http, heard):
+    # OpenAI's form: timestamp_granularities[] repeated, verbose_json. The tiny model's words are timed
+    # from its CIF weights (tests/test_asr_timing.py checks the arithmetic).
+    r = http.post("/v1/audio/transcriptions", files={"file": ("clip.flac", EXAMPLE.read_bytes())},
+                  data={"response_format": "verbose_json", "timestamp_granularities[]": ["word", "segment"]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    duration = sf.info(io.BytesIO(EXAMPLE.read_bytes())).duration
+    assert body["text"] == heard and body["task"] == "transcribe" and abs(body["duration"] - duration) < 1e-3
+    assert body["words"] and "".join(w["word"] for w in body["words"]) == heard.replace(" ", "")
+    assert all(0 <= w["start"] <= w["end"] <= body["duration"] for w in body["words"])
+    assert body["segments"] == [{"id": 0, "start": 0.0, "end": body["duration"], "text": heard}]
+    plain = http.post("/v1/audio/transcriptions", files={"file": ("clip.flac", EXAMPLE.read_bytes())},
+                      data={"response_format": "verbose_json"}).json()
+    assert "words" not in plain and plain["text"] == heard
+    # OpenAI's own client asks the same way and reads the words.
+    client = openai.OpenAI(base_url=studio.url + "/v1", api_key="unused", max_retries=0)
+    verbose = client.audio.transcriptions.create(file=("clip.flac", EXAMPLE.read_bytes()), model="whisper-1",
+                                                 response_format="verbose_json", timestamp_granularities=["word"])
+    assert verbose.text == heard and [w.word for w in verbose.words] == [w["word"] for w in body["words"]]
+    for data, words in (({"timestamp_granularities[]": "word"}, "needs response_format verbose_json"),
+                        ({"response_format": "verbose_json", "timestamp_granularities[]": "char"}, "word or segment")):
+        r = http.post("/v1/audio/transcriptions", files={"file": ("clip.flac", EXAMPLE.read_bytes())}, data=data)
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
 
 
 def test_edit_of_a_file_without_audio_text_is_transcribed(http):

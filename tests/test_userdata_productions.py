@@ -21,7 +21,8 @@ import pytest
 from sqlalchemy import func, select
 
 from core.audio_io import Audio, encode_lossless, load_audio
-from productions.model import Production, ProductionNotFound, Segment, Take
+from core.transcript import Word
+from productions.model import Production, ProductionNotFound, Segment, Take, TakeCheck
 from productions.repo_ids import new_id
 from testkit.studio_server import speech_wav, start_studio
 from userdata.db import Database
@@ -146,11 +147,11 @@ def test_a_production_survives_a_studio_restart(tmp_path):
         second.stop()
 
 
-def test_the_quality_hook_scores_every_new_take_and_a_failing_scorer_loses_nothing(tmp_path):
+def _preview_studio(tmp_path):
+    """(settings, preview engine, migrated SQLite database, voice store, a stored voice's id)."""
     from core.settings import load_settings
     from funasr_cache.store import PromptCache
     from preview.engine import PreviewEngine
-    from productions.service import ProductionService
     from userdata.voices import VoiceStore
 
     settings = load_settings(["--cache-dir", str(tmp_path / "cache"), "--data-dir", str(tmp_path / "data")], env={})
@@ -158,10 +159,16 @@ def test_the_quality_hook_scores_every_new_take_and_a_failing_scorer_loses_nothi
     db = Database(f"sqlite:///{tmp_path / 'studio.db'}")
     db.migrate()
     voices = VoiceStore(db)
-    voice = voices.create(load_audio(speech_wav()), "A short sentence.", "v").id
+    return settings, engine, db, voices, voices.create(load_audio(speech_wav()), "A short sentence.", "v").id
+
+
+def test_the_quality_hook_scores_every_new_take_and_a_failing_scorer_loses_nothing(tmp_path):
+    from productions.service import ProductionService
+
+    settings, engine, db, voices, voice = _preview_studio(tmp_path)
 
     def loudness_scorer(audio, text):   # a real (if simple) scorer: RMS level and words per second
-        return {"rms": float(np.sqrt(np.mean(audio.samples ** 2))), "wps": len(text.split()) / audio.duration}
+        return TakeCheck({"rms": float(np.sqrt(np.mean(audio.samples ** 2))), "wps": len(text.split()) / audio.duration})
 
     def broken_scorer(audio, text):
         raise RuntimeError("scorer down")
@@ -178,5 +185,55 @@ def test_the_quality_hook_scores_every_new_take_and_a_failing_scorer_loses_nothi
             assert take is not None and set(take.scores) == expect
             service.close()
     finally:
+        engine.close()
+        db.close()
+
+
+def test_timed_takes_give_word_level_captions(tmp_path):
+    """A take heard by a real timed recogniser (PocketSphinx) keeps its words in the database, and the
+    render's captions become word-level lines at the words' places in the render."""
+    from productions.service import ProductionService
+    from quality.timestamps import word_timestamps
+    from testkit.quality_models import PocketSphinxRecognizer
+
+    text = "Open the door and turn on the light. Thank you for calling."
+    recognizer = PocketSphinxRecognizer(("open", "the", "door", "and", "turn", "on", "light", "thank", "you",
+                                         "for", "calling"))
+    settings, engine, db, voices, voice = _preview_studio(tmp_path)
+    service = ProductionService(engine, ProductionStore(db), voices, settings, tmp_path / "renders",
+                                scorer=lambda audio, _text: TakeCheck({}, word_timestamps(audio, recognizer)))
+    try:
+        p = service.create("words", "text", text, voice=voice)
+        job = service.generate(p.id)
+        while not job.done:
+            job.wait_change(-1, 5.0)
+        production = service.store.get(p.id)
+        assert len(production.segments) == 2
+        for seg in production.segments:
+            heard = seg.chosen.words
+            assert len(heard) >= 3 and all(isinstance(w, Word) for w in heard)   # read back from the database
+            assert all(0 <= w.start_s <= w.end_s <= seg.chosen.duration_ms / 1000 + 1e-3 for w in heard)
+        rendered = service.render(p.id, "wav")
+        manifest = rendered.manifest
+        vtt, srt = rendered.vtt.read_text(), rendered.srt.read_text()
+        for seg, entry in zip(production.segments, manifest["segments"]):
+            words = entry["words"]
+            # The script's words as written, in order, each inside its take's place in the render.
+            assert " ".join(w["word"] for w in words) == seg.text
+            for w in words:
+                assert entry["start_s"] - 1e-3 <= w["start"] <= w["end"] <= entry["end_s"] + 1e-3
+            starts = [w["start"] for w in words]
+            assert starts == sorted(starts)
+            # "door" is heard after "open" by at least a word's length: real times, not a spread.
+            if seg.text.startswith("Open"):
+                by = {w["word"]: w for w in words}
+                assert by["door"]["start"] - by["Open"]["start"] > 0.1
+        # WebVTT: one cue per line, a timestamp tag before every later word.
+        first = manifest["segments"][0]
+        assert f"{first['id']}-1\n" in vtt and vtt.count("<00:") >= len(first["words"]) - 1
+        assert "Open <00:" in vtt
+        assert srt.splitlines()[2] == "Open the door and turn on the light."
+    finally:
+        service.close()
         engine.close()
         db.close()

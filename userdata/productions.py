@@ -20,6 +20,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import Connection
 
 from core.errors import InputError
+from core.transcript import Word
 from productions.model import Production, ProductionNotFound, Segment, Take
 from userdata import blobs
 from userdata.schema import productions as t_productions
@@ -34,7 +35,8 @@ def _take(row) -> Take:
     return Take(id=row.id, segment_id=row.segment_id, created_at=row.created_at, seed=int(row.seed),
                 source=row.source, text=row.text, voice_id=row.voice_id, duration_ms=int(row.duration_ms),
                 sample_rate=row.sample_rate, audio_sha256=row.audio_sha256, parent_take_id=row.parent_take_id,
-                timings=json.loads(row.timings), scores=json.loads(row.scores), note=row.note)
+                timings=json.loads(row.timings), scores=json.loads(row.scores), note=row.note,
+                words=tuple(Word(w["word"], w["start"], w["end"]) for w in json.loads(row.words)))
 
 
 def _segment(row, takes: tuple[Take, ...]) -> Segment:
@@ -202,7 +204,8 @@ class ProductionStore:
                 source=take.source, parent_take_id=take.parent_take_id, text=take.text, voice_id=take.voice_id,
                 duration_ms=take.duration_ms, sample_rate=take.sample_rate, audio_sha256=digest,
                 timings=json.dumps(dict(take.timings), sort_keys=True, allow_nan=False),
-                scores=json.dumps(dict(take.scores), sort_keys=True, allow_nan=False), note=take.note))
+                scores=json.dumps(dict(take.scores), sort_keys=True, allow_nan=False), note=take.note,
+                words=json.dumps([w.as_dict() for w in take.words], allow_nan=False)))
             current = (row.text, row.voice_id) == (take.text, take.voice_id)
             if choose and current:
                 conn.execute(update(t_segments).where(t_segments.c.id == take.segment_id)

@@ -122,6 +122,8 @@ takes = Table(
     Column("timings", Text, nullable=False),                # JSON: stage -> ms
     Column("scores", Text, nullable=False),                 # JSON: scorer -> value (empty without scorers)
     Column("note", Text, nullable=False),
+    # JSON: [{"word", "start", "end"}] heard in the take, for word captions (revision 0003; [] when untimed)
+    Column("words", Text, nullable=False, server_default="[]"),
 )
 
 BLOB_REFERENCES.append((takes, "audio_sha256"))

@@ -231,20 +231,42 @@ class TranscriptionModel(BaseModel):
     text: str
 
 
+TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json")
+
+
 @router.post("/audio/transcriptions", summary="What a clip says, by the engine's ASR (OpenAI compatible)",
              response_model=TranscriptionModel, responses={200: {"content": {"text/plain": {}}}})
 def create_transcription(request: Request, file: UploadFile = File(..., description="the clip (WAV, FLAC, OGG, MP3)"),
                          model: str = Form(MODEL_ID, description="ignored: the engine's own ASR model answers"),
-                         response_format: str = Form("json", description="json or text"),
+                         response_format: str = Form("json", description="json, text, or verbose_json (with the "
+                                                                         "duration, and words with timestamp_granularities)"),
+                         timestamp_granularities: list[str] | None = Form(
+                             None, alias="timestamp_granularities[]",
+                             description="word: each word's start and end in seconds (verbose_json only)"),
                          engine: Engine = Depends(get_engine), settings: Settings = Depends(get_settings)):
-    if response_format not in ("json", "text"):
-        raise InputError(f"unsupported response_format {response_format!r}; choose json or text")
+    if response_format not in TRANSCRIPTION_FORMATS:
+        raise InputError(f"unsupported response_format {response_format!r}; choose {', '.join(TRANSCRIPTION_FORMATS)}")
+    granularities = set(timestamp_granularities or ())
+    if granularities - {"word", "segment"}:
+        raise InputError("timestamp_granularities[] may be word or segment, not "
+                         f"{', '.join(sorted(granularities - {'word', 'segment'}))}")
+    if granularities and response_format != "verbose_json":
+        raise InputError("timestamp_granularities[] needs response_format verbose_json")
     audio = load_audio(read_upload(file, settings, "audio file"), max_seconds=settings.max_prompt_seconds)
     transcript = run_engine(request, "transcribe", lambda: engine.transcribe(audio))
     headers = {"X-Timings": transcript.timings.to_header()}
     if response_format == "text":
         return Response(transcript.text, media_type="text/plain; charset=utf-8", headers=headers)
-    return JSONResponse({"text": transcript.text}, headers=headers)
+    if response_format == "json":
+        return JSONResponse({"text": transcript.text}, headers=headers)
+    body = {"task": "transcribe", "duration": round(audio.duration, 3), "text": transcript.text}
+    if "word" in granularities:
+        if not transcript.timed:
+            raise InputError(f"the ASR model {transcript.model or 'of this engine'} gave no word timings for this clip")
+        body["words"] = [w.as_dict() for w in transcript.words]
+    if "segment" in granularities:   # no VAD runs: the clip is one segment
+        body["segments"] = [{"id": 0, "start": 0.0, "end": round(audio.duration, 3), "text": transcript.text}]
+    return JSONResponse(body, headers=headers)
 
 
 @router.get("/models", summary="The model this server speaks with (OpenAI compatible)")

@@ -20,7 +20,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.audio_io import Audio, encode_audio
-from core.errors import InputError
+from core.errors import InputError, StudioError
+from productions.model import TakeCheck
 from quality.engine_models import scorer_for_engine
 from quality.gates import MAX_CANDIDATES, MAX_RETRIES, Gates, GatedTake, generate_gated
 from quality.report import CHECKS, QualityScorer
@@ -123,15 +124,27 @@ def captioned_response(audio: Audio, fmt: str, gated: GatedTake, scorer: Quality
 
 
 def production_scorer(engine, settings):
-    """The productions' quality hook: ``score(audio, text) -> {name: value}`` with the server's default
-    checks (``quality_checks``) that this engine can run, or None when it can run none. Every new take of
-    a production is scored so; the Script tab flags a chosen take that failed or has signal flags."""
+    """The productions' quality hook: ``score(audio, text) -> TakeCheck`` with the server's default checks
+    (``quality_checks``) that this engine can run, and the take's timed words when word captions are on
+    (``production_word_captions``) and the recogniser gives timings (heard once: a content check's
+    recognition is reused); None when there is nothing to do. The Script tab flags a chosen take that
+    failed or has signal flags."""
     scorer = scorer_for_engine(engine)
     checks = frozenset(settings.quality_check_list) & scorer.available_checks()
-    if not checks:
+    recognizer = scorer.recognizer
+    hear = settings.production_word_captions and recognizer is not None and getattr(recognizer, "timed", False)
+    if not checks and not hear:
         return None
 
-    def score(audio: Audio, text: str) -> dict[str, float]:
-        return scorer.score(audio, text, checks).take_scores()
+    def score(audio: Audio, text: str) -> TakeCheck:
+        report = scorer.score(audio, text, checks)
+        words: tuple = ()
+        if hear:
+            heard = report.content.recognition if report.content is not None else None
+            try:
+                words = word_timestamps(audio, recognizer, heard)
+            except StudioError as exc:    # no timings for this take: its captions stay one cue
+                log.warning("no word timings for a production take: %s", exc)
+        return TakeCheck(report.take_scores() if checks else {}, words)
 
     return score
