@@ -17,17 +17,23 @@ cache. Needs the studio's full environment (funasr, soundfile, ...). Prints one 
 - ``stream``: streamed / non-streamed total decode time for 15 s of speech (issue 27's GPU ratio).
 - ``vq02``: the parallel vq02 encoder's speed-up over the streaming loop (real-size random Paraformer;
   needs funasr, see below).
+- ``bestof``: issue 24's best-of-3: three takes of one request started together through
+  ``quality.gates.generate_gated`` (their LLM rows share the native backend's decode steps; each take is
+  the shipped-size Step1's ids then the shipped-size decoder's ``token2wav``) against the same three
+  takes one after another; for the LLM alone and for the whole take. Target: at least 2x.
 - ``tf32``: the TF32 numerics margin: Step1 (shipped dimensions, 4 layers, float32) logits with TF32 on
   vs off; the smallest top-1/top-2 logit gap over the largest logit change (a margin above 1: no greedy
   choice can flip), and the flips counted.
 - peak GPU memory of the run.
 
 The lent GPU machine has its own Python 3.12 with torch, numpy, safetensors, transformers (and PyYAML,
-its dependency) and a CPU onnxruntime; it lacks funasr, soundfile, soxr, librosa, kaldi_native_fbank and
-gradio, and nothing can be installed there. The decoder package imports soundfile/soxr (``core.audio_io``),
-librosa and kaldi_native_fbank (``decoder.frontend``) at module level but uses them only to read audio
-and compute prompt features, which this script builds directly; so for those four a module that raises on
-first use stands in when the real one is missing (``_absent``), and the table's header says which did.
+its dependency) and a CPU onnxruntime; it lacks funasr, soundfile, soxr, librosa, kaldi_native_fbank,
+jiwer, pyloudnorm and gradio, and nothing can be installed there. The decoder package imports
+soundfile/soxr (``core.audio_io``), librosa and kaldi_native_fbank (``decoder.frontend``) at module level
+but uses them only to read audio and compute prompt features, which this script builds directly; the
+quality package imports jiwer and pyloudnorm for checks the ``bestof`` part does not run; so for those six
+a module that raises on first use stands in when the real one is missing (``_absent``), and the table's
+header says which did.
 funasr cannot be stood in for: the ``vq02`` part needs it and FAILS (loudly, in the table and the exit
 code) without it. Its import closure (numba, llvmlite, scipy, scikit-learn, pandas, librosa, modelscope,
 hydra, ...) is far beyond the 64 MiB that travels with a run, so no wheels are carried: that row is
@@ -37,7 +43,7 @@ A part that cannot run fails: its row says FAILED with the reason, the rest stil
 ``--dry-run`` runs every part on the CPU with tiny dimensions and few steps (the test suite does, so the
 script cannot rot); its numbers mean nothing.
 
-    PYTHONPATH=$PWD python3 bench/gpu_check.py --all [--parts llm,ttfa,stream,vq02,tf32] [--dry-run]
+    PYTHONPATH=$PWD python3 bench/gpu_check.py --all [--parts llm,ttfa,stream,vq02,bestof,tf32] [--dry-run]
     PYTHONPATH=$PWD python3 bench/gpu_check.py [--dtype float32] [--no-tf32]   # the engine smoke check
 
 (from the repository root: ``PYTHONPATH`` makes the project's packages importable where no venv has it
@@ -58,8 +64,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-STAND_INS = ("soundfile", "soxr", "librosa", "kaldi_native_fbank")
-PARTS = ("llm", "ttfa", "stream", "vq02", "tf32")
+STAND_INS = ("soundfile", "soxr", "librosa", "kaldi_native_fbank", "jiwer", "pyloudnorm")
+PARTS = ("llm", "ttfa", "stream", "vq02", "bestof", "tf32")
 
 
 def _absent(name: str) -> types.ModuleType:
@@ -100,11 +106,11 @@ def sizes(dry: bool) -> dict:
         return dict(llm=dict(hidden_size=64, intermediate_size=128, num_attention_heads=8, num_attention_groups=2,
                              num_hidden_layers=2, vocab_size=70656),
                     tf32_layers=1, rows=(1, 2), new=3, prompt=20, prefill=(16, 32), streams=(1, 2),
-                    ttfa_new=36, stream_seconds=0.6, steps=1, repeats=1, vq02_seconds=0.5)
+                    ttfa_new=36, stream_seconds=0.6, steps=1, repeats=1, vq02_seconds=0.5, bestof_new=10)
     return dict(llm=dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=48, num_attention_groups=4,
                          num_hidden_layers=32, vocab_size=74752),
                 tf32_layers=4, rows=(1, 8, 32), new=128, prompt=400, prefill=(500, 2000), streams=(1, 4, 8),
-                ttfa_new=60, stream_seconds=15.0, steps=10, repeats=3, vq02_seconds=15.0)
+                ttfa_new=60, stream_seconds=15.0, steps=10, repeats=3, vq02_seconds=15.0, bestof_new=125)
 
 
 def sync(device) -> None:
@@ -367,6 +373,59 @@ def part_vq02(ctx) -> list[tuple[str, str]]:
              f"{med['streaming'] / med['parallel']:.2f}x ({med['parallel']:.0f} vs {med['streaming']:.0f} ms)")]
 
 
+def part_bestof(ctx) -> list[tuple[str, str]]:
+    import numpy as np
+
+    from core.audio_io import Audio
+    from llm.backend import GenerationRequest
+    from llm.native import NativeBackend
+    from llm.sampling import SamplingConfig
+    from quality.gates import Gates, generate_gated
+    from quality.report import QualityScorer
+
+    s = ctx.sizes
+    decoder, _, _ = ctx.voice()
+    new = s["bestof_new"]                                # 125 ids: 3 s of speech
+    config = SamplingConfig(max_length=s["prompt"] + new + 64, min_new_tokens=10**6)
+    backend = NativeBackend(ctx.llm(), None, config, (3,), max_rows=8, step_token_budget=1024)
+    prompt = clone_prompt(s["prompt"], 5)                # one request: the candidates share the prompt
+
+    def llm(seed: int):
+        return backend.submit(GenerationRequest(prompt, seed=seed, max_new_tokens=new)).result(600)
+
+    def whole(seed: int):
+        llm(seed)
+        # Random weights emit random ids; the decoder gets valid ones of the same count.
+        audio = decoder.token2wav(mixed_tokens(new // 5, seed), ctx.prompt_tokens, ctx.features, seed=seed,
+                                  n_steps=s["steps"])
+        sync(ctx.device)
+        return audio
+
+    gates, scorer = Gates(checks=frozenset(), candidates=3), QualityScorer()
+    silent = Audio(np.zeros(1, np.float32), 24000)      # no checks run: the takes' audio is not looked at
+    rows_out = []
+    try:
+        for name, take in (("LLM only", llm), ("whole take (LLM + decoder)", whole)):
+            together, apart = [], []
+            for rep in range(1 + s["repeats"]):          # round 0 warms up (graphs, kernels)
+                start = time.perf_counter()
+                generate_gated(take, lambda _t: silent, "", gates, scorer, seed=100 * rep)
+                t = (time.perf_counter() - start) * 1000.0
+                start = time.perf_counter()
+                for i in range(3):
+                    take(100 * rep + i)
+                a = (time.perf_counter() - start) * 1000.0
+                if rep:
+                    together.append(t)
+                    apart.append(a)
+            b, q = float(np.median(together)), float(np.median(apart))
+            rows_out.append((f"best-of-3, {name}, {new} ids per take: speed-up over 3 sequential takes",
+                             f"{q / b:.2f}x ({b:.0f} vs {q:.0f} ms)"))
+    finally:
+        backend.close()
+    return rows_out
+
+
 def part_tf32(ctx) -> list[tuple[str, str]]:
     import torch
 
@@ -463,7 +522,8 @@ def run_all(args) -> int:
     table = ["| part | measure | value |", "|---|---|---|"]
     failed = 0
     start_all = time.perf_counter()
-    funcs = {"llm": part_llm, "ttfa": part_ttfa, "stream": part_stream, "vq02": part_vq02, "tf32": part_tf32}
+    funcs = {"llm": part_llm, "ttfa": part_ttfa, "stream": part_stream, "vq02": part_vq02, "bestof": part_bestof,
+             "tf32": part_tf32}
     for part in parts:
         start = time.perf_counter()
         try:

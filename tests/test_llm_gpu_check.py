@@ -1,7 +1,7 @@
 """bench/gpu_check.py --all --dry-run: the GPU script's CPU rehearsal, run as the lent GPU machine would run it.
 
 The GPU machine has torch, numpy, safetensors, transformers and onnxruntime but no funasr, soundfile, soxr,
-librosa, kaldi_native_fbank or gradio. The script runs here in a subprocess whose imports of those fail
+librosa, kaldi_native_fbank, jiwer, pyloudnorm or gradio. The script runs here in a subprocess whose imports of those fail
 (a ``sys.meta_path`` blocker), so a new transitive import of a missing package breaks this test instead of
 the GPU run. Every part must produce its rows; the vq02 part, which needs funasr, must fail loudly (its
 row, the exit code), never be skipped.
@@ -16,7 +16,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-MISSING_ON_GPU = ("funasr", "soundfile", "soxr", "librosa", "kaldi_native_fbank", "gradio")
+MISSING_ON_GPU = ("funasr", "soundfile", "soxr", "librosa", "kaldi_native_fbank", "jiwer", "pyloudnorm", "gradio")
 
 RUNNER = f"""
 import runpy, sys
@@ -45,12 +45,12 @@ def test_every_part_reports_and_vq02_fails_loudly_without_funasr(dry_run):
     done, rows = dry_run
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     parts = {part for part, _ in rows}
-    assert parts == {"llm", "ttfa", "stream", "vq02", "tf32", "all"}
+    assert parts == {"llm", "ttfa", "stream", "vq02", "bestof", "tf32", "all"}
     assert rows[("vq02", "FAILED")].startswith("Failed: funasr is not installed")
     assert [k for k in rows if k[1] == "FAILED"] == [("vq02", "FAILED")]   # every other part ran
     assert "1 part(s) FAILED" in done.stdout
     header = next(line for line in done.stdout.splitlines() if line.startswith("gpu_check --all"))
-    assert "stand-ins for missing soundfile, soxr, librosa, kaldi_native_fbank" in header
+    assert "stand-ins for missing soundfile, soxr, librosa, kaldi_native_fbank, jiwer, pyloudnorm" in header
 
 
 def test_the_table_holds_numbers_for_each_measure(dry_run):
@@ -58,6 +58,7 @@ def test_the_table_holds_numbers_for_each_measure(dry_run):
     llm = [m for part, m in rows if part == "llm"]
     assert sum("native decode" in m for m in llm) == 2 and sum("prefill" in m for m in llm) == 2
     assert sum(part == "ttfa" for part, _ in rows) == 2
+    assert sum(part == "bestof" and "best-of-3" in m for part, m in rows) == 2
     for (part, measure), value in rows.items():
         if part != "vq02":
             assert value[:1].isdigit() and "nan" not in value.lower(), (part, measure, value)
