@@ -1,8 +1,9 @@
 """The value type for what speech recognition heard in a clip.
 
-Owns: ``Transcript`` and ``Word`` (a heard word with its times, also the quality checks' unit), shared by the stage that transcribes (``tokenizer/asr.py``) and the engines that
-hand it on (``tts_engine.contract.Engine.transcribe``). It lives here, below both, so the tokenizer
-never imports from the engine layer.
+Owns: ``Transcript`` and ``Word`` (a heard word with its times, also the quality checks' unit), shared
+by the stage that transcribes (``tokenizer/asr.py``), the engines that hand it on
+(``tts_engine.contract.Engine.transcribe``) and the quality checks. It lives here, below them all, so
+the tokenizer never imports from the engine layer.
 Does not own: running an ASR model (``tokenizer/asr.py``), deciding when to transcribe (the engines).
 """
 

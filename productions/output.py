@@ -4,8 +4,8 @@ Owns: the render's name (a hash of everything that decides it: format, loudness 
 every segment's chosen take, pause, cue, speaker and text -- the same recipe is rendered once and reused),
 writing the four files so that a reader never sees half of one (several processes share the cache folder;
 the manifest is written last, its presence means the render is whole), and the manifest itself (segments,
-chosen takes, seeds, sources, sample positions, timed words, loudness, engine and model namespaces), from which the
-render can be reproduced.
+chosen takes, seeds, sources, sample positions, timed words, loudness, engine and model namespaces), from
+which the render can be reproduced.
 Does not own: joining and loudness (``productions.render``), caption text (``productions.captions``), which
 takes are chosen or whether a production may be rendered (``productions.service``).
 """

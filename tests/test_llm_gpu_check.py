@@ -1,9 +1,9 @@
 """bench/gpu_check.py --all --dry-run: the GPU script's CPU rehearsal, run as the lent GPU machine would run it.
 
 The GPU machine has torch, numpy, safetensors, transformers and onnxruntime but no funasr, soundfile, soxr,
-librosa, kaldi_native_fbank, jiwer, pyloudnorm or gradio. The script runs here in a subprocess whose imports of those fail
-(a ``sys.meta_path`` blocker), so a new transitive import of a missing package breaks this test instead of
-the GPU run. Every part must produce its rows; the vq02 part, which needs funasr, must fail loudly (its
+librosa, kaldi_native_fbank, jiwer, pyloudnorm or gradio. The script runs here in a subprocess whose imports
+of those fail (a ``sys.meta_path`` blocker), so a new transitive import of a missing package breaks this test
+instead of the GPU run. Every part must produce its rows; the vq02 part, which needs funasr, must fail loudly (its
 row, the exit code), never be skipped.
 """
 

@@ -238,8 +238,9 @@ TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json")
              response_model=TranscriptionModel, responses={200: {"content": {"text/plain": {}}}})
 def create_transcription(request: Request, file: UploadFile = File(..., description="the clip (WAV, FLAC, OGG, MP3)"),
                          model: str = Form(MODEL_ID, description="ignored: the engine's own ASR model answers"),
-                         response_format: str = Form("json", description="json, text, or verbose_json (with the "
-                                                                         "duration, and words with timestamp_granularities)"),
+                         response_format: str = Form(
+                             "json", description="json, text, or verbose_json (with the duration, and words with "
+                                                 "timestamp_granularities)"),
                          timestamp_granularities: list[str] | None = Form(
                              None, alias="timestamp_granularities[]",
                              description="word: each word's start and end in seconds (verbose_json only)"),
