@@ -135,6 +135,7 @@ def main(argv: list[str], settings_argv: list[str] | None = None) -> int:
 
     from core.devices import configure_threads
     from productions.service import ProductionService
+    from productions.take_checks import take_checker
     from tts_engine.select import create_engine
     from userdata.db import open_database
     from userdata.productions import ProductionStore
@@ -153,7 +154,8 @@ def main(argv: list[str], settings_argv: list[str] | None = None) -> int:
         cast = {name.strip(): voices.add(value.strip()) for name, value in cast.items()}
         voice = voices.add(args.voice) if args.voice else None
         service = ProductionService(engine, ProductionStore(db), voices, settings,
-                                    renders_dir=Path(settings.cache_dir) / "renders")
+                                    renders_dir=Path(settings.cache_dir) / "renders",
+                                    scorer=take_checker(engine, settings))   # as on the page: scores, word captions
         production = service.create(args.title or args.script.stem, source, content, voice=voice, cast=cast,
                                     fit_to_cue=args.fit_to_cue)
         log.info("production %s: %d segment(s); generating", production.id, len(production.segments))

@@ -5,5 +5,6 @@ cast), ``srt`` (subtitle cues as timing targets), ``model`` (the frozen value ty
 (chosen takes -> one loudness-normalised file streamed to disk), ``captions`` (SRT / WebVTT),
 ``output`` (a render's files and manifest on disk),
 ``service`` (creating, generating, choosing, editing, rendering), ``jobs`` (generation progress),
-``long_edit`` (edits of audio longer than one model call). The tables live in ``userdata.productions``.
+``take_checks`` (the quality hook: scores and timed words of every take), ``long_edit`` (edits of audio
+longer than one model call). The tables live in ``userdata.productions``.
 """

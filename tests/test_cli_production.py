@@ -1,19 +1,21 @@
 """``studio-batch script`` (``python -m cli script``) as a real subprocess.
 
 Covers: a two-speaker script cast to two audio files (one with a sidecar transcript) rendered to audio,
-SRT, WebVTT and manifest whose captions agree with the audio's length; the production stored in the
-data folder's database; bad arguments (no cast, a speaker missing from the cast, a malformed cast) refused
+SRT, WebVTT and manifest whose captions agree with the audio's length, every take scored by the page's
+own quality hook; word-level captions when a recogniser is there; the production stored in the data
+folder's database; bad arguments (no cast, a speaker missing from the cast, a malformed cast) refused
 with exit 2 and a message. (SRT placement at its cues is covered through the API, tests/test_productions_api.py.)
 """
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import soundfile as sf
 
-from testkit.paths import ROOT
+from testkit.paths import FIXTURES, ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +56,28 @@ def test_a_script_with_a_cast_becomes_audio_and_captions(work):
     last = manifest["segments"][-1]
     assert last["end_sample"] == manifest["render"]["samples"]
     assert (root / "data" / "studio.db").is_file()
+    # The same quality hook as the page: every take carries the default (signal) checks.
+    assert all({"passed", "lufs"} <= set(s["take"]["scores"]) for s in manifest["segments"])
+    assert all(s["words"] == [] for s in manifest["segments"])   # no recogniser under this --model-root
+
+
+def test_with_a_recogniser_the_captions_are_word_level(work, tmp_path):
+    """The tokenizer folder's Paraformer (tiny random weights: it hears nonsense) times every take; the
+    captions then carry the script's words placed by those times, WebVTT with a tag before each later word."""
+    root, flags = work
+    models = tmp_path / "models"
+    shutil.copytree(FIXTURES / "tokenizer" / "Step-Audio-Tokenizer", models / "Step-Audio-Tokenizer")
+    code, err = _run(root / "dialogue.txt", "--cast", f"Alice={root / 'en_low.flac'}", "--cast",
+                     f"S2={root / 'en_high.flac'}", "--out", root / "words", "--format", "wav", "--no-progress",
+                     "--model-root", models, *flags)
+    assert code == 0, err
+    manifest = json.loads((root / "words" / "dialogue.json").read_text())
+    for seg in manifest["segments"]:
+        assert " ".join(w["word"] for w in seg["words"]) == seg["text"]
+        assert all(seg["start_s"] - 1e-3 <= w["start"] <= w["end"] <= seg["end_s"] + 1e-3 for w in seg["words"])
+    vtt = (root / "words" / "dialogue.vtt").read_text()
+    first = manifest["segments"][0]
+    assert f"{first['id']}-1\n" in vtt and "<v Alice>Good <00:" in vtt
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -80,24 +80,24 @@ def test_scorer_for_the_preview_engine(tmp_path):
 
 
 def test_the_production_hook_hears_words_once_and_only_when_asked(tmp_path):
-    from web.quality_http import production_scorer
+    from productions.take_checks import take_checker
 
     engine = _preview(tmp_path / "asr", with_tokenizer=True)
     clip = load_audio(PROMPT_WAV)
     settings = Settings(model_root=tmp_path / "asr" / "models", cache_dir=tmp_path / "asr" / "cache")
-    hook = production_scorer(engine, settings)          # defaults: signal checks and word captions
+    hook = take_checker(engine, settings)          # defaults: signal checks and word captions
     check = hook(clip, "any text")
     assert check.words and check.words == ParaformerRecognizer(engine.transcriber).recognize(clip).words
     assert {"passed", "flags", "lufs"} <= set(check.scores) and "error" not in check.scores
-    with_content = production_scorer(engine, Settings(model_root=settings.model_root, cache_dir=settings.cache_dir,
+    with_content = take_checker(engine, Settings(model_root=settings.model_root, cache_dir=settings.cache_dir,
                                                       quality_checks="signal,content"))(clip, "any text")
     assert with_content.words == check.words and "error" in with_content.scores
-    no_words = production_scorer(engine, Settings(model_root=settings.model_root, cache_dir=settings.cache_dir,
+    no_words = take_checker(engine, Settings(model_root=settings.model_root, cache_dir=settings.cache_dir,
                                                   production_word_captions=False))(clip, "any text")
     assert no_words.words == () and "lufs" in no_words.scores
     # Nothing to check and no words wanted: no hook at all.
-    assert production_scorer(engine, Settings(model_root=settings.model_root, cache_dir=settings.cache_dir,
+    assert take_checker(engine, Settings(model_root=settings.model_root, cache_dir=settings.cache_dir,
                                               quality_checks="", production_word_captions=False)) is None
     # The preview engine without the tokenizer folder has no recogniser: words are never asked of it.
-    bare = production_scorer(_preview(tmp_path / "bare", with_tokenizer=False), settings)
+    bare = take_checker(_preview(tmp_path / "bare", with_tokenizer=False), settings)
     assert bare(clip, "any text").words == ()

@@ -4,7 +4,8 @@ Owns: the ``quality`` request object (``QualityOptions``, shared by speech and e
 into ``quality.gates.Gates``, the app's scorer (``get_scorer``: built once from the engine's own
 models, or set on ``app.state.quality`` -- tests and benches plug real small models in there),
 ``run_gated`` (every take through ``web.deps.run_engine``, so each is counted, timed and logged),
-the ``X-Quality`` header, the ``/metrics`` samples, and the captioned (JSON) speech body.
+the ``X-Quality`` header, the ``/metrics`` samples, and the captioned (JSON) speech body. Productions' own
+hook is ``productions.take_checks``.
 Does not own: scoring (``quality/``), the routes (``web.api``).
 """
 
@@ -20,8 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.audio_io import Audio, encode_audio
-from core.errors import InputError, StudioError
-from productions.model import TakeCheck
+from core.errors import InputError
 from quality.engine_models import scorer_for_engine
 from quality.gates import MAX_CANDIDATES, MAX_RETRIES, Gates, GatedTake, generate_gated
 from quality.report import CHECKS, QualityScorer
@@ -121,30 +121,3 @@ def captioned_response(audio: Audio, fmt: str, gated: GatedTake, scorer: Quality
             "sample_rate": audio.sample_rate, "duration_s": round(audio.duration, 3),
             "words": [w.as_dict() for w in words], "quality": gated.as_dict()}
     return JSONResponse(body, headers=headers)
-
-
-def production_scorer(engine, settings):
-    """The productions' quality hook: ``score(audio, text) -> TakeCheck`` with the server's default checks
-    (``quality_checks``) that this engine can run, and the take's timed words when word captions are on
-    (``production_word_captions``) and the recogniser gives timings (heard once: a content check's
-    recognition is reused); None when there is nothing to do. The Script tab flags a chosen take that
-    failed or has signal flags."""
-    scorer = scorer_for_engine(engine)
-    checks = frozenset(settings.quality_check_list) & scorer.available_checks()
-    recognizer = scorer.recognizer
-    hear = settings.production_word_captions and recognizer is not None and getattr(recognizer, "timed", False)
-    if not checks and not hear:
-        return None
-
-    def score(audio: Audio, text: str) -> TakeCheck:
-        report = scorer.score(audio, text, checks)
-        words: tuple = ()
-        if hear:
-            heard = report.content.recognition if report.content is not None else None
-            try:
-                words = word_timestamps(audio, recognizer, heard)
-            except StudioError as exc:    # no timings for this take: its captions stay one cue
-                log.warning("no word timings for a production take: %s", exc)
-        return TakeCheck(report.take_scores() if checks else {}, words)
-
-    return score

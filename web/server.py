@@ -15,7 +15,8 @@ key before their body is read (``web.guards.KeyGuard``). Every request must name
 (``HostGuard``, against DNS rebinding); state-changing requests anywhere (Gradio's included) refuse
 other sites' browsers (``OriginGuard``); CORS is added only for ``cors_origins``; engine routes are
 admitted by ``web.admission``. docs/security.md has the threat model. Productions (``web.api_productions``,
-the Script tab) share the database; their takes are scored by ``app.state.quality_scorer``.
+the Script tab) share the database; their takes are scored and heard by ``app.state.quality_scorer``
+(``productions.take_checks``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from gradio.utils import get_upload_folder
 
 from core.settings import Settings
+from productions.take_checks import take_checker
 from tts_engine.contract import Engine
 from userdata.db import StoreUnavailable, open_database
 from userdata.legacy import import_voice_folders
@@ -40,7 +42,6 @@ from web.admission import Admission, AdmissionGuard
 from web.deps import StudioMiddleware, install_error_handlers
 from web.guards import BodyLimit, FailureLimiter, HostGuard, KeyGuard, OriginGuard
 from web.metrics import Metrics
-from web.quality_http import production_scorer
 from web.ui import EXAMPLES_DIR, build_demo
 from web.uploads import UploadQuota, keep_example_copies, kept_files
 from web.voice_prompts import cached_prompts
@@ -91,7 +92,7 @@ def create_app(engine: Engine, settings: Settings, output_dir: Path | None = Non
     app.state.metrics = Metrics(engine.cache.snapshot, getattr(engine, "llm_backend", None))
     # Health probes and scrapes run here, never in AnyIO's worker threads that engine routes hold.
     app.state.ops_executor = ThreadPoolExecutor(2, thread_name_prefix="studio-ops")
-    app.state.quality_scorer = production_scorer(engine, settings)   # scores every production take
+    app.state.quality_scorer = take_checker(engine, settings)   # scores and hears every production take
     api_productions.attach(app, engine, settings)   # productions live in the user-data database
     install_error_handlers(app)
     api_productions.install_handlers(app)
