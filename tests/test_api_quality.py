@@ -166,3 +166,19 @@ def test_the_page_keeps_the_best_of_several_candidates(studio):
     assert "clone (best of 3)" in state_history
     metrics = httpx.get(studio.url + "/metrics").text
     assert 'studio_quality_takes_bucket{endpoint="ui_clone",le="3.0"}' in metrics
+
+
+def test_the_page_gates_take_thresholds_and_retries(studio):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(studio.url + "/", verbose=False, download_files=False)
+    clip = handle_file(str(ROOT / "examples/en_low.flac"))
+    # The preview engine has no speaker model: a similarity threshold is refused before anything runs.
+    with pytest.raises(AppError, match="needs a speaker model"):
+        client.predict(clip, PROMPT_TEXT, TARGET, 12, 10, "wav", 1, 0, None, 0.5, api_name="/clone")
+    with pytest.raises(AppError, match="greater than maximum value 1"):   # the page control's own range
+        client.predict(clip, PROMPT_TEXT, TARGET, 12, 10, "wav", 1, 0, 1.5, None, api_name="/clone")
+    # Two candidates and one retry round (not needed: the signal checks pass), through the page's controls.
+    out = client.predict(clip, PROMPT_TEXT, TARGET, 12, 10, "wav", 2, 1, None, None, api_name="/clone")
+    assert "best of 2" in out[2] and "clone (best of 2)" in out[4]

@@ -29,7 +29,7 @@ import gradio as gr
 
 from core.edit_options import LANGUAGE_TAGS, PARALINGUISTIC_TAGS
 from core.settings import Settings
-from quality.gates import MAX_CANDIDATES
+from quality.gates import MAX_CANDIDATES, MAX_RETRIES
 from tts_engine.contract import MAX_EDIT_ITERATIONS, EditCapability, Engine
 from web.metrics import Metrics
 from web.ui_handlers import CLEAR_CONFIRMATION, UI_FORMATS, Handlers, base_note, guarded, history_table, new_state
@@ -165,6 +165,16 @@ def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = Non
                             candidates = gr.Slider(1, MAX_CANDIDATES, value=1, step=1, elem_id="candidates",
                                                    label="Candidates: takes made together; the best by the "
                                                          "quality checks is kept (docs/quality.md)")
+                            with gr.Row():
+                                max_error = gr.Number(None, label="Max content error (empty: off)", minimum=0,
+                                                      maximum=1, step=0.05, elem_id="max_error",
+                                                      info="a take whose recognised words differ more (WER; CER "
+                                                           "for Chinese) fails")
+                                min_similarity = gr.Number(None, label="Min voice similarity (empty: off)", minimum=-1,
+                                                           maximum=1, step=0.05, elem_id="min_similarity",
+                                                           info="a take less like the prompt's voice fails")
+                                retries = gr.Slider(0, MAX_RETRIES, value=0, step=1, elem_id="retries",
+                                                    label="Retries: new rounds while no take passes")
                         clone_btn = gr.Button("Clone", variant="primary", elem_id="clone_btn")
                     with gr.Column():
                         stream_audio = gr.Audio(label="Playing as it is generated", streaming=True, autoplay=True,
@@ -237,7 +247,7 @@ def build_demo(engine: Engine, settings: Settings, metrics: Metrics | None = Non
         # and history follow when the result is whole.
         clone_fn, edit_fn = (h.clone_streaming, h.edit_streaming) if can_stream else (h.clone, h.edit)
         clone_btn.click(guarded(clone_fn), [prompt_audio, prompt_text, target_text, seed, flow_steps, fmt, state,
-                                            candidates],
+                                            candidates, retries, max_error, min_similarity],
                         [out_audio, out_timings, out_summary, *result_outputs, *([stream_audio] if can_stream else [])],
                         api_name="clone", **engine_events).then(h.cache_stats, outputs=cache_json, **quick)
         edit_btn.click(guarded(edit_fn), [edit_type, edit_info, para_text, seed, flow_steps, fmt, state, iterations],

@@ -137,15 +137,18 @@ class Handlers:
 
     def clone(self, prompt_audio: str | None, prompt_text: str, target_text: str, seed: float | None,
               flow_steps: float | None, fmt: str, state: dict | None, candidates: float | None = 1,
+              retries: float | None = 0, max_error: float | None = None, min_similarity: float | None = None,
               progress=gr.Progress(), request: gr.Request | None = None):
         """Clone; returns (audio path, timings table, summary, state, history choices, history table, base note).
 
         An empty transcript is filled by the engine's ASR first (a notice shows what it heard). With
-        ``candidates`` N > 1, N takes are generated together and the best by the checks is kept."""
+        ``candidates`` N > 1, N takes are generated together and the best by the checks is kept; a
+        threshold (``max_error``, ``min_similarity``) fails takes below it, and ``retries`` K makes up to
+        K more rounds while none passes (``quality.gates``)."""
+        gates = self._gates(candidates, retries, max_error, min_similarity)
         prompt_text, options = self._clone_inputs(prompt_audio, prompt_text, target_text, flow_steps)
-        n = _candidates(candidates)
-        if n > 1:
-            return self._clone_best(prompt_audio, prompt_text, target_text, seed, options, fmt, state, n)
+        if gates is not None:
+            return self._clone_best(prompt_audio, prompt_text, target_text, seed, options, fmt, state, gates)
         result = self._run("clone", lambda: self.engine.clone(
             prompt_audio, prompt_text, target_text, seed=_seed(seed), options=options,
             progress=_progress_adapter(progress)))
@@ -220,12 +223,16 @@ class Handlers:
             return gr.update()
 
     def clone_streaming(self, prompt_audio: str | None, prompt_text: str, target_text: str, seed: float | None,
-                        flow_steps: float | None, fmt: str, state: dict | None, candidates: float | None = 1):
+                        flow_steps: float | None, fmt: str, state: dict | None, candidates: float | None = 1,
+                        retries: float | None = 0, max_error: float | None = None,
+                        min_similarity: float | None = None):
         """:meth:`clone` while it plays: yields WAV chunks for the streaming player (the last output),
         then the outputs of :meth:`clone` (file, timings, summary, history) once the result is whole.
-        Several candidates need every take whole before one is chosen: they run as :meth:`clone`."""
-        if _candidates(candidates) > 1:
-            outputs = self.clone(prompt_audio, prompt_text, target_text, seed, flow_steps, fmt, state, candidates)
+        Gated takes (candidates, thresholds, retries) need every take whole before one is chosen: they run
+        as :meth:`clone`."""
+        if self._gates(candidates, retries, max_error, min_similarity) is not None:
+            outputs = self.clone(prompt_audio, prompt_text, target_text, seed, flow_steps, fmt, state, candidates,
+                                 retries, max_error, min_similarity)
             yield (*outputs, encode_audio(load_audio(outputs[3]["items"][-1]["source"]), "wav"))
             return
         prompt_text, options = self._clone_inputs(prompt_audio, prompt_text, target_text, flow_steps)
@@ -338,11 +345,25 @@ class Handlers:
             self._scorer = scorer_for_engine(self.engine)
         return self._scorer
 
-    def _clone_best(self, prompt_audio: str, prompt_text: str, target_text: str, seed: float | None,
-                    options: CloneOptions, fmt: str, state: dict | None, n: int):
-        """N takes together, scored by every check the engine's models allow; the best is published."""
+    def _gates(self, candidates, retries, max_error, min_similarity) -> Gates | None:
+        """The page's quality gates, or None when they ask for nothing beyond one take's signal checks.
+        Raises InputError for values out of range or a threshold whose model this engine lacks."""
+        n, k = _candidates(candidates), 0 if retries in (None, "") else int(retries)
+        error = None if max_error in (None, "") else float(max_error)
+        similarity = None if min_similarity in (None, "") else float(min_similarity)
+        if n == 1 and k == 0 and error is None and similarity is None:
+            return None
         scorer = self.scorer()
-        checks = scorer.available_checks()
+        gates = Gates(scorer.available_checks(), error, similarity, n, k)
+        scorer.check_available(gates.checks)
+        return gates
+
+    def _clone_best(self, prompt_audio: str, prompt_text: str, target_text: str, seed: float | None,
+                    options: CloneOptions, fmt: str, state: dict | None, gates: Gates):
+        """The gated takes (every check the engine's models allow, and the page's thresholds); the best is
+        published."""
+        scorer = self.scorer()
+        checks = gates.checks
         rid = _request_id.get() or secrets.token_hex(6)   # the takes run on other threads: name the event's id
 
         def take(take_seed: int) -> Result:
@@ -350,9 +371,13 @@ class Handlers:
                 prompt_audio, prompt_text, target_text, seed=take_seed, options=options))
 
         reference = scorer.reference(load_audio(prompt_audio) if "speaker" in checks else None)
-        gated = generate_gated(take, lambda r: r.audio, target_text, Gates(checks, candidates=n), scorer,
-                               reference, _seed(seed))
-        return self._publish(gated.take, f"clone (best of {n})", fmt, state, gated)
+        gated = generate_gated(take, lambda r: r.audio, target_text, gates, scorer, reference, _seed(seed))
+        takes = len(gated.reports)
+        label = f"clone (best of {takes})" if takes > 1 else "clone"
+        if not gated.report.passed:
+            gr.Warning(f"No take passed the gates after {takes} take(s); the best one is shown: "
+                       + "; ".join(gated.report.failed))
+        return self._publish(gated.take, label, fmt, state, gated)
 
     def _publish(self, result: Result, op: str, fmt: str, state: dict | None, gated: GatedTake | None = None):
         state = _copy_state(state)
