@@ -48,7 +48,6 @@ def word_timestamps(audio: Audio, recognizer: Recognizer | None, heard: Recognit
     return tuple(Word(w.text, min(max(0.0, w.start_s), end), min(max(w.start_s, w.end_s), end)) for w in heard.words)
 
 
-_HAN_CHAR = re.compile(f"[{HAN}]")
 _CHINESE_UNIT = re.compile(f"[{HAN}]|[^\\s{HAN}]+")    # a Han character, or a run of anything else
 
 
@@ -58,16 +57,23 @@ def _script_units(text: str, chinese: bool) -> list[tuple[str, str]]:
     text = " ".join(strip_tags(text).split())
     pieces = _CHINESE_UNIT.findall(text) if chinese else text.split()
     units: list[tuple[str, str]] = []
+    lead = ""                             # punctuation before the first word: shown with it
     for piece in pieces:
-        key = normalise(piece, chinese)
+        key = _unit_key(piece, chinese)
         if not key:                       # punctuation alone: shown with the unit before it
             if units:
                 units[-1] = (units[-1][0] + piece, units[-1][1])
+            else:
+                lead += piece + ("" if chinese else " ")
             continue
-        if chinese and not _HAN_CHAR.match(piece):
-            key = key.replace(" ", "")    # a Latin word inside Chinese text is one unit
-        units.append((piece, key))
+        units.append((lead + piece, key))
+        lead = ""
     return units
+
+
+def _unit_key(piece: str, chinese: bool) -> str:
+    """One unit's normalised form, without spaces: "don't" and "e.g." stay one unit to align on."""
+    return normalise(piece, chinese).replace(" ", "")
 
 
 def script_words(text: str, heard: tuple[Word, ...]) -> tuple[Word, ...]:
@@ -77,8 +83,8 @@ def script_words(text: str, heard: tuple[Word, ...]) -> tuple[Word, ...]:
     units = _script_units(text, chinese)
     timed_heard = []
     for w in heard:                       # a heard word may hold several Chinese characters: split it
-        key = normalise(w.text, chinese)
-        parts = list(key) if chinese else key.split()
+        key = _unit_key(w.text, chinese)
+        parts = _CHINESE_UNIT.findall(key) if chinese else [key] if key else []
         for i, part in enumerate(parts):
             step = (w.end_s - w.start_s) / len(parts)
             timed_heard.append((part, w.start_s + i * step, w.start_s + (i + 1) * step))

@@ -204,6 +204,14 @@ def test_script_words_keep_the_text_as_written_at_the_heard_times():
     assert [(w.text, w.start_s, w.end_s) for w in chinese] == [("你", 0.0, 0.2), ("好，", 0.2, 0.4),
                                                                 ("世", 0.5, 0.7), ("界。", 0.7, 0.9)]
     assert script_words("Hello.", ()) == () and script_words("[Laughter]", heard) == ()
+    # Apostrophes and abbreviations stay one unit on both sides; a lone leading dash goes with the first word.
+    odd = script_words("— Don't stop, e.g. now.", (Word("don't", 0.0, 0.3), Word("stop", 0.3, 0.6),
+                                                   Word("eg", 0.6, 0.9), Word("now", 1.0, 1.2)))
+    assert [(w.text, w.start_s) for w in odd] == [("— Don't", 0.0), ("stop,", 0.3), ("e.g.", 0.6), ("now.", 1.0)]
+    # English inside Chinese: a Latin word is one unit, heard as one word, not letter by letter.
+    mixed = script_words("我们用 GPU 训练。", (Word("我", 0.0, 0.2), Word("们", 0.2, 0.4), Word("用", 0.4, 0.6),
+                                             Word("gpu", 0.6, 1.0), Word("训", 1.0, 1.2), Word("练", 1.2, 1.4)))
+    assert [(w.text, w.start_s, w.end_s) for w in mixed][3:] == [("GPU", 0.6, 1.0), ("训", 1.0, 1.2), ("练。", 1.2, 1.4)]
 
 
 def test_caption_lines_group_words():
