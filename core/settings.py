@@ -134,7 +134,7 @@ class Settings:
     production_loudness_lufs: float = field(default=-16.0, metadata={"help": "integrated loudness (EBU R128 / ITU-R BS.1770 measure, LUFS) a render is normalised to; -16 suits podcasts and the web, -23 is EBU R128 broadcast"})
     max_edit_seconds: float = field(default=300.0, metadata={"help": "longest clip /v1/audio/edits accepts; one longer than max_prompt_seconds (what one model call takes) is split at pauses and edited piece by piece"})
     production_workers: int = field(default=0, metadata={"help": "segments of a production generated at once (0: llm_max_rows, so they share the LLM's continuous batch)"})
-    production_word_captions: bool = field(default=True, metadata={"help": "hear every new production take with the engine's speech recogniser (one ASR pass, a few per cent of the generation) so its render's captions are word-level lines with word timings; off, or without a recogniser that gives timings, captions are one cue per segment"})
+    production_word_captions: bool = field(default=True, metadata={"help": "hear every new production take with the engine's speech recogniser (one ASR pass, a few per cent of the generation; the tokenizer folder's whole Paraformer is loaded on the first take, about 0.9 GB) so its render's captions are word-level lines with word timings; off, or without a recogniser that gives timings, captions are one cue per segment"})
     # --- quality checks (docs/quality.md)
     quality_checks: str = field(default="signal", metadata={"help": "checks run on every take whose request names none: comma-separated signal, content, speaker (content and speaker run only where the engine has the models: Step-Audio-EditX, not the preview); empty: none"})
 
