@@ -3,8 +3,10 @@
 Owns: ``git_sha`` (the revision a number was measured at, ``+dirty`` when the tree differs),
 ``environment_header`` (the first line each benchmark prints: git sha, device, torch version,
 dtype, threads), ``summary`` (count, median, p90, p99, max of a list of timings; never a mean)
-with its two text forms (``cells`` for markdown rows, ``inline`` for ``key=value`` lines), and
-the timing loops ``time_ms``, ``repeat_ms`` and ``interleaved``.
+with its two text forms (``cells`` for markdown rows, ``inline`` for ``key=value`` lines), the
+timing loops ``time_ms``, ``repeat_ms`` and ``interleaved``, and the synthetic inputs of random-weight
+runs: ``clone_prompt`` (LLM prompt ids shaped like a clone prompt) and ``mixed_tokens`` (valid vq02/vq06
+audio tokens for the decoder).
 
 Does not own: what a benchmark measures, its baselines, ratios or table layout beyond those
 five columns; those stay in each script.
@@ -138,4 +140,22 @@ def interleaved(fns: dict[str, Callable[[], object]], n: int, warmup: int = 1) -
             ms = time_ms(fn)
             if i >= warmup:
                 out[name].append(ms)
+    return out
+
+
+def clone_prompt(rng: np.random.Generator, n: int) -> tuple[int, ...]:
+    """About ``n`` ids shaped like a clone prompt: special ids, text ids, then audio ids in 2:3 groups."""
+    text = rng.integers(100, 60000, size=max(1, n // 5)).tolist()
+    audio = []
+    while len(text) + len(audio) + 6 < n:
+        slot = len(audio) % 5
+        audio.append(65536 + int(rng.integers(0, 1024) if slot < 2 else 1024 + rng.integers(0, 4096)))
+    return tuple([1, 4] + text + audio + [3, 4, 77, 78])
+
+
+def mixed_tokens(groups: int, rng: np.random.Generator) -> list[int]:
+    """``groups`` groups of 2 vq02 + 3 vq06 decoder tokens (0.12 s of speech each), valid and random."""
+    out: list[int] = []
+    for _ in range(groups):
+        out += [int(x) for x in rng.integers(0, 1024, 2)] + [int(x) for x in rng.integers(1024, 5120, 3)]
     return out

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import ROOT, environment_header, inline, summary
+from common import ROOT, environment_header, inline, mixed_tokens, summary
 
 
 from core.audio_io import load_audio
@@ -56,12 +56,6 @@ def build_folder(folder: Path) -> None:
     save_file({k: v.contiguous() for k, v in hift.state_dict().items()}, str(folder / "hift.safetensors"))
     shutil.copy(FIXTURES / "decoder" / "campplus.onnx", folder / "campplus.onnx")
 
-
-def mixed_tokens(groups: int, rng: np.random.Generator) -> list[int]:
-    out: list[int] = []
-    for _ in range(groups):
-        out += [int(x) for x in rng.integers(0, 1024, 2)] + [int(x) for x in rng.integers(1024, 5120, 3)]
-    return out
 
 
 def main() -> None:

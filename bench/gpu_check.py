@@ -62,6 +62,10 @@ import traceback
 import types
 from pathlib import Path
 
+import numpy as np
+
+from common import clone_prompt, mixed_tokens   # bench/common.py (bench/ is sys.path[0] for a script)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 STAND_INS = ("soundfile", "soxr", "librosa", "kaldi_native_fbank", "jiwer", "pyloudnorm")
@@ -143,27 +147,6 @@ def build_llm(config_kw: dict, device, dtype, layers: int | None = None):
     return model.eval().requires_grad_(False)
 
 
-def clone_prompt(n: int, seed: int) -> tuple[int, ...]:
-    """Special ids, text ids, then audio ids in 2:3 groups: the shape of a clone prompt."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    text = rng.integers(100, 60000, size=max(1, n // 5)).tolist()
-    audio = []
-    while len(text) + len(audio) + 6 < n:
-        slot = len(audio) % 5
-        audio.append(65536 + int(rng.integers(0, 1024) if slot < 2 else 1024 + rng.integers(0, 4096)))
-    return tuple([1, 4] + text + audio + [3, 4, 77, 78])
-
-
-def mixed_tokens(groups: int, seed: int) -> list[int]:
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    out: list[int] = []
-    for _ in range(groups):
-        out += [int(x) for x in rng.integers(0, 1024, 2)] + [int(x) for x in rng.integers(1024, 5120, 3)]
-    return out
 
 
 def build_decoder(device, dtype, dry: bool):
@@ -191,8 +174,6 @@ def build_decoder(device, dtype, dry: bool):
 
 
 def prompt_features(decoder, groups: int):
-    import numpy as np
-
     from decoder.frontend import PromptFeatures
 
     rng = np.random.default_rng(1)
@@ -205,7 +186,6 @@ def prompt_features(decoder, groups: int):
 
 
 def part_llm(ctx) -> list[tuple[str, str]]:
-    import numpy as np
     import torch
 
     from llm.backend import GenerationRequest
@@ -221,8 +201,8 @@ def part_llm(ctx) -> list[tuple[str, str]]:
         try:
             rates, summed = [], []
             for rep in range(1 + s["repeats"]):                 # round 0: warm-up (graph capture)
-                streams = [backend.submit(GenerationRequest(clone_prompt(s["prompt"], i), seed=i,
-                                                            max_new_tokens=s["new"])) for i in range(rows)]
+                streams = [backend.submit(GenerationRequest(clone_prompt(np.random.default_rng(i), s["prompt"]),
+                                                            seed=i, max_new_tokens=s["new"])) for i in range(rows)]
                 outs = [st.result(600) for st in streams]
                 per_row = [(len(o.answer) - 1) / (o.decode_ms / 1000.0) for o in outs]
                 if rep:
@@ -261,8 +241,6 @@ def part_llm(ctx) -> list[tuple[str, str]]:
 
 
 def part_ttfa(ctx) -> list[tuple[str, str]]:
-    import numpy as np
-
     from core.audio_tokens import AUDIO_ID_OFFSET
     from llm.backend import GenerationRequest
     from llm.native import NativeBackend
@@ -275,8 +253,8 @@ def part_ttfa(ctx) -> list[tuple[str, str]]:
 
     def one(seed: int, out: list, i: int) -> None:
         start = time.perf_counter()
-        stream = backend.submit(GenerationRequest(clone_prompt(s["prompt"], 100 + seed), seed=seed,
-                                                  max_new_tokens=s["ttfa_new"]))
+        stream = backend.submit(GenerationRequest(clone_prompt(np.random.default_rng(100 + seed), s["prompt"]),
+                                                  seed=seed, max_new_tokens=s["ttfa_new"]))
         session = streamer.open(state, seed)
         first = None
         for token in stream:
@@ -313,11 +291,9 @@ def part_ttfa(ctx) -> list[tuple[str, str]]:
 
 
 def part_stream(ctx) -> list[tuple[str, str]]:
-    import numpy as np
-
     s = ctx.sizes
     decoder, streamer, state = ctx.voice()
-    tokens = mixed_tokens(int(round(s["stream_seconds"] / 0.12)), 7)
+    tokens = mixed_tokens(int(round(s["stream_seconds"] / 0.12)), np.random.default_rng(7))
     features = ctx.features
     whole, streamed = [], []
     for rep in range(1 + s["repeats"]):
@@ -340,8 +316,6 @@ def part_stream(ctx) -> list[tuple[str, str]]:
 
 
 def part_vq02(ctx) -> list[tuple[str, str]]:
-    import numpy as np
-
     try:
         importlib.import_module("funasr")
     except ImportError:
@@ -374,8 +348,6 @@ def part_vq02(ctx) -> list[tuple[str, str]]:
 
 
 def part_bestof(ctx) -> list[tuple[str, str]]:
-    import numpy as np
-
     from core.audio_io import Audio
     from llm.backend import GenerationRequest
     from llm.native import NativeBackend
@@ -388,7 +360,7 @@ def part_bestof(ctx) -> list[tuple[str, str]]:
     new = s["bestof_new"]                                # 125 ids: 3 s of speech
     config = SamplingConfig(max_length=s["prompt"] + new + 64, min_new_tokens=10**6)
     backend = NativeBackend(ctx.llm(), None, config, (3,), max_rows=8, step_token_budget=1024)
-    prompt = clone_prompt(s["prompt"], 5)                # one request: the candidates share the prompt
+    prompt = clone_prompt(np.random.default_rng(5), s["prompt"])   # one request: the candidates share the prompt
 
     def llm(seed: int):
         return backend.submit(GenerationRequest(prompt, seed=seed, max_new_tokens=new)).result(600)
@@ -396,8 +368,8 @@ def part_bestof(ctx) -> list[tuple[str, str]]:
     def whole(seed: int):
         llm(seed)
         # Random weights emit random ids; the decoder gets valid ones of the same count.
-        audio = decoder.token2wav(mixed_tokens(new // 5, seed), ctx.prompt_tokens, ctx.features, seed=seed,
-                                  n_steps=s["steps"])
+        audio = decoder.token2wav(mixed_tokens(new // 5, np.random.default_rng(seed)), ctx.prompt_tokens,
+                                  ctx.features, seed=seed, n_steps=s["steps"])
         sync(ctx.device)
         return audio
 
@@ -482,7 +454,7 @@ class Context:
 
             decoder = build_decoder(self.device, self.dtype, self.dry)
             groups = 38
-            self.prompt_tokens = mixed_tokens(groups, 11)
+            self.prompt_tokens = mixed_tokens(groups, np.random.default_rng(11))
             self.features = prompt_features(decoder, groups)
             streamer = StreamingDecoder(decoder)
             state = streamer.prompt_state("gpu-check", self.prompt_tokens, self.features.mel,
@@ -493,7 +465,6 @@ class Context:
 
 def run_all(args) -> int:
     stood_in = stand_in_missing()
-    import numpy as np  # noqa: F401 -- fail here, loudly, if the machine lacks it
     import torch
 
     from core.devices import configure_tf32
@@ -552,7 +523,6 @@ def run_all(args) -> int:
 
 
 def run_engine(args) -> int:
-    import numpy as np
     import torch
 
     from core.settings import Settings

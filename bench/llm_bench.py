@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import environment_header
+from common import clone_prompt, environment_header
 from core.devices import configure_tf32, resolve_device, resolve_dtype
 from llm.backend import GenerationRequest
 from llm.checkpoint import random_state_dict
@@ -79,15 +79,6 @@ def build_model(args, device, dtype) -> Step1ForCausalLM:
     model.load_state_dict(random_state_dict(config, seed=0, dtype=dtype), strict=True, assign=True)
     return model.to(device).eval().requires_grad_(False)
 
-
-def clone_prompt(rng: np.random.Generator, n: int) -> tuple[int, ...]:
-    """Special ids, text ids, then audio ids in 2:3 groups, like a clone prompt."""
-    text = rng.integers(100, 60000, size=max(1, n // 5)).tolist()
-    audio = []
-    while len(text) + len(audio) + 6 < n:
-        slot = len(audio) % 5
-        audio.append(65536 + int(rng.integers(0, 1024) if slot < 2 else 1024 + rng.integers(0, 4096)))
-    return tuple([1, 4] + text + audio + [3, 4, 77, 78])
 
 
 class Stamps:

@@ -36,16 +36,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import ROOT, environment_header, summary, inline
+from common import ROOT, clone_prompt, environment_header, inline, mixed_tokens, summary
 from core.audio_io import Audio, load_audio, resample
 from core.settings import FUNASR_SUBDIR
 # Everything is imported before any work: a run takes many minutes, and the tree may change meanwhile.
 from decoder.model import AudioDecoder
-from decoder_bench import build_folder, mixed_tokens
+from decoder_bench import build_folder
 from llm.backend import GenerationRequest
 from llm.native import NativeBackend
 from llm.sampling import SamplingConfig
-from llm_bench import EOS, build_model, clone_prompt
+from llm_bench import EOS, build_model
 from preview.espeak import speak
 from quality.content import content_error, score_content
 from quality.engine_models import CamPlusEmbedder, ParaformerRecognizer

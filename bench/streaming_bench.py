@@ -35,9 +35,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from decoder_bench import build_folder, mixed_tokens
+from decoder_bench import build_folder
 
-from common import ROOT, environment_header
+from common import ROOT, environment_header, mixed_tokens
 from core.audio_io import load_audio
 from core.audio_tokens import AUDIO_ID_OFFSET
 from core.timings import Timer

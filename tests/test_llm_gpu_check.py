@@ -26,6 +26,7 @@ class Missing:
             raise ModuleNotFoundError(f"No module named {{name!r}} (not on the GPU machine)")
         return None
 sys.meta_path.insert(0, Missing())
+sys.path.insert(0, "bench")   # as Python does for ``python3 bench/gpu_check.py``
 sys.argv = ["bench/gpu_check.py", "--all", "--dry-run"]
 runpy.run_path("bench/gpu_check.py", run_name="__main__")
 """
