@@ -111,7 +111,6 @@ def audio_digest(samples: np.ndarray, sample_rate: int) -> str:
 
 HASH_MEMO = "file_hashes.json"
 _HASH_MEMO_MAX = 512       # memo records kept (a model folder has a few dozen files)
-_HASH_CHUNK = 8 * 1024 * 1024
 _memo_lock = threading.Lock()
 
 
@@ -154,11 +153,8 @@ def fingerprint_files(paths: Iterable[Path | str], memo_dir: Path | str | None =
 
 
 def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_HASH_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _read_memo(path: Path | None) -> dict:

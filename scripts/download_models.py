@@ -48,7 +48,6 @@ from core.settings import EDITX_DIRNAME, FUNASR_SUBDIR, TOKENIZER_DIRNAME, load_
 
 log = logging.getLogger("download_models")
 
-_CHUNK = 8 * 1024 * 1024
 MANIFEST = ".studio-manifest.json"
 AWQ_REPO, AWQ_DIRNAME = "stepfun-ai/Step-Audio-EditX-AWQ-4bit", "Step-Audio-EditX-AWQ-4bit"
 HASHES_FILE = Path(__file__).resolve().parent / "model_hashes.json"
@@ -153,12 +152,9 @@ def fetch_hub_metadata(repo_id: str, revision: str | None) -> dict[str, RemoteFi
 # ------------------------------------------------------------------------------------------ checking
 
 def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 8 MiB chunks."""
-    digest = hashlib.sha256()
+    """Hex SHA-256 of a file (``hashlib.file_digest`` reads it in blocks)."""
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def check_folder(model_root: Path, repo: ModelRepo, remote: Mapping[str, RemoteFile] | None = None,
