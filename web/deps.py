@@ -96,25 +96,22 @@ def error_response(status: int, message: str, type_: str, code: str | None, rid:
     return JSONResponse(body, status_code=status, headers={**(headers or {}), "X-Request-Id": rid})
 
 
-def studio_error_status(exc: StudioError) -> tuple[int, str, str]:
+# A studio error's answer: the first row whose class matches wins (subclasses before their bases).
+_ERROR_STATUS = (
+    (VoiceNotFound, 404, "invalid_request_error", "voice_not_found"),
+    (VoiceExists, 409, "invalid_request_error", "voice_exists"),
+    (VoiceQuotaExceeded, 409, "invalid_request_error", "voice_quota_exceeded"),
+    (StoreUnavailable, 503, "server_error", "store_unavailable"),
+    (InputError, 400, "invalid_request_error", "invalid_input"),
+    (BackendUnavailable, 503, "server_error", "llm_unavailable"),
+    (ModelError, 500, "model_error", "model_failed"),
+    (CacheError, 500, "server_error", "cache_error"),
+)
+
+
+def studio_error_status(exc: StudioError) -> tuple[int, str, str | None]:
     """(status, type, code) for a studio error."""
-    if isinstance(exc, VoiceNotFound):
-        return 404, "invalid_request_error", "voice_not_found"
-    if isinstance(exc, VoiceExists):
-        return 409, "invalid_request_error", "voice_exists"
-    if isinstance(exc, VoiceQuotaExceeded):
-        return 409, "invalid_request_error", "voice_quota_exceeded"
-    if isinstance(exc, StoreUnavailable):
-        return 503, "server_error", "store_unavailable"
-    if isinstance(exc, InputError):
-        return 400, "invalid_request_error", "invalid_input"
-    if isinstance(exc, BackendUnavailable):
-        return 503, "server_error", "llm_unavailable"
-    if isinstance(exc, ModelError):
-        return 500, "model_error", "model_failed"
-    if isinstance(exc, CacheError):
-        return 500, "server_error", "cache_error"
-    return 500, "server_error", None
+    return next((row[1:] for row in _ERROR_STATUS if isinstance(exc, row[0])), (500, "server_error", None))
 
 
 def install_error_handlers(app) -> None:
